@@ -1,0 +1,75 @@
+"""The `v2m` command: one subcommand per stage plus tools. Each stage's `main(argv)` does the work.
+
+    v2m synth     [--out DIR] [--n N] [--seed S]            SynthV2M, the embedded dataset
+    v2m ingest    [--manifest CSV] [--out DIR]              trim, normalise, one manifest row per input
+    v2m import-v2m IDS [IDS ...] --out CSV                  V2M / V2M-20K id lists -> our manifest
+    v2m metrics   --generated DIR --reference DIR [...]     the metrics library on any folders
+    v2m profile   list | show NAME | use NAME               switch params.yaml between profiles
+    v2m summary                                             what the pipeline produced, and where
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from pipeline.config import ConfigError
+
+# subcommand -> "module:function"; imported lazily so `v2m --help` stays fast.
+COMMANDS = {
+    "synth": ("pipeline.synth:main", "generate SynthV2M clips and their manifest"),
+    "ingest": ("pipeline.ingest:main", "trim and normalise the videos of a manifest"),
+    "import-v2m": ("pipeline.v2m_ids:main", "turn V2M / V2M-20K id lists into an ingest manifest"),
+    "metrics": ("pipeline.metrics.cli:main", "compute the metrics for generated vs reference folders"),
+    "profile": ("pipeline.profiles:main", "list, show or apply a params profile"),
+    "summary": ("pipeline.summary:main", "summarise the outputs of the pipeline"),
+}
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: v2m COMMAND [ARGS ...]   (v2m COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    argv = [a for a in argv if a not in ("-v", "--verbose")]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("--version", "version"):
+        from pipeline import __version__
+
+        print(f"v2m {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"v2m: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    setup_logging(verbose)
+    module_name, func_name = COMMANDS[name][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(func(rest) or 0)
+    except ConfigError as exc:
+        print(f"v2m {name}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("v2m: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

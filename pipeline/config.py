@@ -1,0 +1,199 @@
+"""Typed configuration: one frozen dataclass per top-level section of params.yaml.
+
+The dataclass defaults *are* the embedded (SynthV2M) profile: `v2m profile use embedded` writes them out, and the
+committed params.yaml equals that output (a test checks it). Other profiles (profiles/*.yaml) are partial overlays on
+top of those defaults.
+
+Loading is strict: an unknown key, a missing section-level mapping or a value of the wrong type fails with a
+`ConfigError` that names the file and the dotted key, e.g. ``params.yaml: ingest.short_side: expected int, got 'big'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file that does not match the schema (unknown key, wrong type, bad YAML)."""
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    seed: int = 0
+    clip_seconds: float = 8.0  # clips are cut to the first clip_seconds from start_s
+    fps: int = 24  # constant frame rate of every ingested clip
+    sample_rate: int = 32000  # audio rate of every ingested and generated track
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    out_dir: str = "data/raw/synth"
+    manifest: str = "data/manifests/synth.csv"
+    n_train: int = 160
+    n_val: int = 20
+    n_test: int = 20
+    width: int = 256
+    height: int = 256
+    tempo_min_bpm: float = 80.0
+    tempo_max_bpm: float = 140.0
+    preview_clips: int = 4
+    preview_path: str = "reports/synth_preview.png"
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """yt-dlp etiquette and robustness for remote sources."""
+
+    dir: str = "data/downloads"  # outside DVC's outputs: a cache of what was fetched, keyed by a params hash
+    max_height: int = 480  # format cap
+    section_only: bool = True  # fetch only [start_s, start_s + clip_seconds] instead of the whole video
+    retries: int = 3  # our own attempts after the first, with exponential backoff, for transient errors only
+    backoff_s: float = 5.0  # first backoff; doubles each attempt
+    sleep_between_s: float = 2.0  # pause between two downloads (yt-dlp sleep_interval)
+    sleep_requests_s: float = 0.5  # pause between HTTP requests of one extraction (yt-dlp sleep_interval_requests)
+    socket_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    manifest: str = "data/manifests/synth.csv"  # the input manifest CSV (id,source,start_s,split[,caption][,license])
+    out_dir: str = "data/ingest"  # clips/{id}.mp4, audio/{id}.wav, manifest.parquet
+    short_side: int = 224  # every clip is scaled so its shorter side has this many pixels (even, aspect kept)
+    audio_channels: int = 1  # 1 = mono downmix (centre channel of 5.1 kept), 2 = stereo
+    require_audio: bool = True  # a source without an audio stream is skipped(no_audio)
+    skip_silent: bool = True  # a clip whose audio RMS is below silence_db is skipped(silent_audio)
+    silence_db: float = -60.0
+    min_duration_s: float = 1.0  # shorter sources are skipped(too_short)
+    max_fail_ratio: float = 0.1  # exit non-zero when more than this fraction of rows failed
+    video_crf: int = 20
+    video_preset: str = "veryfast"
+    workers: int = 2
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseConfig = field(default_factory=BaseConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; returns the value converted to its frozen form."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key, source)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key}: expected float, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key}: expected int, got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{source}: {key}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"{source}: unknown key {where}{unknown[0]!s}"
+            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            + f"; known keys{' of ' + prefix if prefix else ''}: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name in names:
+        if name in data:
+            key = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _coerce(data[name], hints[name], key, source)
+    return cls(**kwargs)
+
+
+def params_from_dict(data: dict | None, source: str = "<params>") -> Params:
+    """Build `Params` from a (possibly partial) mapping; missing keys take the embedded defaults."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+    return _build(Params, data, "", source)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such params file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return data or {}
+
+
+def load_params(path: str | Path = "params.yaml", missing_ok: bool = False) -> Params:
+    """Load and validate a params file. With `missing_ok`, a missing file gives the defaults."""
+    path = Path(path)
+    if missing_ok and not path.exists():
+        return Params()
+    return params_from_dict(read_yaml(path), str(path))
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-YAML form of a config object (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    """`overlay` wins; nested mappings are merged key by key."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

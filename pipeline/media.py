@@ -1,0 +1,273 @@
+"""Media layer: probe, decode, encode and mux, with PyAV and the ffmpeg binary that imageio-ffmpeg ships.
+
+No system ffmpeg is needed: PyAV bundles FFmpeg's libraries for probing and decoding, and imageio-ffmpeg brings a
+static ffmpeg executable for encoding, trimming and muxing (set `V2M_FFMPEG` to use another binary). Every error is a
+`MediaError` whose message starts with the file's path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import av
+import numpy as np
+import soundfile as sf
+
+from pipeline.shards import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+class MediaError(RuntimeError):
+    """A media file that cannot be read or written; `reason` is a manifest reason such as ``corrupt``."""
+
+    def __init__(self, path: str | Path, message: str, reason: str = "corrupt"):
+        super().__init__(f"{path}: {message}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    path: str
+    duration_s: float
+    has_video: bool
+    has_audio: bool
+    width: int = 0  # as stored; see `display_width` for the rotated size
+    height: int = 0
+    fps: float = 0.0  # average frame rate
+    rotation: int = 0  # display rotation in degrees (0, 90, 180, 270)
+    video_codec: str = ""
+    audio_codec: str = ""
+    sample_rate: int = 0
+    channels: int = 0
+    channel_layout: str = ""
+
+    @property
+    def display_width(self) -> int:
+        return self.height if self.rotation % 180 else self.width
+
+    @property
+    def display_height(self) -> int:
+        return self.width if self.rotation % 180 else self.height
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@lru_cache(maxsize=1)
+def ffmpeg_exe() -> str:
+    """Path of the ffmpeg executable: `$V2M_FFMPEG`, else the one imageio-ffmpeg ships."""
+    if os.environ.get("V2M_FFMPEG"):
+        return os.environ["V2M_FFMPEG"]
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+@lru_cache(maxsize=1)
+def tool_versions() -> dict:
+    """Versions of the media tools, recorded in manifests so results can be traced."""
+    import imageio_ffmpeg
+
+    return {
+        "ffmpeg": imageio_ffmpeg.get_ffmpeg_version() if not os.environ.get("V2M_FFMPEG") else "custom",
+        "pyav": av.__version__,
+        "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
+    }
+
+
+def run_ffmpeg(args: list[str], path: str | Path, reason: str = "corrupt") -> None:
+    """Run ffmpeg quietly; raise `MediaError(path, ...)` with the tail of its log on failure."""
+    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = " ".join(proc.stderr.strip().splitlines()[-3:]) or f"exit status {proc.returncode}"
+        raise MediaError(path, f"ffmpeg failed: {tail}", reason)
+
+
+def probe(path: str | Path) -> MediaInfo:
+    """Read stream information with PyAV. Raises `MediaError` (reason ``corrupt``/``missing``) when unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise MediaError(path, "no such file", "missing")
+    if path.stat().st_size == 0:
+        raise MediaError(path, "empty file (0 bytes)")
+    try:
+        with av.open(str(path)) as container:
+            video = container.streams.video[0] if container.streams.video else None
+            audio = container.streams.audio[0] if container.streams.audio else None
+            duration = _duration_s(container, video, audio)
+            info = dict(path=str(path), duration_s=duration, has_video=video is not None, has_audio=audio is not None)
+            if video is not None:
+                rate = video.average_rate or video.guessed_rate or 0
+                info.update(
+                    width=video.codec_context.width,
+                    height=video.codec_context.height,
+                    fps=float(rate),
+                    rotation=_rotation(container, video),
+                    video_codec=video.codec_context.name,
+                )
+            if audio is not None:
+                layout = audio.codec_context.layout
+                info.update(
+                    audio_codec=audio.codec_context.name,
+                    sample_rate=audio.codec_context.sample_rate,
+                    channels=len(layout.channels),
+                    channel_layout=layout.name,
+                )
+    except av.error.FFmpegError as exc:
+        raise MediaError(path, f"cannot be read as media ({exc.strerror or exc})") from None
+    if not info["has_video"] and not info["has_audio"]:
+        raise MediaError(path, "no audio or video stream")
+    return MediaInfo(**info)
+
+
+def _duration_s(container, video, audio) -> float:
+    if container.duration:
+        return container.duration / av.time_base
+    for stream in (video, audio):
+        if stream is not None and stream.duration:
+            return float(stream.duration * stream.time_base)
+    return 0.0
+
+
+def _rotation(container, video) -> int:
+    """Display rotation from the first decoded frame (PyAV exposes the display matrix there)."""
+    try:
+        container.seek(0)
+        frame = next(container.decode(video=video.index))
+        return int(round(getattr(frame, "rotation", 0) or 0)) % 360
+    except (StopIteration, av.error.FFmpegError):
+        return 0
+
+
+def load_audio(
+    path: str | Path,
+    sample_rate: int | None = None,
+    mono: bool = True,
+    duration_s: float | None = None,
+) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream to float32.
+
+    Args:
+        path: any file FFmpeg reads (wav, mp3, ogg, mp4, webm, ...).
+        sample_rate: resample to this rate (None keeps the native rate).
+        mono: downmix with FFmpeg's standard matrix (a 5.1 centre channel is kept).
+        duration_s: stop after this many seconds.
+
+    Returns:
+        (audio, sample_rate) with audio shaped [C, N] (C = 1 when mono).
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".wav" and sample_rate is None and not mono:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        audio = data.T
+        return (audio[:, : int(duration_s * sr)] if duration_s else audio), sr
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise MediaError(path, "no audio stream", "no_audio")
+            stream = container.streams.audio[0]
+            rate = sample_rate or stream.codec_context.sample_rate
+            layout = "mono" if mono else stream.codec_context.layout.name
+            resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+            chunks = []
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray())
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray())
+    except av.error.FFmpegError as exc:
+        raise MediaError(path, f"audio cannot be decoded ({exc.strerror or exc})") from None
+    channels = 1 if mono else len(av.AudioLayout(layout).channels)
+    audio = np.concatenate(chunks, axis=1) if chunks else np.zeros((channels, 0), np.float32)
+    if duration_s is not None:
+        audio = audio[:, : int(round(duration_s * rate))]
+    return audio.astype(np.float32, copy=False), rate
+
+
+def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> None:
+    """Write [C, N] or [N] float audio in [-1, 1] atomically."""
+    audio = np.asarray(audio, dtype=np.float32)
+    data = audio.T if audio.ndim == 2 else audio
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), np.clip(data, -1.0, 1.0), sample_rate, subtype=subtype, format="WAV")
+
+
+def rms_db(audio: np.ndarray) -> float:
+    """RMS level in dBFS (-inf-safe: digital silence gives -200)."""
+    if audio.size == 0:
+        return -200.0
+    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+    return 20.0 * np.log10(max(rms, 1e-10))
+
+
+def iter_frames(path: str | Path, gray: bool = False) -> Iterator[np.ndarray]:
+    """Decode every video frame at the native rate, rotated for display: [H, W, 3] RGB or [H, W] gray uint8."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(path, "no video stream", "no_video")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                image = frame.to_ndarray(format="gray" if gray else "rgb24")
+                rotation = int(round(getattr(frame, "rotation", 0) or 0)) % 360
+                if rotation:
+                    image = np.ascontiguousarray(np.rot90(image, k=rotation // 90))
+                yield image
+    except av.error.FFmpegError as exc:
+        raise MediaError(path, f"video cannot be decoded ({exc.strerror or exc})") from None
+
+
+def count_frames(path: str | Path) -> int:
+    """Number of decodable video frames (decodes the stream; exact, unlike container metadata)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        return sum(1 for _ in container.decode(stream))
+
+
+def encode_video(
+    path: str | Path,
+    frames: Iterable[np.ndarray],
+    fps: float,
+    audio: np.ndarray | None = None,
+    sample_rate: int | None = None,
+    crf: int = 20,
+    preset: str = "veryfast",
+    audio_bitrate: str = "160k",
+) -> None:
+    """Encode RGB frames [H, W, 3] uint8 (+ optional [C, N] audio) into an H.264 + AAC mp4, atomically."""
+    path = Path(path)
+    frames = iter(frames)
+    first = next(frames)
+    height, width = first.shape[:2]
+    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(prefix=".v2m-", dir=path.parent) as scratch:
+        args = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0"]
+        if audio is not None:
+            wav = Path(scratch) / "audio.wav"
+            write_wav(wav, audio, sample_rate)
+            args += ["-i", str(wav), "-c:a", "aac", "-b:a", audio_bitrate]
+        args += ["-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p"]
+        args += ["-movflags", "+faststart", "-shortest" if audio is not None else "-an", str(tmp)]
+        cmd = [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", *args]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            proc.stdin.write(np.ascontiguousarray(first, dtype=np.uint8).tobytes())
+            for frame in frames:
+                proc.stdin.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        stderr = proc.stderr.read().decode(errors="replace")
+        if proc.wait() != 0:
+            raise MediaError(path, f"ffmpeg encode failed: {stderr.strip()[-300:]}", "encode")
