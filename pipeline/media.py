@@ -73,6 +73,23 @@ def ffmpeg_exe() -> str:
 
 
 @lru_cache(maxsize=1)
+def ffmpeg_dir() -> str:
+    """A folder holding `ffmpeg` (a link to `ffmpeg_exe()`), for tools such as yt-dlp that look for that name."""
+    exe = Path(ffmpeg_exe())
+    if exe.name == "ffmpeg":
+        return str(exe.parent)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "v2m" / "bin"
+    cache.mkdir(parents=True, exist_ok=True)
+    link = cache / "ffmpeg"
+    if not (link.is_symlink() and os.readlink(link) == str(exe)):
+        tmp = cache / f".ffmpeg.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(exe)
+        os.replace(tmp, link)
+    return str(cache)
+
+
+@lru_cache(maxsize=1)
 def tool_versions() -> dict:
     """Versions of the media tools, recorded in manifests so results can be traced."""
     import imageio_ffmpeg

@@ -1,0 +1,47 @@
+# v2m: two commands set everything up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+# The venv's tools (v2m, dvc, pytest) come first on PATH; DVC sends no usage analytics.
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: help venv demo test test-all lint bench clean-data
+
+help:
+	@echo "make demo      create .venv, run the whole pipeline on the embedded SynthV2M profile (dvc repro)"
+	@echo "make test      create/update .venv and run the test suite (slow end-to-end tests excluded)"
+	@echo "make test-all  the whole suite, slow tests included"
+	@echo "make lint      ruff"
+
+# The venv is (re)built when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+venv: $(STAMP)
+
+demo: venv
+	@test -d .dvc || { if git rev-parse --git-dir >/dev/null 2>&1; then dvc init -q; else dvc init -q --no-scm; fi; }
+	dvc repro
+	@echo
+	@echo "== v2m demo: what was produced =="
+	@v2m summary
+
+test: venv
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check pipeline tests
+
+clean-data:
+	rm -rf data/raw data/ingest data/downloads reports/synth_preview.png data/manifests/synth.csv

@@ -1,0 +1,184 @@
+"""Remote sources through yt-dlp's Python API, with the etiquette a dataset of 20k+ videos needs.
+
+- A download folder and yt-dlp download archive per hash of the parameters that change what is fetched (format cap,
+  section start and length), so changing `base.clip_seconds` fetches a new section while reruns reuse what exists.
+- Our own retries with exponential backoff, for transient errors only (network, rate limiting); yt-dlp's request
+  and inter-download sleeps; a height cap on the format; live and upcoming streams rejected.
+- Errors classified into manifest reasons: unavailable, private, geo_blocked, age_restricted, live (skipped: retrying
+  cannot help) and rate_limited, network, download_error (failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import DownloadConfig
+from pipeline.media import ffmpeg_dir
+from pipeline.shards import params_hash
+
+log = logging.getLogger(__name__)
+
+URL_RE = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+# (reason, patterns) in priority order; matched case-insensitively against yt-dlp's error message.
+_CLASSES: list[tuple[str, tuple[str, ...]]] = [
+    ("rate_limited", ("http error 429", "too many requests", "rate-limit", "rate limit",
+                      "confirm you're not a bot", "confirm you’re not a bot")),
+    ("private", ("private video", "granted access", "members-only", "join this channel", "video is private")),
+    ("geo_blocked", ("not available in your country", "geo restrict", "geo-restrict", "blocked it in your country",
+                     "not made this video available in your country")),
+    ("age_restricted", ("confirm your age", "age-restricted", "age restricted", "inappropriate for some users")),
+    ("live", ("live stream", "live event", "is_live", "is live", "premieres in", "upcoming")),
+    ("unavailable", ("video unavailable", "is unavailable", "no longer available", "has been removed",
+                     "http error 404", "http error 410", "account associated with this video has been terminated",
+                     "does not exist", "unsupported url", "copyright claim")),
+    ("network", ("failed to resolve", "name or service not known", "temporary failure in name resolution",
+                 "timed out", "connection refused", "connection reset", "network is unreachable",
+                 "remote end closed", "urlopen error", "transporterror", "http error 500", "http error 502",
+                 "http error 503", "http error 504", "incompleteread", "ssl")),
+]
+SKIP_REASONS = {"unavailable", "private", "geo_blocked", "age_restricted", "live"}
+TRANSIENT_REASONS = {"network", "rate_limited"}
+
+
+def is_url(source: str) -> bool:
+    return bool(URL_RE.match(source.strip()))
+
+
+def classify(message: str) -> str:
+    """Manifest reason for a yt-dlp error message."""
+    text = message.lower()
+    for reason, patterns in _CLASSES:
+        if any(p in text for p in patterns):
+            return reason
+    return "download_error"
+
+
+class DownloadFailed(RuntimeError):
+    def __init__(self, url: str, reason: str, message: str, attempts: int):
+        super().__init__(f"{url}: {reason}: {message}")
+        self.url, self.reason, self.message, self.attempts = url, reason, message, attempts
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    path: Path
+    attempts: int  # 0 when the file was already in the download folder
+    section_start_s: float  # where the downloaded file starts in the source video (0 unless section_only)
+
+
+def download_dir(cfg: DownloadConfig, start_s: float, clip_seconds: float) -> Path:
+    """The folder for one set of fetch-relevant params: `{cfg.dir}/{hash}`."""
+    key = {"max_height": cfg.max_height, "section_only": cfg.section_only}
+    if cfg.section_only:
+        key.update(start_s=round(start_s, 3), clip_seconds=clip_seconds)
+    return Path(cfg.dir) / params_hash(key)
+
+
+def _existing(dest: Path, item_id: str) -> Path | None:
+    for path in sorted(dest.glob(f"{item_id}.*")):
+        if path.suffix not in (".part", ".ytdl", ".json") and not path.name.endswith((".part", ".temp")):
+            return path
+    return None
+
+
+def _reject_live(info: dict, *, incomplete: bool = False) -> str | None:
+    if info.get("is_live") or info.get("live_status") in ("is_live", "is_upcoming", "post_live"):
+        return "live stream or upcoming premiere: not downloaded"
+    return None
+
+
+class _Logger:
+    """Route yt-dlp's messages to our logger (debug level; errors are raised and classified by us)."""
+
+    def debug(self, msg: str) -> None:
+        log.debug("yt-dlp: %s", msg)
+
+    info = debug
+
+    def warning(self, msg: str) -> None:
+        log.debug("yt-dlp warning: %s", msg)
+
+    def error(self, msg: str) -> None:
+        log.debug("yt-dlp error: %s", msg)
+
+
+def _ffmpeg_on_path() -> None:
+    """yt-dlp's ffmpeg downloader (used for sections) looks on PATH only, ignoring ffmpeg_location."""
+    folder = ffmpeg_dir()
+    if folder not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
+
+
+def ydl_options(cfg: DownloadConfig, dest: Path, item_id: str, start_s: float, clip_seconds: float) -> dict:
+    import yt_dlp.utils
+
+    _ffmpeg_on_path()
+    cap = cfg.max_height
+    opts = {
+        "format": f"bv*[height<={cap}]+ba/b[height<={cap}]/wv*+ba/w",
+        "outtmpl": str(dest / f"{item_id}.%(ext)s"),
+        "download_archive": str(dest / "archive.txt"),
+        "merge_output_format": "mkv",
+        "noplaylist": True,
+        "quiet": True,
+        "no_warnings": True,
+        "noprogress": True,
+        "logger": _Logger(),
+        "retries": 1,
+        "fragment_retries": 1,
+        "extractor_retries": 0,
+        "socket_timeout": cfg.socket_timeout_s,
+        "sleep_interval_requests": cfg.sleep_requests_s,
+        "sleep_interval": cfg.sleep_between_s,
+        "match_filter": _reject_live,
+        "ffmpeg_location": ffmpeg_dir(),
+    }
+    if cfg.section_only:
+        opts["download_ranges"] = yt_dlp.utils.download_range_func(None, [(start_s, start_s + clip_seconds)])
+        opts["force_keyframes_at_cuts"] = True  # re-encode at the cut: the file starts exactly at start_s
+    return opts
+
+
+def download(url: str, item_id: str, start_s: float, clip_seconds: float, cfg: DownloadConfig) -> Downloaded:
+    """Fetch `url` (or only its section) into the download folder; reuse a file already there.
+
+    Raises:
+        DownloadFailed: with `reason` from `classify` and the number of attempts made.
+    """
+    import yt_dlp
+
+    dest = download_dir(cfg, start_s, clip_seconds)
+    dest.mkdir(parents=True, exist_ok=True)
+    section_start = start_s if cfg.section_only else 0.0
+    if (found := _existing(dest, item_id)) is not None:
+        return Downloaded(found, 0, section_start)
+    opts = ydl_options(cfg, dest, item_id, start_s, clip_seconds)
+    attempts, reason, message = 0, "download_error", ""
+    for attempt in range(cfg.retries + 1):
+        attempts = attempt + 1
+        try:
+            with yt_dlp.YoutubeDL(opts) as ydl:
+                info = ydl.extract_info(url, download=True)
+            if info is not None and (rejected := _reject_live(info)):
+                raise DownloadFailed(url, "live", rejected, attempts)
+            if (found := _existing(dest, item_id)) is not None:
+                return Downloaded(found, attempts, section_start)
+            reason, message = "download_error", "yt-dlp reported success but wrote no file"
+            if info is None:  # filtered out by match_filter (live) or already in the archive without a file
+                reason, message = "live", "rejected by the live/upcoming filter or archived without a file"
+            break
+        except yt_dlp.utils.DownloadError as exc:
+            message = re.sub(r"^ERROR:\s*", "", str(exc)).strip()
+            reason = classify(message)
+        if reason not in TRANSIENT_REASONS or attempt == cfg.retries:
+            break
+        delay = cfg.backoff_s * (2**attempt)
+        log.info("%s: %s (attempt %d), retrying in %.1f s", item_id, reason, attempts, delay)
+        time.sleep(delay)
+    raise DownloadFailed(url, reason, message, attempts)

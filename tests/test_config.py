@@ -1,0 +1,81 @@
+"""params.yaml and profiles: strict typed loading, and profiles that write params.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import cli, profiles
+from pipeline.config import ConfigError, IngestConfig, Params, load_params, params_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_committed_params_are_the_embedded_profile():
+    assert (REPO / "params.yaml").read_text() == profiles.render("embedded", REPO / "profiles")
+    assert load_params(REPO / "params.yaml") == Params()
+
+
+def test_sections_are_frozen_dataclasses():
+    params = load_params(REPO / "params.yaml")
+    with pytest.raises(AttributeError):
+        params.base.seed = 1  # type: ignore[misc]
+    assert isinstance(params.ingest, IngestConfig) and params.ingest.download.max_height == 480
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"base": {"sede": 1}}, "unknown key base.sede"),
+    ({"ingest": {"download": {"max_hieght": 1}}}, "unknown key ingest.download.max_hieght"),
+    ({"trian": {}}, "unknown key trian"),
+    ({"base": {"fps": "fast"}}, "base.fps: expected int, got 'fast'"),
+    ({"base": {"fps": 24.5}}, "base.fps: expected int"),
+    ({"base": {"seed": True}}, "base.seed: expected int"),
+    ({"ingest": {"require_audio": "yes"}}, "ingest.require_audio: expected bool"),
+    ({"ingest": {"download": 3}}, "ingest.download: expected a mapping"),
+])
+def test_bad_params_fail_naming_file_and_key(tmp_path, data, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=message) as info:
+        load_params(path)
+    assert str(path) in str(info.value)
+
+
+def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
+    params = params_from_dict({"base": {"clip_seconds": 30}})
+    assert params.base.clip_seconds == 30.0 and isinstance(params.base.clip_seconds, float)
+    assert params.ingest == IngestConfig()
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(ConfigError, match="no such params file"):
+        load_params(tmp_path / "absent.yaml")
+    assert load_params(tmp_path / "absent.yaml", missing_ok=True) == Params()
+
+
+def test_profile_use_writes_params_and_round_trips(tmp_path):
+    out = tmp_path / "params.yaml"
+    assert profiles.main(["use", "v2m20k", "--dir", str(REPO / "profiles"), "--params", str(out)]) == 0
+    params = load_params(out)
+    assert params.base.clip_seconds == 30.0 and params.ingest.manifest == "data/manifests/v2m20k.csv"
+    assert params.ingest.audio_channels == 2 and params.ingest.download.retries == 4
+    assert params.ingest.short_side == IngestConfig().short_side  # untouched keys keep the embedded defaults
+    assert profiles.main(["use", "embedded", "--dir", str(REPO / "profiles"), "--params", str(out)]) == 0
+    assert out.read_text() == (REPO / "params.yaml").read_text()
+
+
+def test_bad_profile_is_reported(tmp_path, capsys):
+    (tmp_path / "typo.yaml").write_text("base:\n  clip_second: 10\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml: unknown key base\.clip_second"):
+        profiles.render("typo", tmp_path)
+    with pytest.raises(SystemExit, match="no such profile"):
+        profiles.render("absent", tmp_path)
+    assert cli.main(["profile", "show", "typo", "--dir", str(tmp_path)]) == 2
+    assert "unknown key base.clip_second" in capsys.readouterr().err
+    assert profiles.available(REPO / "profiles") == ["embedded", "v2m20k"]
