@@ -13,11 +13,14 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 OK, SKIPPED, FAILED = "ok", "skipped", "failed"
 STATUSES = (OK, SKIPPED, FAILED)
@@ -122,7 +125,7 @@ def write_manifest(path: str | Path, rows: Iterable[dict], columns: list[str] | 
 def read_manifest(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if path.suffix == ".csv":
-        return pd.read_csv(path, dtype={"id": str})
+        return pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
     return pd.read_parquet(path)
 
 
@@ -138,3 +141,217 @@ def summarize(rows: Iterable[dict]) -> str:
         detail = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
         parts.append(f"{status} {len(of_status)}" + (f" ({detail})" if detail else ""))
     return " | ".join(parts) if parts else "no rows"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Feature shards: data/features/{stream}/{shard:05d}.npy + .index.parquet + .done.json (written last).
+# Shared by every stage that caches per-item arrays (embed, tokenize), so incremental reruns and scale-out behave
+# the same everywhere.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def dist_env() -> tuple[int, int]:
+    """(rank, world size) from torchrun (RANK / WORLD_SIZE) or SLURM (SLURM_PROCID / SLURM_NTASKS); (0, 1) alone."""
+    for rank_key, world_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank_key in os.environ and world_key in os.environ:
+            rank, world = int(os.environ[rank_key]), int(os.environ[world_key])
+            if not 0 <= rank < world:
+                raise ValueError(f"{rank_key}={rank} is not in [0, {world_key}={world})")
+            return rank, world
+    return 0, 1
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input of a sharded stage: its id, a hash of its source (so a changed source is recomputed), a payload."""
+
+    id: str
+    source_hash: str
+    payload: Any = None
+
+
+class FeatureStore:
+    """Per-item arrays [n_i, ...] concatenated along axis 0 into `num_shards` shards; shard = stable_hash(id) % n.
+
+    Files per shard: `{shard:05d}.npy` (the arrays), `{shard:05d}.index.parquet` (id, offset, n_frames, source_hash,
+    encoder_hash and any per-item metadata such as fps) and `{shard:05d}.done.json`, written last: a shard without its
+    done file is incomplete and is ignored by readers and rebuilt by writers.
+    """
+
+    def __init__(self, root: str | Path, num_shards: int):
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        self.root = Path(root)
+        self.num_shards = num_shards
+
+    def path(self, shard: int, kind: str) -> Path:
+        suffix = {"array": ".npy", "index": ".index.parquet", "done": ".done.json"}[kind]
+        return self.root / f"{shard_name(shard)}{suffix}"
+
+    def done(self, shard: int) -> dict | None:
+        try:
+            return json.loads(self.path(shard, "done").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def index(self, shard: int) -> pd.DataFrame | None:
+        """The index of a complete shard, else None."""
+        done = self.done(shard)
+        if done is None or not self.path(shard, "index").exists():
+            return None
+        index = pd.read_parquet(self.path(shard, "index"))
+        return index if len(index) == done.get("num_items", -1) else None
+
+    def array(self, shard: int) -> np.ndarray:
+        return np.load(self.path(shard, "array"), mmap_mode="r")
+
+    def load(self, ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Arrays by id, read through memory maps (a shard is never loaded whole). Unknown ids raise KeyError."""
+        wanted = None if ids is None else set(ids)
+        shards = range(self.num_shards) if wanted is None else sorted({shard_of(i, self.num_shards) for i in wanted})
+        out: dict[str, np.ndarray] = {}
+        for shard in shards:
+            index = self.index(shard)
+            if index is None:
+                continue
+            data = self.array(shard)
+            for rec in index.itertuples(index=False):
+                if wanted is None or rec.id in wanted:
+                    out[rec.id] = data[rec.offset : rec.offset + rec.n_frames]
+        if wanted is not None and (missing := wanted - set(out)):
+            raise KeyError(f"{self.root}: no features for {len(missing)} id(s), e.g. {sorted(missing)[:3]}")
+        return out
+
+    def metadata(self) -> pd.DataFrame:
+        """All complete shards' index rows, one per item."""
+        frames = [idx.assign(shard=s) for s in range(self.num_shards) if (idx := self.index(s)) is not None]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["id", "shard"])
+
+    def update(
+        self,
+        items: list[Item],
+        encoder_hash: str,
+        compute: Callable[[Item], tuple[np.ndarray, dict]],
+        rank: int = 0,
+        world: int = 1,
+        progress: str | None = None,
+    ) -> list[dict]:
+        """Bring this rank's shards up to date with `items`; returns one row per item of this rank.
+
+        Only ids that are new, whose `source_hash` changed, or whose shard was written with another `encoder_hash` are
+        computed; the others are copied from the existing shard. A shard whose ids, hashes and failures are all
+        unchanged is not rewritten. `compute(item)` returns (array [n, ...], metadata dict); an exception becomes a
+        failed row (remembered with its source hash, so an unchanged bad input is not retried on every run).
+
+        Row keys: id, shard, status (ok / failed), reason, error, n_frames, computed (bool).
+        """
+        by_shard: dict[int, list[Item]] = {}
+        for item in items:
+            by_shard.setdefault(shard_of(item.id, self.num_shards), []).append(item)
+        mine = [s for s in range(self.num_shards) if s % world == rank]
+        self._check_layout(rank)
+        todo = {s: self._plan(s, by_shard.get(s, []), encoder_hash) for s in mine}
+        n_compute = sum(len(plan) for plan in todo.values() if plan is not None)
+        bar = tqdm(total=n_compute, desc=progress or str(self.root), unit="item", disable=None if progress else True)
+        rows: list[dict] = []
+        for shard in mine:
+            shard_items = sorted(by_shard.get(shard, []), key=lambda it: it.id)
+            if todo[shard] is None:  # up to date (or nothing there and nothing wanted)
+                rows += [{**r, "computed": False} for r in (self.done(shard) or {"rows": []})["rows"]]
+                continue
+            if not shard_items:
+                for kind in ("done", "index", "array"):
+                    self.path(shard, kind).unlink(missing_ok=True)
+                continue
+            rows += self._rewrite(shard, shard_items, todo[shard], encoder_hash, compute, bar)
+        bar.close()
+        return rows
+
+    def _plan(self, shard: int, items: list[Item], encoder_hash: str) -> set[str] | None:
+        """Ids of `shard` to compute (an empty set still rewrites the shard), or None when it is up to date."""
+        done, index = self.done(shard), self.index(shard)
+        if done is None or index is None:
+            leftovers = any(self.path(shard, kind).exists() for kind in ("array", "index"))
+            return {it.id for it in items} if items or leftovers else None
+        same_encoder = done.get("encoder_hash") == encoder_hash
+        have = {r.id: r.source_hash for r in index.itertuples(index=False)} if same_encoder else {}
+        failed = {i: f["source_hash"] for i, f in done.get("failed", {}).items()} if same_encoder else {}
+        wanted = {it.id: it.source_hash for it in items}
+        compute = {i for i, h in wanted.items() if have.get(i) != h and failed.get(i) != h}
+        return None if not compute and wanted == {**have, **failed} else compute
+
+    def _check_layout(self, rank: int) -> None:
+        """Record the shard count in store.json; after a change of count, rank 0 removes shards beyond it."""
+        layout = self.root / "store.json"
+        previous = json.loads(layout.read_text()).get("num_shards") if layout.exists() else None
+        if previous == self.num_shards:
+            return
+        if rank == 0:
+            for path in self.root.glob("[0-9]" * 5 + ".*"):
+                if int(path.name[:5]) >= self.num_shards:
+                    path.unlink()
+            atomic_write_json(layout, {"num_shards": self.num_shards})
+
+    def _rewrite(self, shard, items, compute_ids, encoder_hash, compute, bar) -> list[dict]:
+        index = self.index(shard)
+        old = self.array(shard) if index is not None and len(index) else None
+        old_rows = {} if index is None else {r["id"]: r for r in index.to_dict("records")}
+        prev_failed = (self.done(shard) or {}).get("failed", {})
+        arrays, meta, rows, failed = [], [], [], {}
+        offset = 0
+        for item in items:
+            if item.id not in compute_ids and item.id in prev_failed:
+                failed[item.id] = prev_failed[item.id]
+                rows.append({"id": item.id, "shard": shard, "status": FAILED, "reason": failed[item.id]["reason"],
+                             "error": failed[item.id]["error"], "n_frames": 0, "computed": False})
+                continue
+            if item.id in compute_ids:
+                try:
+                    array, extra = compute(item)
+                except Exception as exc:  # noqa: BLE001 - recorded as a failed row; the batch goes on
+                    reason = getattr(exc, "reason", None) or "error"
+                    failed[item.id] = {"source_hash": item.source_hash, "reason": reason,
+                                       "error": str(exc)[:500]}
+                    rows.append({"id": item.id, "shard": shard, "status": FAILED, "reason": reason,
+                                 "error": str(exc)[:500], "n_frames": 0, "computed": True})
+                    bar.update()
+                    continue
+                bar.update()
+                computed = True
+            else:
+                rec = old_rows[item.id]
+                array = np.asarray(old[rec["offset"] : rec["offset"] + rec["n_frames"]])
+                extra = {k: v for k, v in rec.items() if k not in ("id", "offset", "n_frames", "source_hash",
+                                                                   "encoder_hash")}
+                computed = False
+            array = np.asarray(array)
+            arrays.append(array)
+            meta.append({"id": item.id, "offset": offset, "n_frames": len(array), "source_hash": item.source_hash,
+                         "encoder_hash": encoder_hash, **extra})
+            rows.append({"id": item.id, "shard": shard, "status": OK, "reason": "", "error": "",
+                         "n_frames": len(array), "computed": computed})
+            offset += len(array)
+        data = np.concatenate(arrays, axis=0) if arrays else np.zeros((0,), np.float32)
+        del old  # release the memory map before the file is replaced
+        self.path(shard, "done").unlink(missing_ok=True)  # the shard is incomplete from here until the end
+        with atomic_path(self.path(shard, "array")) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, data)
+        write_manifest(self.path(shard, "index"), meta, columns=list(meta[0]) if meta else
+                       ["id", "offset", "n_frames", "source_hash", "encoder_hash"])
+        atomic_write_json(self.path(shard, "done"), {"encoder_hash": encoder_hash, "num_items": len(meta),
+                                                      "failed": failed, "rows": [
+                                                          {k: v for k, v in r.items() if k != "computed"}
+                                                          for r in rows]})
+        return rows
+
+
+def load_features(root: str | Path, ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Arrays by id from a feature folder (memory-mapped); the shard count is read from the folder."""
+    root = Path(root)
+    shards = sorted(root.glob("*.done.json"))
+    if not shards:
+        raise FileNotFoundError(f"{root}: no complete feature shards")
+    layout = root / "store.json"
+    num_shards = json.loads(layout.read_text())["num_shards"] if layout.exists() else int(shards[-1].name[:5]) + 1
+    return FeatureStore(root, num_shards).load(ids)

@@ -14,5 +14,6 @@ def test_ruff_clean():
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     if ruff is None:
         pytest.fail("ruff is not installed: run `make test`, which installs the dev extras")
-    proc = subprocess.run([ruff, "check", "pipeline", "tests", "benchmarks"], cwd=REPO, capture_output=True, text=True)
+    targets = [d for d in ("pipeline", "tests", "benchmarks") if (REPO / d).is_dir()]
+    proc = subprocess.run([ruff, "check", *targets], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
