@@ -43,8 +43,12 @@ class SynthConfig:
     height: int = 256
     tempo_min_bpm: float = 80.0
     tempo_max_bpm: float = 140.0
+    max_first_beat_frac: float = 0.6  # the first beat lands 0.05 s + up to this fraction of a beat into the clip
     preview_clips: int = 4
     preview_path: str = "reports/synth_preview.png"
+    workers: int = 2  # render processes
+    video_crf: int = 18
+    video_preset: str = "veryfast"
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from pipeline.shards import (
     dist_env,
     load_features,
     read_manifest,
-    shard_of,
     sha256_file,
+    shard_of,
     stable_hash,
     summarize,
     write_manifest,
@@ -40,8 +40,10 @@ def test_stable_hash_and_shard_are_fixed_values():
 
 
 def test_manifest_round_trip_and_summary(tmp_path):
-    rows = [{"id": "a", "status": "ok", "reason": ""}, {"id": "b", "status": "failed", "reason": "corrupt"},
-            {"id": "c", "status": "skipped", "reason": "no_audio"}, {"id": "d", "status": "failed", "reason": "corrupt"}]
+    rows = [{"id": "a", "status": "ok", "reason": ""},
+            {"id": "b", "status": "failed", "reason": "corrupt"},
+            {"id": "c", "status": "skipped", "reason": "no_audio"},
+            {"id": "d", "status": "failed", "reason": "corrupt"}]
     for name in ("m.parquet", "m.csv"):
         write_manifest(tmp_path / name, rows)
         assert read_manifest(tmp_path / name).to_dict("records") == rows
