@@ -185,7 +185,10 @@ def load_audio(
     """
     path = Path(path)
     if path.suffix.lower() == ".wav" and sample_rate is None and not mono:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        try:
+            data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise MediaError(path, f"audio cannot be decoded ({exc})") from None
         audio = data.T
         return (audio[:, : int(duration_s * sr)] if duration_s else audio), sr
     try:

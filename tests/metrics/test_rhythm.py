@@ -1,0 +1,108 @@
+"""Beat and onset F-measure, tempo accuracy with octave errors apart, and Krumhansl-Schmuckler key finding."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from metrics_synth import clicks
+
+from pipeline.metrics.rhythm import (
+    KK_MINOR,
+    Key,
+    beat_f1,
+    estimate_beats,
+    estimate_key,
+    estimate_onsets,
+    key_accuracy,
+    key_from_chroma,
+    key_weighted_score,
+    onset_f1,
+    parse_key,
+    tempo_accuracy,
+)
+
+SR = 22_050
+
+
+def test_beat_f1_has_a_70_ms_window():
+    ref = np.arange(0.5, 10, 0.5)
+    assert beat_f1(ref, ref) == 1.0
+    assert beat_f1(ref + 0.06, ref) == 1.0
+    assert beat_f1(ref + 0.1, ref) == 0.0
+    assert beat_f1(ref[::2], ref) == pytest.approx(2 * 1 * (10 / 19) / (1 + 10 / 19))  # precision 1, recall 10/19
+    assert beat_f1([], ref) == 0.0
+    assert math.isnan(beat_f1(ref, []))
+    assert beat_f1(ref[ref >= 5], ref, trim_s=5.0) == 1.0  # MIREX-style trimming is available, off by default
+
+
+def test_onset_f1_has_a_50_ms_window():
+    ref = np.array([0.5, 1.3, 2.0, 3.7])
+    assert onset_f1(ref + 0.04, ref) == 1.0
+    assert onset_f1(ref + 0.06, ref) == 0.0
+    assert onset_f1([], ref) == 0.0
+
+
+def test_tempo_accuracy_counts_octave_errors_apart():
+    assert tempo_accuracy(124.8, 120.0).correct  # exactly 4 %
+    assert not tempo_accuracy(125.0, 120.0).correct
+    double, half = tempo_accuracy(240.0, 120.0), tempo_accuracy(61.0, 120.0)
+    assert (double.correct, double.double, double.half) == (False, True, False)
+    assert (half.correct, half.double, half.half) == (False, False, True)
+    assert tempo_accuracy(100.0, 120.0) == tempo_accuracy(100.0, 120.0).__class__(False, False, False)
+    with pytest.raises(ValueError):
+        tempo_accuracy(120.0, 0.0)
+
+
+def test_clicks_give_their_tempo_beats_and_onsets():
+    times = list(np.arange(0.5, 12.0, 0.5))  # 120 BPM
+    audio = clicks(times, 12.5, SR)
+    tempo, beats = estimate_beats(audio, SR)
+    assert tempo_accuracy(tempo, 120.0).correct
+    assert beat_f1(beats, times) > 0.9
+    assert onset_f1(estimate_onsets(audio, SR), times) == 1.0
+
+
+def test_parse_key_normalises_names():
+    assert parse_key("Db", "major") == Key("C#", "major")
+    assert parse_key("a", "min") == Key("A", "minor")
+    assert parse_key("F# minor") == Key("F#", "minor")
+    assert parse_key("Bb", "Major") == Key("A#", "major")
+    with pytest.raises(ValueError, match="not a key tonic"):
+        parse_key("H")
+    with pytest.raises(ValueError, match="not a key mode"):
+        parse_key("C", "dorian")
+
+
+def test_key_from_chroma_finds_the_rotated_profile():
+    assert key_from_chroma(np.roll(KK_MINOR, 9)) == Key("A", "minor")
+    assert key_accuracy(Key("A", "minor"), parse_key("A", "minor")) == 1.0
+    assert key_accuracy(Key("C", "major"), Key("A", "minor")) == 0.0
+    assert key_weighted_score(Key("C", "major"), Key("A", "minor")) == pytest.approx(0.3)  # relative
+    assert key_weighted_score(Key("G", "major"), Key("C", "major")) == pytest.approx(0.5)  # fifth
+
+
+def _melody(midi_notes, seconds_each=0.4):
+    t = np.arange(int(seconds_each * SR)) / SR
+    env = np.exp(-3 * t)
+    notes = []
+    for m in midi_notes:
+        f = 440.0 * 2 ** ((m - 69) / 12)
+        notes.append(sum(np.sin(2 * np.pi * f * h * t) / h for h in (1, 2, 3)) * env)
+    return (0.2 * np.concatenate(notes)).astype(np.float32)
+
+
+@pytest.mark.parametrize("tonic_midi,scale,key", [
+    (62, [0, 2, 4, 5, 7, 9, 11], Key("D", "major")),
+    (57, [0, 2, 3, 5, 7, 8, 11], Key("A", "minor")),
+])
+def test_estimate_key_on_a_scale_and_tonic_triad(tonic_midi, scale, key):
+    triad = [0, scale[2], 7]
+    notes = [tonic_midi + s for s in scale] + [tonic_midi + s for s in triad] * 3 + [tonic_midi]
+    assert estimate_key(_melody(notes), SR) == key
+
+
+def test_silent_audio_has_no_key():
+    with pytest.raises(ValueError, match="silent"):
+        estimate_key(np.zeros(SR, np.float32), SR)
