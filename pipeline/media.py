@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -72,6 +73,9 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+_LINK_LOCK = threading.Lock()
+
+
 @lru_cache(maxsize=1)
 def ffmpeg_dir() -> str:
     """A folder holding `ffmpeg` (a link to `ffmpeg_exe()`), for tools such as yt-dlp that look for that name."""
@@ -81,11 +85,12 @@ def ffmpeg_dir() -> str:
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "v2m" / "bin"
     cache.mkdir(parents=True, exist_ok=True)
     link = cache / "ffmpeg"
-    if not (link.is_symlink() and os.readlink(link) == str(exe)):
-        tmp = cache / f".ffmpeg.{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(exe)
-        os.replace(tmp, link)
+    with _LINK_LOCK:
+        if not (link.is_symlink() and os.readlink(link) == str(exe)):
+            tmp = cache / f".ffmpeg.{os.getpid()}.{threading.get_ident()}"  # unique per process and thread
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(exe)
+            os.replace(tmp, link)
     return str(cache)
 
 
