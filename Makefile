@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-stamp
+PTLFLOW := ptlflow==0.4.2
 PYTEST_ARGS ?=
 
 # The venv's tools (v2m, dvc, pytest) come first on PATH; DVC sends no usage analytics.
@@ -18,11 +19,12 @@ help:
 	@echo "make test-all  the whole suite, slow tests included"
 	@echo "make lint      ruff"
 
-# The venv is (re)built when pyproject.toml changes.
-$(STAMP): pyproject.toml
+# The venv is (re)built when pyproject.toml or this Makefile changes.
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps $(PTLFLOW)
 	@touch $@
 
 venv: $(STAMP)

@@ -2,6 +2,11 @@
 
     v2m synth     [--out DIR] [--n N] [--seed S]            SynthV2M, the embedded dataset
     v2m ingest    [--manifest CSV] [--out DIR]              trim, normalise, one manifest row per input
+    v2m separate  [--ingest PARQUET] [--out DIR]            instrumental (Demucs) or pass-through -> data/music
+    v2m embed     [--ingest PARQUET] [--out DIR]            CLIP + flow feature shards (torchrun/SLURM aware)
+    v2m embed --init-encoders                               write the seeded encoder weights (models/encoders)
+    v2m train     [--system full|no_motion] [...]            the model; resumes from its checkpoint; torchrun = DDP
+    v2m train --report metrics/train.json                   merge the systems' training metrics
     v2m import-v2m IDS [IDS ...] --out CSV                  V2M / V2M-20K id lists -> our manifest
     v2m metrics   --generated DIR --reference DIR [...]     the metrics library on any folders
     v2m profile   list | show NAME | use NAME               switch params.yaml between profiles
@@ -20,6 +25,9 @@ from pipeline.config import ConfigError
 COMMANDS = {
     "synth": ("pipeline.synth:main", "generate SynthV2M clips and their manifest"),
     "ingest": ("pipeline.ingest:main", "trim and normalise the videos of a manifest"),
+    "separate": ("pipeline.separate:main", "remove vocals with Demucs (or pass the audio through)"),
+    "embed": ("pipeline.embed:main", "CLIP and optical-flow features of every clip, cached as shards"),
+    "train": ("pipeline.train:main", "train the model (full or no_motion); resumable, DDP under torchrun"),
     "import-v2m": ("pipeline.v2m_ids:main", "turn V2M / V2M-20K id lists into an ingest manifest"),
     "metrics": ("pipeline.metrics.cli:main", "compute the metrics for generated vs reference folders"),
     "profile": ("pipeline.profiles:main", "list, show or apply a params profile"),

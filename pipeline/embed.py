@@ -1,0 +1,320 @@
+"""embed: data/ingest/clips -> data/features/{clip,flow}/ shards + data/features/manifest.parquet. Params: base, embed.
+
+Two streams per clip, on one time axis (row k = time k / fps): CLIP image embeddings at `embed.clip_fps`
+(pipeline/encoders/clip.py) and a compact optical-flow descriptor at `embed.flow_fps` (pipeline/encoders/flow.py).
+Each stream is a `pipeline.shards.FeatureStore`: {stream}/{shard:05d}.npy + .index.parquet + .done.json (last),
+shard = stable hash of id mod `embed.num_shards`; read them with `pipeline.shards.load_features(root, ids)`.
+
+Incremental: an item is recomputed only when it is new, its ingested clip changed (source hash: the ingest row's
+source SHA-256, params hash and path), or its stream's encoder hash changed (the encoder's config, fps and weights
+hash, per stream: changing `embed.flow_fps` recomputes flow only). Shards whose items are unchanged are not
+rewritten; a shard without its done file (a killed run) is rebuilt. Encoders are loaded only when there is work.
+
+Scale-out: rank and world size come from torchrun (RANK / WORLD_SIZE) or SLURM (SLURM_PROCID / SLURM_NTASKS); rank r
+writes the shards s with s % world == r, so N processes write exactly the shards one process writes. Rank 0 waits for
+the others (a gloo barrier when MASTER_ADDR is set, as under torchrun; else rank marker files in {out}/.ranks/ keyed by
+the SLURM job step), then writes the manifest from the shards' done files, and `embed.report_path`.
+
+Ids not ok upstream are skipped(upstream_<status>); an undecodable clip is failed(corrupt) and the rest go on; the exit
+status is non-zero only when the failed fraction exceeds `embed.max_fail_ratio`. `v2m embed --init-encoders` writes
+the seeded CLIP weights to `embed.encoders_dir` (the DVC stage `encoders`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import ingest
+from pipeline.config import BaseConfig, EmbedConfig, Params, load_params, to_dict
+from pipeline.encoders import clip as clip_enc
+from pipeline.encoders import flow as flow_enc
+from pipeline.encoders import resolve_device, sample_frames, set_threads
+from pipeline.media import MediaError
+from pipeline.shards import (
+    FAILED,
+    OK,
+    SKIPPED,
+    FeatureStore,
+    Item,
+    atomic_write_json,
+    dist_env,
+    params_hash,
+    read_manifest,
+    stable_hash,
+    summarize,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+STREAMS = ("clip", "flow")
+COLUMNS = ["id", "split", "status", "reason", "error", "shard", "duration_s", "clip_n_frames", "clip_fps",
+           "flow_n_frames", "flow_fps", "source_hash"]
+BARRIER_TIMEOUT = timedelta(hours=12)  # ranks can finish far apart on skewed shards
+
+
+def upstream_hash(row: dict) -> str:
+    """Identity of an ingested clip: its source file and the ingest params that made it (no need to hash the clip)."""
+    return stable_hash(json.dumps([row.get("source_sha256"), row.get("params_hash"), row.get("clip_path")]))
+
+
+def label_columns(frame: pd.DataFrame) -> list[str]:
+    """Pass-through columns of the ingest manifest (caption, tempo_bpm, beat_times, ... for SynthV2M)."""
+    return [c for c in frame.columns if c not in ingest.COLUMNS]
+
+
+def encoder_hashes(base: BaseConfig, cfg: EmbedConfig) -> dict[str, str]:
+    """Per stream, a hash of everything that determines its features (not batch sizes, devices or threads)."""
+    clip, flow = cfg.clip, cfg.flow
+    flow_enc.check(flow)
+    return {
+        "clip": params_hash({"model": clip.model, "pretrained": clip.pretrained, "fps": cfg.clip_fps,
+                             "weights": clip_enc.weights_identity(clip, base.seed, cfg.encoders_dir),
+                             "version": clip_enc.VERSION}),
+        "flow": params_hash({"method": flow.method, "weights": flow_enc.weights_identity(flow), "fps": cfg.flow_fps,
+                             "dis_preset": flow.dis_preset if flow.method == "opencv_dis" else "",
+                             "grid": flow.grid, "bins": flow.direction_bins, "version": flow_enc.VERSION}),
+    }
+
+
+class Encoders:
+    """The two compute functions FeatureStore calls; each encoder is built on its first use."""
+
+    def __init__(self, cfg: EmbedConfig, device: str):
+        self.cfg, self.device = cfg, device
+        self._clip: clip_enc.ClipEncoder | None = None
+        self._flow: flow_enc.FlowEncoder | None = None
+
+    def clip(self, item: Item) -> tuple[np.ndarray, dict]:
+        _check_exists(item.payload)
+        if self._clip is None:
+            self._clip = _load("clip", clip_enc.ClipEncoder, self.cfg.clip, self.cfg.encoders_dir, self.device)
+        frames, native_fps, n = sample_frames(item.payload, self.cfg.clip_fps)
+        return self._clip(frames), {"fps": self.cfg.clip_fps, "duration_s": round(n / native_fps, 6)}  # (T, Dc)
+
+    def flow(self, item: Item) -> tuple[np.ndarray, dict]:
+        _check_exists(item.payload)
+        if self._flow is None:
+            self._flow = _load("flow", flow_enc.FlowEncoder, self.cfg.flow, self.device)
+        frames, native_fps, n = sample_frames(item.payload, self.cfg.flow_fps, gray=self._flow.gray)
+        return self._flow(frames, self.cfg.flow_fps), {"fps": self.cfg.flow_fps,
+                                                       "duration_s": round(n / native_fps, 6)}  # (T, Df)
+
+
+def _load(stream: str, cls, *args):
+    """Build an encoder. A failure is a configuration problem, not one clip's, so it stops the stage (FeatureStore
+    does not catch SystemExit, and it writes a shard only whole, so every shard on disk stays complete)."""
+    try:
+        return cls(*args)
+    except Exception as exc:  # noqa: BLE001 - re-raised as the stage's error, with the stream named
+        raise SystemExit(f"embed: cannot load the {stream} encoder: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_exists(path: str) -> None:
+    if not Path(path).is_file():
+        raise MediaError(path, "no such clip", "missing")
+
+
+def run(params: Params, ingest_manifest: Path, out_dir: Path, rank: int = 0, world: int = 1) -> dict:
+    """Bring this rank's shards up to date; rank 0 then writes the manifest and the report.
+
+    Returns {"rows": this rank's FeatureStore rows per stream, "computed": ids computed per stream,
+    "manifest": the manifest frame (rank 0) or None}.
+    """
+    base, cfg = params.base, params.embed
+    threads = set_threads(cfg.torch_threads)
+    log.info("embed: rank %d of %d, %d torch thread(s)", rank, world, threads)
+    try:
+        upstream = read_manifest(ingest_manifest)
+    except FileNotFoundError:
+        raise SystemExit(f"embed: {ingest_manifest}: no such manifest (run `v2m ingest` first)") from None
+    try:
+        hashes = encoder_hashes(base, cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"embed: {exc}") from None
+    if cfg.clip.pretrained == "none":
+        log.warning("embed: the CLIP stream uses a SEEDED RANDOM %s (%s/clip): features carry colour and layout, "
+                    "not learned semantics", cfg.clip.model, cfg.encoders_dir)
+    ok = upstream[upstream["status"] == OK]
+    items = [Item(r["id"], upstream_hash(r), r["clip_path"]) for r in ok.to_dict("records")]
+    encoders = Encoders(cfg, resolve_device(cfg.device))
+    result: dict = {"rows": {}, "computed": {}, "manifest": None}
+    for stream in STREAMS:
+        store = FeatureStore(out_dir / stream, cfg.num_shards)
+        rows = store.update(items, hashes[stream], getattr(encoders, stream), rank, world,
+                            progress=f"embed {stream}" + (f" [rank {rank}/{world}]" if world > 1 else ""))
+        result["rows"][stream] = rows
+        result["computed"][stream] = sorted(r["id"] for r in rows if r["computed"])
+    wait_for_ranks(out_dir, rank, world, stable_hash(json.dumps([hashes, [(i.id, i.source_hash) for i in items]])))
+    if rank == 0:
+        result["manifest"] = write_embed_manifest(upstream, out_dir, cfg)
+        write_report(result["manifest"], out_dir, cfg, hashes, Path(cfg.report_path))
+    return result
+
+
+def wait_for_ranks(out_dir: Path, rank: int, world: int, token: str) -> None:
+    """Return on rank 0 once every rank has finished its shards; other ranks return at once (after the barrier)."""
+    if world == 1:
+        return
+    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=BARRIER_TIMEOUT)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+    # no rendezvous (e.g. plain `srun python -m pipeline.embed`): marker files, keyed by the job step and the inputs
+    token = stable_hash(f"{os.environ.get('SLURM_JOB_ID', '')}.{os.environ.get('SLURM_STEP_ID', '')}:{token}")
+    markers = out_dir / ".ranks"
+    atomic_write_json(markers / f"{rank:05d}.json", {"token": token, "world": world})
+    if rank != 0:
+        return
+    deadline = time.monotonic() + BARRIER_TIMEOUT.total_seconds()
+    while time.monotonic() < deadline:
+        tokens = []
+        for r in range(world):
+            try:
+                tokens.append(json.loads((markers / f"{r:05d}.json").read_text())["token"])
+            except (OSError, ValueError, KeyError):
+                tokens.append(None)
+        if all(t == token for t in tokens):
+            return
+        time.sleep(2.0)
+    raise SystemExit(f"embed: rank 0 waited {BARRIER_TIMEOUT} for the other ranks' markers in {markers}")
+
+
+def write_embed_manifest(upstream: pd.DataFrame, out_dir: Path, cfg: EmbedConfig) -> pd.DataFrame:
+    """One row per upstream id, from every shard's done file and index (so it covers all ranks' work)."""
+    stores = {s: FeatureStore(out_dir / s, cfg.num_shards) for s in STREAMS}
+    by_stream = {s: {r["id"]: r for shard in range(cfg.num_shards) for r in (st.done(shard) or {}).get("rows", [])}
+                 for s, st in stores.items()}
+    meta = {s: st.metadata().set_index("id") for s, st in stores.items()}
+    labels = label_columns(upstream)
+    rows = []
+    for row in upstream.to_dict("records"):
+        rec = {"id": row["id"], "split": row["split"], "status": OK, "reason": "", "error": ""}
+        if row["status"] != OK:
+            rec.update(status=SKIPPED, reason=f"upstream_{row['status']}", error=f"ingest: {row['reason']}")
+        else:
+            rec.update(source_hash=upstream_hash(row), duration_s=row.get("duration_s"))
+            for stream in STREAMS:
+                got = by_stream[stream].get(row["id"])
+                if got is None or (got["status"] == OK and row["id"] not in meta[stream].index):
+                    got = {"status": FAILED, "reason": "missing", "error": "no features after the run", "shard": -1}
+                rec["shard"] = got["shard"]
+                if got["status"] == OK:
+                    m = meta[stream].loc[row["id"]]
+                    rec.update({f"{stream}_n_frames": int(m["n_frames"]), f"{stream}_fps": float(m["fps"]),
+                                "duration_s": float(m["duration_s"])})
+                elif rec["status"] == OK:
+                    rec.update(status=FAILED, reason=got["reason"], error=f"{stream}: {got['error']}")
+        rows.append({**{c: row.get(c) for c in labels}, **rec})
+    return write_manifest(out_dir / "manifest.parquet", rows, columns=COLUMNS + labels)
+
+
+def write_report(manifest: pd.DataFrame, out_dir: Path, cfg: EmbedConfig, hashes: dict, path: Path) -> None:
+    """Flow speed over time for a few clips, true beats marked (SynthV2M); redrawn only when its inputs change."""
+    ok = manifest[manifest["status"] == OK]
+    if "beat_times" in ok.columns:
+        with_beats = ok[ok["beat_times"].astype(str).str.len() > 2]
+        ok = with_beats if len(with_beats) else ok
+    chosen = ok.head(cfg.report_clips)
+    key = stable_hash(json.dumps([hashes["flow"], list(chosen["id"]), list(chosen["source_hash"]), str(path)]))
+    stamp = out_dir / "report.json"
+    if path.exists() and stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.shards import atomic_path
+
+    features = FeatureStore(out_dir / "flow", cfg.num_shards).load(list(chosen["id"])) if len(chosen) else {}
+    fig, axes = plt.subplots(max(1, len(chosen)), 1, figsize=(10, 2.0 * max(1, len(chosen))), squeeze=False)
+    for ax, row in zip(axes[:, 0], chosen.to_dict("records"), strict=False):
+        speed = flow_enc.mean_speed(features[row["id"]], cfg.flow)
+        t = np.arange(len(speed)) / cfg.flow_fps
+        ax.step(t, speed, where="pre", color="tab:blue", label=f"mean flow speed ({cfg.flow.method})")
+        beats = json.loads(row["beat_times"]) if isinstance(row.get("beat_times"), str) and row["beat_times"] else []
+        for i, beat in enumerate(beats):
+            ax.axvline(beat, color="tab:red", alpha=0.6, lw=1, label="true beat" if i == 0 else None)
+        title = row["id"] + (f"  ({row['tempo_bpm']} BPM)" if "tempo_bpm" in row and row["tempo_bpm"] else "")
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.set_ylabel("short sides / s", fontsize=8)
+        if ax is axes[0, 0]:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    if not len(chosen):
+        axes[0, 0].text(0.5, 0.5, "no ok clips", ha="center", va="center")
+    axes[-1, 0].set_xlabel(f"time (s); row k covers motion over ((k-1)/{cfg.flow_fps:g}, k/{cfg.flow_fps:g}] s")
+    fig.suptitle(f"Flow speed at {cfg.flow_fps:g} fps vs the true beats", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    atomic_write_json(stamp, {"key": key})
+
+
+def init_encoders(params: Params) -> Path:
+    """Write `embed.encoders_dir`: the seeded CLIP init (pretrained: none) and encoders.json naming the weights.
+
+    The flow methods need no file here: OpenCV has no weights, and a ptlflow checkpoint is hashed where it lies.
+    """
+    cfg = params.embed
+    out = Path(cfg.encoders_dir)
+    if cfg.clip.pretrained == "none":
+        clip_enc.init_seeded(cfg.clip, params.base.seed, out)
+    atomic_write_json(out / "encoders.json", {
+        "clip": {**to_dict(cfg.clip), "weights": clip_enc.weights_identity(cfg.clip, params.base.seed, out)},
+        "seed": params.base.seed})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="v2m embed", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--ingest", help="ingest manifest (default: {ingest.out_dir}/manifest.parquet)")
+    parser.add_argument("--out", help="output folder (default: embed.out_dir)")
+    parser.add_argument("--init-encoders", action="store_true",
+                        help="write the seeded encoder weights to embed.encoders_dir and exit (DVC stage `encoders`)")
+    args = parser.parse_args(argv)
+    params = load_params(args.params, missing_ok=True)
+    cfg = params.embed
+    if args.init_encoders:
+        print(f"embed: wrote {init_encoders(params)} (seed {params.base.seed})")
+        return 0
+    rank, world = dist_env()
+    out_dir = Path(args.out or cfg.out_dir)
+    result = run(params, Path(args.ingest or Path(params.ingest.out_dir) / "manifest.parquet"), out_dir, rank, world)
+    print(f"embed: rank {rank}/{world}: computed clip {len(result['computed']['clip'])}, "
+          f"flow {len(result['computed']['flow'])}; the rest unchanged since the last run -> {out_dir}")
+    if result["manifest"] is None:
+        return 0
+    frame = result["manifest"]
+    rows = frame.to_dict("records")
+    print(f"embed: {summarize(rows)}")
+    for rec in rows:
+        if rec["status"] == FAILED:
+            print(f"  failed  {rec['id']}: {rec['reason']}: {rec['error']}")
+    n_failed = int((frame["status"] == FAILED).sum())
+    if n_failed / max(1, len(frame)) > cfg.max_fail_ratio:
+        print(f"embed: {n_failed}/{len(frame)} failed > max_fail_ratio {cfg.max_fail_ratio:.0%}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # `torchrun --nproc_per_node N -m pipeline.embed` runs this
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""CLIP stream: open_clip image embeddings of frames sampled at `embed.clip_fps`, [T, D] float32, L2-normalised.
+
+Weights, by `embed.clip.pretrained`:
+- `none`: a seeded random init of `embed.clip.model`, written ONCE by `init_seeded` (the DVC stage `encoders`) as an
+  open_clip local folder, `{embed.encoders_dir}/clip/` (open_clip_config.json + open_clip_model.safetensors), and
+  loaded from there with `local-dir:`. Every run and every teammate (through the DVC remote) gets the same bytes, so
+  the same features. Random weights carry colour and layout, NOT learned semantics: the embedded profile says so in
+  its logs.
+- a local file (e.g. `~/weights/ViT-B-32-laion2b_s34b_b79k.bin`): loaded into the named architecture.
+- an open_clip tag (e.g. `laion2b_s34b_b79k`): resolved by open_clip through its cache (HF hub cache); with no
+  network only an already-cached tag works.
+
+`v2m-tiny-vit` is our small architecture for the embedded profile (a 7x7-patch ViT, ~3.4M vision parameters, about
+4 ms an image on one CPU core); any name in `open_clip.list_models()` works too (ViT-B-32 in production).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import ClipEncoderConfig
+from pipeline.shards import atomic_write_bytes, atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+VERSION = 1  # bump when preprocessing or pooling changes, so cached features are recomputed
+TINY_CONFIGS = {
+    "v2m-tiny-vit": {
+        "embed_dim": 256,
+        "vision_cfg": {"image_size": 112, "layers": 4, "width": 256, "patch_size": 16, "head_width": 64},
+        # the text tower is never used by embed; keep it minimal so the saved file stays small
+        "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 1, "layers": 1},
+    },
+}
+CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
+
+
+def model_config(name: str) -> dict:
+    """The open_clip model config of an architecture: ours (`TINY_CONFIGS`) or open_clip's registry."""
+    import open_clip
+
+    if name in TINY_CONFIGS:
+        return json.loads(json.dumps(TINY_CONFIGS[name]))
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"embed.clip.model: unknown architecture {name!r}; use one of {sorted(TINY_CONFIGS)} or "
+                         f"open_clip.list_models()")
+    return cfg
+
+
+def seeded_dir(encoders_dir: str | Path) -> Path:
+    return Path(encoders_dir) / "clip"
+
+
+def init_seeded(cfg: ClipEncoderConfig, seed: int, encoders_dir: str | Path) -> Path:
+    """Write the seeded random init of `cfg.model` as an open_clip local folder; returns the folder.
+
+    Deterministic: the same (model, seed, torch version) gives byte-identical safetensors.
+    """
+    import open_clip
+    import torch
+    from safetensors.torch import save
+
+    model_cfg = model_config(cfg.model)
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(**model_cfg)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    out = seeded_dir(encoders_dir)
+    atomic_write_bytes(out / WEIGHTS_FILE, save(state))
+    preprocess = {"size": model_cfg["vision_cfg"]["image_size"], "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                  "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
+    atomic_write_json(out / CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": preprocess,
+                                          "v2m": {"model": cfg.model, "seed": seed, "init": "seeded random",
+                                                  "weights_sha256": sha256_file(out / WEIGHTS_FILE)}})
+    return out
+
+
+def weights_identity(cfg: ClipEncoderConfig, seed: int, encoders_dir: str | Path) -> str:
+    """What the weights are, for the encoder hash: a file's SHA-256, or the tag for an open_clip tag."""
+    if cfg.pretrained == "none":
+        folder = seeded_dir(encoders_dir)
+        meta = _seeded_meta(folder)
+        if meta.get("model") != cfg.model or meta.get("seed") != seed:
+            raise FileNotFoundError(f"{folder / CONFIG_FILE}: holds {meta.get('model')!r} seed {meta.get('seed')}, "
+                                    f"not {cfg.model!r} seed {seed}; run `dvc repro encoders` (or "
+                                    "`v2m embed --init-encoders`)")
+        return meta["weights_sha256"]
+    if Path(cfg.pretrained).expanduser().is_file():
+        return sha256_file(Path(cfg.pretrained).expanduser())
+    return f"tag:{cfg.pretrained}"
+
+
+def _seeded_meta(folder: Path) -> dict:
+    try:
+        return json.loads((folder / CONFIG_FILE).read_text())["v2m"]
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        raise FileNotFoundError(f"{folder}: no seeded CLIP encoder (embed.clip.pretrained is none); create it with "
+                                "`dvc repro encoders` (or `v2m embed --init-encoders`)") from None
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """open_clip logs each loading step at INFO on the root logger; keep the stage's log readable."""
+    level = logging.root.level
+    logging.root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logging.root.setLevel(level)
+
+
+class ClipEncoder:
+    """Frames [T, H, W, 3] uint8 -> embeddings [T, D] float32 (unit norm), with open_clip's own preprocessing."""
+
+    def __init__(self, cfg: ClipEncoderConfig, encoders_dir: str | Path, device: str = "cpu"):
+        import open_clip
+        import torch
+
+        self.cfg, self.device, self.torch = cfg, device, torch
+        if cfg.pretrained == "none":
+            name = f"local-dir:{seeded_dir(encoders_dir)}"
+            with _quiet_root_logger():
+                model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+            log.warning("CLIP stream: RANDOM weights (seeded init of %s from %s). These features carry colour and "
+                        "layout, NOT learned semantics; set embed.clip.pretrained for real CLIP features.",
+                        cfg.model, seeded_dir(encoders_dir))
+        else:
+            pretrained = str(Path(cfg.pretrained).expanduser()) if Path(cfg.pretrained).expanduser().is_file() \
+                else cfg.pretrained
+            if cfg.model in TINY_CONFIGS:
+                raise ValueError(f"embed.clip.model {cfg.model!r} has no pretrained weights; use pretrained: none")
+            try:
+                with _quiet_root_logger():
+                    model, _, preprocess = open_clip.create_model_and_transforms(cfg.model, pretrained=pretrained,
+                                                                                 device=device)
+            except RuntimeError as exc:
+                raise RuntimeError(f"embed.clip.pretrained {cfg.pretrained!r}: cannot load weights for {cfg.model} "
+                                   f"({exc}). Give a local file path, or a tag already in the HF cache "
+                                   "($HF_HOME/hub).") from None
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.dim = int(self.model.visual.output_dim)
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        torch = self.torch
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(frames), self.cfg.batch_size):
+                batch = torch.stack([self.preprocess(Image.fromarray(f)) for f in frames[start:start +
+                                                                                       self.cfg.batch_size]])
+                out.append(self.model.encode_image(batch.to(self.device), normalize=True).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float32)  # (T, D)
