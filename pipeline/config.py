@@ -83,10 +83,94 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
+class SeparateConfig:
+    """Vocal removal with Demucs: data/ingest/audio -> data/music (the instrumental)."""
+
+    model: str = "none"  # none = pass-through copy (SynthV2M has no vocals) | a Demucs model name, e.g. htdemucs
+    weights_dir: str = ""  # a local Demucs repo ({model}.yaml + {sig}.th) tried first; then the HF and torch hub caches
+    out_dir: str = "data/music"  # {id}.wav at base.sample_rate + manifest.parquet
+    segment_s: float = 0.0  # Demucs chunk length in seconds; 0 = the model's own (7.8 s for htdemucs)
+    overlap: float = 0.25  # overlap of consecutive chunks
+    shifts: int = 1  # random time-shift averaging passes (seeded per id); 0 = one plain pass
+    device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
+    torch_threads: int = 1  # torch intra-op threads per process; 0 = cores / processes (see README: more is slower)
+    max_fail_ratio: float = 0.1  # exit non-zero when more than this fraction of rows failed
+
+
+@dataclass(frozen=True)
+class ClipEncoderConfig:
+    model: str = "v2m-tiny-vit"  # open_clip architecture: v2m-tiny-vit (ours, small) or any open_clip.list_models()
+    pretrained: str = "none"  # none = seeded random init saved in embed.encoders_dir | a local file | an open_clip tag
+    batch_size: int = 32  # images per forward pass
+
+
+@dataclass(frozen=True)
+class FlowEncoderConfig:
+    method: str = "opencv_dis"  # opencv_dis | opencv_farneback | ptlflow:<model> (e.g. ptlflow:rapidflow)
+    checkpoint: str = ""  # ptlflow weights: a local file (or a ptlflow name in the torch hub cache); empty = random
+    dis_preset: str = "ultrafast"  # opencv_dis preset: ultrafast | fast | medium
+    grid: int = 4  # descriptor: the frame is cut into grid x grid cells
+    direction_bins: int = 8  # descriptor: magnitude-weighted direction histogram bins per cell
+    batch_size: int = 8  # ptlflow: frame pairs per forward pass
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """CLIP and optical-flow features of every clip: data/ingest/clips -> data/features/{clip,flow} shards."""
+
+    out_dir: str = "data/features"  # clip/ and flow/ shards + manifest.parquet
+    encoders_dir: str = "models/encoders"  # the seeded encoder weights (DVC stage `encoders`)
+    num_shards: int = 16  # shards per stream; shard = stable hash of id mod num_shards
+    clip_fps: float = 2.0  # CLIP embeddings per second of video
+    flow_fps: float = 8.0  # flow descriptors per second of video
+    device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
+    torch_threads: int = 1  # torch/OpenCV threads per process; 0 = cores / processes on the node
+    max_fail_ratio: float = 0.1  # exit non-zero when more than this fraction of rows failed
+    report_path: str = "reports/flow_beats.png"  # flow speed over time with the true beats of a few SynthV2M clips
+    report_clips: int = 4
+    clip: ClipEncoderConfig = field(default_factory=ClipEncoderConfig)
+    flow: FlowEncoderConfig = field(default_factory=FlowEncoderConfig)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The model and its training: data/features + data/tokens -> models/{system}/v2m.pt (see pipeline/train.py)."""
+
+    preset: str = "embedded"  # model preset: pipeline/model/presets/{debug,embedded,musicgen-small}.yaml
+    pretrained_dir: str = ""  # musicgen-small preset: a local copy of facebook/musicgen-small (decoder weights)
+    direction: str = ""  # fusion cross-attention override: flow_to_clip | clip_to_flow | both | none; "" = preset's
+    interpolate: str = ""  # "" = preset's | on | off: add the video context at the token frame rate
+    text: bool = False  # condition on caption sentence embeddings (all-MiniLM-L6-v2), with caption dropout
+    tokens_dir: str = "data/tokens/melvq"  # the tokenize stage's FeatureStore of int16 [T, K] codes
+    out_dir: str = "models"  # {out_dir}/{system}/v2m.pt (final) and last.pt (the resumable checkpoint)
+    metrics_dir: str = "metrics/train"  # {system}.json, {system}_loss.csv, {system}_eval.csv; merged: metrics/train.json
+    max_steps: int = 600
+    batch_size: int = 16  # global: split across DDP processes
+    lr: float = 2e-3  # peak AdamW learning rate, after linear warmup, then cosine to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 = no EMA; else the saved model is the EMA of the weights
+    log_every: int = 10
+    ckpt_every: int = 100  # steps between checkpoints (atomic) and validation
+    beat_clips: int = 4  # validation clips generated and decoded at every checkpoint for val_beat_f1 (0 = none)
+    guidance: float = 3.0  # classifier-free guidance of those generations
+    top_k: int = 0  # sampling: 0 = full distribution
+    temperature: float = 1.0
+    torch_threads: int = 1  # torch threads per process; 0 = cores / processes (oversubscription was 7x slower)
+    device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseConfig = field(default_factory=BaseConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    separate: SeparateConfig = field(default_factory=SeparateConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def _type_name(tp: Any) -> str:
