@@ -12,6 +12,8 @@ from pipeline.shards import summarize
 
 
 def _size(path: Path) -> str:
+    if not path.exists():
+        return "missing"
     total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
     return f"{total / 2**20:.1f} MiB"
 
@@ -32,6 +34,18 @@ def lines(params_path: str = "params.yaml") -> list[str]:
         frame = pd.read_parquet(ingest_manifest)
         out.append(f"ingest   {summarize(frame.to_dict('records'))}: clips/ and audio/ in {params.ingest.out_dir} "
                    f"[{_size(Path(params.ingest.out_dir))}]; manifest {ingest_manifest}")
+    stages = [("separate", Path(params.separate.out_dir)), ("embed", Path(params.embed.out_dir))]
+    tokenize = getattr(params, "tokenize", None)
+    if tokenize is not None:
+        stages.append(("tokenize", Path(tokenize.out_dir) / tokenize.codec))
+    for name, folder in stages:
+        manifest = folder / "manifest.parquet"
+        if manifest.exists():
+            frame = pd.read_parquet(manifest)
+            out.append(f"{name:<8} {summarize(frame.to_dict('records'))}: {folder} [{_size(folder)}]")
+    for path, what in (("metrics/codec.json", "codec round trip"), ("metrics/train.json", "training")):
+        if Path(path).exists():
+            out.append(f"metrics  {what}: {path}")
     return out or ["nothing produced yet: run `make demo` (or `dvc repro`)"]
 
 
