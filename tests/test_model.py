@@ -1,0 +1,202 @@
+"""pipeline/model: shapes and masks, the delay pattern, causality, CFG, the KV cache, MusicGen weight loading."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pipeline.model import (
+    V2M,
+    FusionConfig,
+    TemporalFusion,
+    create_model,
+    delay_pattern,
+    list_presets,
+    load_preset,
+    undelay,
+)
+from pipeline.model.decoder import MusicDecoder, load_musicgen_decoder
+
+torch.set_num_threads(1)
+K, CARD, T = 2, 16, 12
+
+
+def make_batch(B: int = 2, seed: int = 0, clip_len=(4, 3), flow_len=(16, 11)) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    Tc, Tf = max(clip_len), max(flow_len)
+    clip_mask = torch.arange(Tc)[None] < torch.tensor(clip_len[:B])[:, None]
+    flow_mask = torch.arange(Tf)[None] < torch.tensor(flow_len[:B])[:, None]
+    return {"clip": torch.randn(B, Tc, 8, generator=g), "clip_mask": clip_mask, "clip_fps": torch.full((B,), 2.0),
+            "flow": torch.randn(B, Tf, 6, generator=g), "flow_mask": flow_mask, "flow_fps": torch.full((B,), 8.0),
+            "codes": torch.randint(0, CARD, (B, K, T), generator=g), "code_mask": torch.ones(B, T, dtype=torch.bool)}
+
+
+def debug_model(**overrides) -> V2M:
+    torch.manual_seed(0)
+    cfg = load_preset("debug", decoder={"num_codebooks": K, "codebook_size": CARD},
+                      fusion={"clip_dim": 8, "flow_dim": 6, **overrides.pop("fusion", {})}, frame_rate=6.0, **overrides)
+    return create_model(cfg).eval()
+
+
+def test_presets_are_listed_and_unknown_fails():
+    assert {"debug", "embedded", "musicgen-small"} <= set(list_presets())
+    with pytest.raises(ValueError, match="unknown model preset 'nope'"):
+        load_preset("nope")
+
+
+def test_delay_pattern_round_trips():
+    codes = torch.randint(0, CARD, (3, 4, 7))
+    delayed = delay_pattern(codes, CARD)
+    assert delayed.shape == (3, 4, 10)
+    assert (delayed[:, 2, :2] == CARD).all() and (delayed[:, 2, 9:] == CARD).all()
+    assert torch.equal(delayed[:, 3, 3:10], codes[:, 3])
+    assert torch.equal(undelay(delayed), codes)
+
+
+@pytest.mark.parametrize("direction", ["flow_to_clip", "clip_to_flow", "both", "none"])
+@pytest.mark.parametrize("use_motion", [True, False])
+def test_fusion_shapes_and_masks(direction, use_motion):
+    batch = make_batch()
+    fusion = TemporalFusion(FusionConfig(clip_dim=8, flow_dim=6, d_model=16, n_heads=2, direction=direction,
+                                         use_motion=use_motion, text_dim=5)).eval()
+    cond = fusion(batch["clip"], batch["clip_mask"], batch["clip_fps"], batch["flow"], batch["flow_mask"],
+                  batch["flow_fps"], torch.randn(2, 5), torch.tensor([True, False]))
+    M = 4 + (16 if use_motion else 0) + 1
+    assert cond.memory.shape == (2, M, 16) and cond.mask.shape == (2, M)
+    assert cond.mask[1].sum() == 3 + (11 if use_motion else 0)  # padded rows and the missing caption are masked
+    assert cond.mask[0, -1] and not cond.mask[1, -1]
+    ctx = cond.context_at(torch.tensor([[0.0, 0.5, 100.0]] * 2))  # (B, S, d), clamped past the end
+    assert ctx.shape == (2, 3, 16) and torch.isfinite(ctx).all()
+
+
+def test_padded_feature_rows_do_not_change_the_memory():
+    batch = make_batch()
+    fusion = TemporalFusion(FusionConfig(clip_dim=8, flow_dim=6, d_model=16, n_heads=2, direction="both")).eval()
+    args = lambda b: (b["clip"], b["clip_mask"], b["clip_fps"], b["flow"], b["flow_mask"], b["flow_fps"])  # noqa: E731
+    before = fusion(*args(batch))
+    batch["flow"][1, 11:] = 99.0  # padding of item 1
+    batch["clip"][1, 3:] = -99.0
+    after = fusion(*args(batch))
+    valid = before.mask
+    assert torch.allclose(before.memory[valid], after.memory[valid], atol=1e-5)
+
+
+def test_model_shapes_and_code_mask():
+    model = debug_model()
+    batch = make_batch()
+    batch["code_mask"][1, 9:] = False
+    logits, targets = model(batch)
+    assert logits.shape == (2, K, T + K - 1, CARD) and targets.shape == (2, K, T + K - 1)
+    loss, scored = model.frame_losses(batch)
+    assert loss.shape == (2, K, T) and scored[0].all() and not scored[1, :, 9:].any() and scored[1, :, :9].all()
+
+
+@pytest.mark.parametrize("interpolate", [True, False])
+def test_decoder_is_causal(interpolate):
+    """Changing a later token never changes an earlier logit."""
+    model = debug_model(interpolate=interpolate)
+    batch = make_batch()
+    logits, _ = model(batch)
+    changed = dict(batch, codes=batch["codes"].clone())
+    changed["codes"][:, :, 7] = (changed["codes"][:, :, 7] + 1) % CARD  # frame 7 = delayed steps 7 .. 7 + K - 1
+    logits2, _ = model(changed)
+    # the input of step s is the output of step s - 1, so logits up to step 7 (all codebooks) are unchanged
+    assert torch.allclose(logits[:, :, :8], logits2[:, :, :8], atol=1e-6)
+    assert not torch.allclose(logits[:, :, 8:], logits2[:, :, 8:])
+
+
+def test_cfg_guidance_one_is_the_conditional():
+    model = debug_model()
+    batch = make_batch()
+    cond, _ = model(batch)
+    assert torch.allclose(model.guided_logits(batch, 1.0), cond, atol=1e-5)
+    assert not torch.allclose(model.guided_logits(batch, 3.0), cond, atol=1e-3)
+
+
+def test_dropped_condition_ignores_the_video():
+    model = debug_model()
+    batch = make_batch()
+    keep = torch.zeros(2, dtype=torch.bool)
+    a, _ = model(batch, keep)
+    other = dict(batch, clip=torch.randn_like(batch["clip"]), flow=torch.randn_like(batch["flow"]))
+    b, _ = model(other, keep)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_kv_cache_generation_equals_full_recompute(guidance):
+    model = debug_model()
+    batch = {k: v for k, v in make_batch().items() if k not in ("codes", "code_mask")}
+    fast = model.generate(batch, 9, guidance=guidance, temperature=0.0)
+    slow = model.generate(batch, 9, guidance=guidance, temperature=0.0, use_cache=False)
+    assert fast.shape == (2, K, 9) and torch.equal(fast, slow)
+    assert fast.max() < CARD  # the special token is never emitted as a code
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(model.generate(batch, 5, top_k=4, generator=g1), model.generate(batch, 5, top_k=4, generator=g2))
+
+
+def test_no_motion_model_ignores_flow():
+    model = debug_model(fusion={"use_motion": False})
+    batch = make_batch()
+    a, _ = model(batch)
+    b, _ = model(dict(batch, flow=torch.randn_like(batch["flow"])))
+    assert torch.equal(a, b)
+    assert not any(n.startswith("fusion.flow") for n, _ in model.named_parameters())
+
+
+def tiny_musicgen_config():
+    from transformers import MusicgenDecoderConfig
+
+    return MusicgenDecoderConfig(vocab_size=CARD, num_codebooks=K, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, ffn_dim=64, max_position_embeddings=64, dropout=0.0,
+                                 pad_token_id=CARD, bos_token_id=CARD)
+
+
+def test_musicgen_weights_load_and_match_transformers(tmp_path):
+    """The musicgen-small loading path, on a MusicgenForCausalLM with random weights saved locally: after loading,
+    our decoder's logits equal transformers' for the same tokens and memory."""
+    from transformers import MusicgenForCausalLM
+
+    torch.manual_seed(0)
+    hf = MusicgenForCausalLM(tiny_musicgen_config()).eval()
+    hf.save_pretrained(tmp_path / "mg")
+    cfg = load_preset("musicgen-small", decoder={"d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64,
+                                                 "num_codebooks": K, "codebook_size": CARD, "dropout": 0.0},
+                      fusion={"clip_dim": 8, "flow_dim": 6, "n_heads": 2})
+    model = create_model(cfg, tmp_path / "mg").eval()
+    tokens = torch.randint(0, CARD + 1, (2, K, 10))
+    memory, mask = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool)
+    ours = model.decoder(tokens, memory, mask)  # (B, K, S, card)
+    with torch.no_grad():
+        theirs = hf(input_ids=tokens.reshape(2 * K, 10), encoder_hidden_states=memory,
+                    encoder_attention_mask=mask.long()).logits  # (B * K, S, card)
+    assert torch.allclose(ours, theirs.view(2, K, 10, CARD), atol=1e-4)
+
+
+def test_musicgen_preset_without_weights_says_what_to_do(tmp_path):
+    cfg = load_preset("musicgen-small", decoder={"d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64})
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download facebook/musicgen-small"):
+        create_model(cfg, "")
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        create_model(cfg, tmp_path)
+
+
+def test_musicgen_size_mismatch_is_an_error(tmp_path):
+    from transformers import MusicgenForCausalLM
+
+    MusicgenForCausalLM(tiny_musicgen_config()).save_pretrained(tmp_path)
+    decoder = MusicDecoder(dataclasses.replace(load_preset("debug").decoder, d_model=64))
+    with pytest.raises(ValueError, match="musicgen weights in"):
+        load_musicgen_decoder(decoder, tmp_path)
+
+
+def test_flow_pooling_over_cells():
+    """flow_cells > 1 averages the descriptor over its grid cells: the layout of the motion is dropped."""
+    fusion = TemporalFusion(FusionConfig(clip_dim=8, flow_dim=6, d_model=16, n_heads=2, flow_cells=3)).eval()
+    batch = make_batch()
+    args = lambda b: (b["clip"], b["clip_mask"], b["clip_fps"], b["flow"], b["flow_mask"], b["flow_fps"])  # noqa: E731
+    a = fusion(*args(batch)).memory
+    swapped = dict(batch, flow=batch["flow"].view(2, 16, 3, 2).flip(2).reshape(2, 16, 6))  # permute the cells
+    assert torch.allclose(a, fusion(*args(swapped)).memory, atol=1e-5)

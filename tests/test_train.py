@@ -1,0 +1,238 @@
+"""pipeline/train: data by id from feature/token stores, overfitting one clip, resume after SIGKILL, DDP equivalence.
+
+The stores are built here with FeatureStore from SynthV2M labels (beat times, key), so these tests need neither the
+embed nor the tokenize stage: flow rows spike on beats, CLIP rows encode the key, codebook 0 holds a beat token on
+beat frames and a key token elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline import train
+from pipeline.config import BaseConfig, SynthConfig, params_from_dict, to_dict
+from pipeline.shards import FeatureStore, Item
+from pipeline.synth import make_spec
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+SECONDS, FRAME_RATE, K, CARD = 4.0, 25.0, 2, 16
+
+
+def make_data(root: Path, n_train: int = 6, n_val: int = 2) -> dict:
+    """features/{clip,flow}, tokens/, manifest.parquet under root from SynthV2M specs; returns the paths."""
+    base = BaseConfig(clip_seconds=SECONDS)
+    specs = [make_spec(0, i, SynthConfig(), base) for i in range(n_train + n_val)]
+    ids = [f"synth_{i:05d}" for i in range(len(specs))]
+    rng = np.random.default_rng(0)
+    key_vectors = rng.normal(size=(12, 8)).astype(np.float32)
+
+    def clip(item):
+        return np.repeat(key_vectors[["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"].index(
+            item.payload.key)][None], int(SECONDS * 2), 0), {"fps": 2.0}
+
+    def flow(item):
+        t = np.arange(int(SECONDS * 8)) / 8.0
+        near = np.abs(t[:, None] - np.asarray(item.payload.beat_times)[None]).min(1)
+        speed = np.exp(-((near / 0.06) ** 2))
+        return np.stack([speed, speed * 0.5, np.zeros_like(speed)], 1).astype(np.float32), {"fps": 8.0}
+
+    def tokens(item):
+        spec = item.payload
+        centres = (np.arange(int(SECONDS * FRAME_RATE)) + 0.5) / FRAME_RATE
+        beat = np.abs(centres[:, None] - np.asarray(spec.beat_times)[None]).min(1) <= 0.02
+        key = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"].index(spec.key) % 8
+        c0 = np.where(beat, 15, key)
+        noise = np.random.default_rng(int(item.id[-5:])).integers(8, 14, len(c0))  # to be memorised
+        c1 = np.where(beat, 14, noise)
+        return np.stack([c0, c1], 1).astype(np.int16), {"frame_rate": FRAME_RATE}
+
+    items = [Item(i, "h", s) for i, s in zip(ids, specs, strict=True)]
+    for name, fn in (("features/clip", clip), ("features/flow", flow), ("tokens", tokens)):
+        FeatureStore(root / name, 2).update(items, "enc", fn)
+    splits = ["train"] * n_train + ["val"] * n_val
+    pd.DataFrame({"id": ids, "split": splits, "status": "ok", "caption": [s.caption() for s in specs],
+                  "beat_times": [json.dumps(list(s.beat_times)) for s in specs]}).to_parquet(root / "manifest.parquet")
+    return {"features": root / "features", "tokens": root / "tokens", "manifest": root / "manifest.parquet"}
+
+
+def write_params(path: Path, **train_cfg) -> Path:
+    cfg = {"preset": "debug", "max_steps": 20, "batch_size": 4, "ckpt_every": 10, "log_every": 1, "beat_clips": 0,
+           "warmup_steps": 5, "lr": 3e-3, **train_cfg}
+    data = to_dict(params_from_dict({"train": cfg}))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def argv(data: dict, params: Path, out: Path, system: str = "full") -> list[str]:
+    return ["--params", str(params), "--system", system, "--features", str(data["features"]), "--tokens",
+            str(data["tokens"]), "--manifest", str(data["manifest"]), "--out", str(out / "model"), "--metrics",
+            str(out / "metrics")]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+def test_dataset_reads_stores_by_id(data):
+    items, codec = train.load_dataset(data["features"], data["tokens"], data["manifest"])
+    assert len(items) == 8 and [it["split"] for it in items].count("val") == 2
+    assert codec == {"frame_rate": FRAME_RATE, "num_codebooks": K, "codebook_size": CARD, "name": "tokens"}
+    it = items[0]
+    assert it["clip"].shape == (8, 8) and it["flow"].shape == (32, 3) and it["codes"].shape == (K, 100)
+    assert it["clip_fps"] == 2.0 and it["flow_fps"] == 8.0 and len(it["beats"]) > 4
+    near = train.onset_frames(items[:1], 100, FRAME_RATE)[0]
+    assert near.sum() >= len(it["beats"]) - 1 and (it["codes"][0][near.numpy()] == 15).mean() >= 0.5
+
+
+def test_lr_schedule_and_draws_are_deterministic():
+    cfg = train.TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == pytest.approx(1.0)
+    assert train.lr_at(60, cfg) == pytest.approx(0.55) and train.lr_at(110, cfg) == pytest.approx(0.1)
+    a, b = train.draw(3, 0, 10, 8, 0.5), train.draw(3, 0, 10, 8, 0.5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_main_writes_model_metrics_and_plots(data, tmp_path):
+    params = write_params(tmp_path / "params.yaml")
+    for system in train.SYSTEMS:
+        assert train.main(argv(data, params, tmp_path, system) + ["--out", str(tmp_path / system)]) == 0
+    metrics = json.loads((tmp_path / "metrics" / "full.json").read_text())["full"]
+    assert metrics["steps"] == 20 and {"val_loss", "onset_val_loss", "val_beat_f1", "train_seconds"} <= set(metrics)
+    ckpt = torch.load(tmp_path / "full" / "v2m.pt", weights_only=False)
+    assert ckpt["step"] == 20 and ckpt["config"]["fusion"]["use_motion"]
+    assert not torch.load(tmp_path / "no_motion" / "v2m.pt", weights_only=False)["config"]["fusion"]["use_motion"]
+    loss = pd.read_csv(tmp_path / "metrics" / "full_loss.csv")
+    assert list(loss["step"]) == list(range(1, 21)) and {"train_loss", "tokens_per_s"} <= set(loss.columns)
+    assert train.main(["--params", str(params), "--metrics", str(tmp_path / "metrics"), "--report",
+                       str(tmp_path / "train.json")]) == 0
+    merged = json.loads((tmp_path / "train.json").read_text())
+    assert set(merged) == {"full", "no_motion"}
+    assert set(pd.read_csv(tmp_path / "train_curves.csv")["system"]) == {"full", "no_motion"}
+
+
+OVERFIT_LOSS = 0.2  # nats per token; a uniform guess is ln(16) = 2.77
+
+
+def test_debug_preset_overfits_one_clip(tmp_path):
+    """One SynthV2M clip, 150 steps of the debug preset: the training loss falls below OVERFIT_LOSS."""
+    data = make_data(tmp_path / "one", n_train=1, n_val=0)
+    params = write_params(tmp_path / "p.yaml", max_steps=150, batch_size=2, ckpt_every=150, log_every=1,
+                          warmup_steps=10, lr=1e-2)
+    assert train.main(argv(data, params, tmp_path)) == 0
+    history = pd.read_csv(tmp_path / "metrics" / "full_loss.csv")
+    metrics = json.loads((tmp_path / "metrics" / "full.json").read_text())["full"]
+    assert history["train_loss"].iloc[0] > 2.0
+    assert metrics["val_loss"] < OVERFIT_LOSS, metrics  # val = the training clip here (no val split)
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=False)["model"]
+
+
+def test_resume_after_sigkill_reaches_the_same_weights(data, tmp_path):
+    params = write_params(tmp_path / "params.yaml", max_steps=40, ckpt_every=5)
+    assert train.main(argv(data, params, tmp_path / "ref")) == 0
+    cmd = [sys.executable, "-m", "pipeline.train", *argv(data, params, tmp_path / "killed")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    last = tmp_path / "killed" / "model" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists() and torch.load(last, weights_only=False)["step"] >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(last, weights_only=False)["step"]
+    assert 10 <= killed_at < 40 and not (tmp_path / "killed" / "model" / "v2m.pt").exists()
+    assert train.main(argv(data, params, tmp_path / "killed")) == 0
+    ref, resumed = _weights(tmp_path / "ref" / "model" / "v2m.pt"), _weights(tmp_path / "killed" / "model" / "v2m.pt")
+    assert torch.load(tmp_path / "killed" / "model" / "v2m.pt", weights_only=False)["step"] == 40
+    assert all(torch.allclose(ref[k], resumed[k], atol=1e-6) for k in ref)
+
+
+def test_changed_params_do_not_resume(data, tmp_path):
+    params = write_params(tmp_path / "params.yaml", max_steps=10, ckpt_every=5)
+    assert train.main(argv(data, params, tmp_path)) == 0
+    params = write_params(tmp_path / "params.yaml", max_steps=10, ckpt_every=5, lr=1e-3)
+    assert train.main(argv(data, params, tmp_path)) == 0
+    history = pd.read_csv(tmp_path / "metrics" / "full_loss.csv")
+    assert list(history["step"]) == list(range(1, 11))
+
+
+def test_ddp_two_processes_match_one_with_the_combined_batch(data, tmp_path):
+    """torchrun, 2 CPU processes (gloo), 2 items each == 1 process with the 4 items: the same loss curve."""
+    if shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("torchrun not installed beside this python")
+    params = write_params(tmp_path / "params.yaml", max_steps=6, ckpt_every=6, batch_size=4)
+    assert train.main(argv(data, params, tmp_path / "one")) == 0
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "pipeline.train",
+                           *argv(data, params, tmp_path / "two")], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = pd.read_csv(tmp_path / "one" / "metrics" / "full_loss.csv")["train_loss"]
+    two = pd.read_csv(tmp_path / "two" / "metrics" / "full_loss.csv")["train_loss"]
+    assert np.allclose(one, two, atol=1e-4), (list(one), list(two))
+    w1, w2 = _weights(tmp_path / "one" / "model" / "v2m.pt"), _weights(tmp_path / "two" / "model" / "v2m.pt")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+    assert len(one) == len(two) == 6
+
+
+def test_text_conditioning_trains(data, tmp_path, monkeypatch):
+    """train.text: caption embeddings (here random 384-d stand-ins for all-MiniLM-L6-v2) enter the memory."""
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(train, "caption_embeddings",
+                        lambda items: {it["id"]: rng.normal(size=384).astype(np.float32) for it in items})
+    params = write_params(tmp_path / "params.yaml", max_steps=4, ckpt_every=4, text=True)
+    assert train.main(argv(data, params, tmp_path)) == 0
+    ckpt = torch.load(tmp_path / "model" / "v2m.pt", weights_only=False)
+    assert ckpt["config"]["fusion"]["text_dim"] == 384 and "fusion.text_in.1.weight" in ckpt["model"]
+
+
+@pytest.mark.slow
+def test_caption_embeddings_use_the_bundled_minilm():
+    vectors = train.caption_embeddings([{"id": "a", "caption": "a bright piano in C major"},
+                                        {"id": "b", "caption": "a dark organ in A minor"}])
+    assert vectors["a"].shape == (384,) and not np.allclose(vectors["a"], vectors["b"])
+
+
+class ClickCodec:
+    """A stand-in codec: a click wherever codebook 0 holds the beat token, so beat tracking can score generations."""
+
+    sample_rate = 16000
+
+    def describe(self) -> dict:
+        return {"codec": "clicks", "sample_rate": self.sample_rate, "frame_rate": FRAME_RATE, "num_codebooks": K,
+                "codebook_size": CARD}
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        hop = int(self.sample_rate / FRAME_RATE)
+        wav = np.zeros(codes.shape[1] * hop, np.float32)
+        for t in np.flatnonzero(codes[0] == 15):
+            wav[t * hop : t * hop + 200] = np.hanning(200) * np.sin(np.arange(200))
+        return wav
+
+
+def test_val_beat_f1_generates_and_decodes(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "load_codec", lambda params, name: ClickCodec())
+    params = write_params(tmp_path / "params.yaml", max_steps=4, ckpt_every=4, beat_clips=2)
+    assert train.main(argv(data, params, tmp_path)) == 0
+    metrics = json.loads((tmp_path / "metrics" / "full.json").read_text())["full"]
+    assert 0.0 <= metrics["val_beat_f1"] <= 1.0
