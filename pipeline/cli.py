@@ -5,6 +5,7 @@
     v2m separate  [--ingest PARQUET] [--out DIR]            instrumental (Demucs) or pass-through -> data/music
     v2m embed     [--ingest PARQUET] [--out DIR]            CLIP + flow feature shards (torchrun/SLURM aware)
     v2m embed --init-encoders                               write the seeded encoder weights (models/encoders)
+    v2m tokenize  [--music DIR] [--out DIR] [--real DIR]    codec tokens shards (torchrun/SLURM aware) + round trip
     v2m train     [--system full|no_motion] [...]            the model; resumes from its checkpoint; torchrun = DDP
     v2m train --report metrics/train.json                   merge the systems' training metrics
     v2m import-v2m IDS [IDS ...] --out CSV                  V2M / V2M-20K id lists -> our manifest
@@ -27,6 +28,7 @@ COMMANDS = {
     "ingest": ("pipeline.ingest:main", "trim and normalise the videos of a manifest"),
     "separate": ("pipeline.separate:main", "remove vocals with Demucs (or pass the audio through)"),
     "embed": ("pipeline.embed:main", "CLIP and optical-flow features of every clip, cached as shards"),
+    "tokenize": ("pipeline.tokenize:main", "music -> codec tokens (fits melvq on the train split), round trip metrics"),
     "train": ("pipeline.train:main", "train the model (full or no_motion); resumable, DDP under torchrun"),
     "import-v2m": ("pipeline.v2m_ids:main", "turn V2M / V2M-20K id lists into an ingest manifest"),
     "metrics": ("pipeline.metrics.cli:main", "compute the metrics for generated vs reference folders"),

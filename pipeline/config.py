@@ -133,6 +133,59 @@ class EmbedConfig:
 
 
 @dataclass(frozen=True)
+class MelVQConfig:
+    """The embedded codec (pipeline/codecs/melvq.py): compressed HTK-mel frames, residual VQ fitted on train music."""
+
+    sample_rate: int = 32000  # the codec's audio rate (music is resampled to it)
+    frame_rate: float = 50.0  # token frames per second (<= 50); sample_rate / frame_rate must be whole samples
+    num_codebooks: int = 2  # K residual codebooks (<= 4)
+    codebook_size: int = 256  # entries per codebook (<= 1024)
+    n_fft: int = 2048  # STFT window; the STFT hop is sample_rate / frame_rate / subframes
+    subframes: int = 1  # STFT frames averaged into one token frame (2 at 25 Hz keeps the STFT at 50 Hz)
+    n_mels: int = 128  # HTK mel bands (80 is too coarse for pitch below ~400 Hz)
+    fmax: float = 16000.0
+    compression: float = 0.3  # mel power ** compression is what is quantised
+    floor_db: float = -60.0  # power floor relative to a full-scale sine
+    gate_sigmas: float = 2.0  # decode: bands within this many residual std devs of the floor are silence
+    fit_frames: int = 65536  # token frames sampled from the train split for the k-means fit
+    fit_max_items: int = 2000  # at most this many train clips are read for the fit (a seeded subset)
+    kmeans_iters: int = 20  # Lloyd iterations per codebook
+    nnls_iters: int = 30  # multiplicative-update iterations of the mel -> linear inversion
+    griffin_lim_iters: int = 32  # fast Griffin-Lim iterations after the phase-locked (SPSI) start
+
+
+@dataclass(frozen=True)
+class EncodecCodecConfig:
+    """The production codec (pipeline/codecs/encodec.py): EnCodec 32 kHz, the one MusicGen uses."""
+
+    weights: str = "facebook/encodec_32khz"  # a local folder (config.json + weights) or a hub id in the HF cache
+    bandwidth: float = 2.2  # kbps: 2.2 = 4 codebooks x 2048 at 50 Hz
+    device: str = "cpu"  # cpu | cuda | cuda:N
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """Music -> codec tokens: data/music -> data/tokens/{codec} shards (see pipeline/tokenize.py)."""
+
+    codec: str = "melvq"  # melvq (embedded, fitted on the train split) | encodec_32khz (pretrained weights)
+    music_dir: str = "data/music"  # the separate stage's {id}.wav + manifest.parquet
+    out_dir: str = "data/tokens"  # {out_dir}/{codec}/{shard:05d}.npy + .index.parquet + .done.json, manifest.parquet
+    model_dir: str = "models/codecs"  # fitted codecs: {model_dir}/{codec}/
+    num_shards: int = 8  # shard = stable hash of id mod num_shards
+    silence_db: float = -60.0  # music whose RMS is below this is skipped(silent_audio), not tokenized
+    max_fail_ratio: float = 0.1  # exit non-zero when more than this fraction of rows failed
+    threads: int = 2  # BLAS / torch threads of this process
+    eval_split: str = "test"  # round trip measured on this split of the music (SynthV2M: labelled beats)
+    eval_max_clips: int = 20  # at most this many clips of it (the first ids in sorted order)
+    real_music_dir: str = "../shared/data/music"  # real recordings for the round trip; missing = "real": null
+    real_max_seconds: float = 20.0  # the first seconds of each real track
+    metrics_path: str = "metrics/codec.json"
+    figure_path: str = "reports/codec_roundtrip.png"  # original vs reconstructed spectrogram of one clip
+    melvq: MelVQConfig = field(default_factory=MelVQConfig)
+    encodec: EncodecCodecConfig = field(default_factory=EncodecCodecConfig)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The model and its training: data/features + data/tokens -> models/{system}/v2m.pt (see pipeline/train.py)."""
 
@@ -141,14 +194,15 @@ class TrainConfig:
     direction: str = ""  # fusion cross-attention override: flow_to_clip | clip_to_flow | both | none; "" = preset's
     interpolate: str = ""  # "" = preset's | on | off: add the video context at the token frame rate
     text: bool = False  # condition on caption sentence embeddings (all-MiniLM-L6-v2), with caption dropout
+    flow_pool: bool = False  # average the flow descriptor over its embed.flow.grid cells (less to memorise)
     tokens_dir: str = "data/tokens/melvq"  # the tokenize stage's FeatureStore of int16 [T, K] codes
     out_dir: str = "models"  # {out_dir}/{system}/v2m.pt (final) and last.pt (the resumable checkpoint)
-    metrics_dir: str = "metrics/train"  # {system}.json, {system}_loss.csv, {system}_eval.csv; merged: metrics/train.json
-    max_steps: int = 600
-    batch_size: int = 16  # global: split across DDP processes
-    lr: float = 2e-3  # peak AdamW learning rate, after linear warmup, then cosine to lr * min_lr_ratio
+    metrics_dir: str = "metrics/train"  # {system}.json, {system}_{loss,eval}.csv; merged into metrics/train.json
+    max_steps: int = 200  # embedded: ~3 min a system here; longer overfits 160 clips (see README, alignment study)
+    batch_size: int = 8  # global, split across DDP processes; 8 clips of 8 s at 50 Hz x 2 codebooks = 6,400 tokens
+    lr: float = 3e-3  # peak AdamW learning rate, after linear warmup, then cosine to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
+    warmup_steps: int = 20
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0 = no EMA; else the saved model is the EMA of the weights
@@ -170,6 +224,7 @@ class Params:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     separate: SeparateConfig = field(default_factory=SeparateConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
