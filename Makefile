@@ -6,6 +6,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-stamp
 PTLFLOW := ptlflow==0.4.2
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 # The venv's tools (v2m, dvc, pytest) come first on PATH; DVC sends no usage analytics.
 export PATH := $(BIN):$(PATH)
@@ -18,6 +19,7 @@ help:
 	@echo "make test      create/update .venv and run the test suite (slow end-to-end tests excluded)"
 	@echo "make test-all  the whole suite, slow tests included"
 	@echo "make lint      ruff"
+	@echo "make bench     every benchmarks/*.py, then the summary in benchmarks/README.md (~30 min on 2 cores)"
 
 # The venv is (re)built when pyproject.toml or this Makefile changes.
 $(STAMP): pyproject.toml Makefile
@@ -35,6 +37,8 @@ demo: venv
 	@echo
 	@echo "== v2m demo: what was produced =="
 	@v2m summary
+	@echo
+	@v2m evaluate --print
 
 test: venv
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -43,7 +47,10 @@ test-all: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff check pipeline tests benchmarks scripts
+
+bench: venv
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean-data:
 	rm -rf data/raw data/ingest data/downloads reports/synth_preview.png data/manifests/synth.csv

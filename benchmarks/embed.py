@@ -13,6 +13,12 @@ loading and the manifest included; the full run starts from an empty feature fol
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run as a script, this folder is first on sys.path, where tokenize.py would shadow the standard library's module
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import os
@@ -20,7 +26,6 @@ import platform
 import shutil
 import tempfile
 import time
-from pathlib import Path
 
 import pandas as pd
 

@@ -2,26 +2,36 @@
 
     python benchmarks/tokenize.py [--codecs melvq encodec_32khz] [--clips 8] [--seconds 8] [--threads 2]
     python benchmarks/tokenize.py --codecs melvq --set griffin_lim_iters=16 --set frame_rate=25 --set subframes=2
+    python benchmarks/tokenize.py --codecs melvq --quality --set num_codebooks=4 --set codebook_size=1024
 
 Audio: SynthV2M clips (seed 0) at 32 kHz. melvq is first fitted on `--fit-clips` other clips (its fit time is
 reported); encodec_32khz loads tokenize.encodec.weights and, when they are absent, random weights of the same
 architecture (facebook/encodec_32khz's config: the speed is the same). Each figure is the median of `--repeats`
 passes over the clips. Results go to benchmarks/results/tokenize.json, merged by codec, settings and threads.
+
+`--quality` also scores the round trip with the tokenize stage's own scoring (pipeline/codecs/roundtrip.py): on
+`--quality-clips` held-out SynthV2M clips (indices 2000+, never in the fit) against their labelled beats, and on the
+real music in ../shared/data/music (first 20 s of each). That is how the melvq settings in the README were chosen.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import platform
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
+# This file's name shadows the standard library's `tokenize` (which `inspect` imports): run as a script, its folder
+# comes first on sys.path, so it is taken out before anything imports inspect.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -80,6 +90,27 @@ def measure(codec, clips: list[np.ndarray], repeats: int) -> dict:
             "decode_s_per_audio_s": round(statistics.median(decode) / audio_s, 4)}
 
 
+def quality(codec, n_clips: int, seconds: float, real_dir: Path) -> dict:
+    """Round trip scores on held-out SynthV2M clips (with their labelled beats) and on real music."""
+    from pipeline.codecs import roundtrip
+    from pipeline.config import BaseConfig, SynthConfig
+    from pipeline.synth import make_spec, render_audio
+
+    synth = []
+    for i in range(2000, 2000 + n_clips):
+        spec = make_spec(0, i, SynthConfig(), BaseConfig(clip_seconds=seconds))
+        audio = render_audio(spec, codec.sample_rate)
+        synth.append({"id": str(i), "audio": audio, "beats": np.asarray(spec.beat_times)})
+    real, _ = roundtrip.real_tracks(real_dir, 20.0, codec.sample_rate)
+    out = {}
+    for name, clips in (("synthv2m", synth), ("real", real)):
+        if clips:
+            scores, _ = roundtrip.measure(codec, clips)
+            out[name] = {k: scores[k] for k in ("chroma", "beat_f1", "onset_f1") if k in scores}
+            out[name]["clips"] = len(clips)
+    return out
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
@@ -96,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fit-clips", type=int, default=160, help="melvq: SynthV2M clips it is fitted on")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="BLAS and torch threads")
+    parser.add_argument("--quality", action="store_true", help="score the round trip too (chroma, beat F1, onset F1)")
+    parser.add_argument("--quality-clips", type=int, default=20, help="held-out SynthV2M clips scored by --quality")
+    parser.add_argument("--real", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "music"),
+                        help="real music scored by --quality (default ../shared/data/music)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a tokenize.melvq setting")
     args = parser.parse_args(argv)
     from threadpoolctl import threadpool_limits
@@ -109,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             row = {**codec.describe(), **extra, **measure(codec, clips, args.repeats), "threads": args.threads,
                    "settings": overrides if name == "melvq" else {}, "machine": f"{platform.machine()}, cpu",
                    "command": "python benchmarks/tokenize.py " + " ".join(argv or sys.argv[1:])}
+            if args.quality:
+                row["round_trip"] = quality(codec, args.quality_clips, args.seconds, Path(args.real))
             key = f"{name}@{codec.num_codebooks}x{codec.codebook_size}@{codec.frame_rate:g}Hz@{args.threads}t"
             key += "".join(f"@{k}={v}" for k, v in sorted(overrides.items()) if name == "melvq")
             results[key] = row

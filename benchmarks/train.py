@@ -1,5 +1,6 @@
 """Training throughput: tokens/s and peak memory of one optimizer step per model preset, on random data shaped like
-the embedded profile (8 s clips, CLIP at 2 fps, flow at 8 fps, the codec's K codebooks at its frame rate).
+the embedded profile (8 s clips, CLIP and flow at the embed defaults' rates, the codec's K codebooks at its frame
+rate).
 
     python benchmarks/train.py [--presets debug embedded] [--steps 10] [--batch 16] [--threads 1]
     python benchmarks/train.py --presets musicgen-small --device cuda --batch 8   # on a GPU
@@ -10,14 +11,18 @@ Results go to benchmarks/results/train.json (merged by preset and device).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run as a script, this folder is first on sys.path, where tokenize.py would shadow the standard library's module
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import platform
 import resource
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "train.json"
 SHAPES = {  # preset -> (K, card, frame_rate, clip_dim, flow_dim)
@@ -39,10 +44,13 @@ def one(preset: str, steps: int, batch_size: int, threads: int, device: str, sec
                       fusion={"clip_dim": dc, "flow_dim": df}, frame_rate=fr, pretrained="")
     model = create_model(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    B, T, Tc, Tf = batch_size, int(seconds * fr), int(seconds * 2), int(seconds * 8)
+    from pipeline.config import EmbedConfig
+
+    cfps, ffps = EmbedConfig().clip_fps, EmbedConfig().flow_fps
+    B, T, Tc, Tf = batch_size, int(seconds * fr), int(seconds * cfps), int(seconds * ffps)
     batch = {"clip": torch.randn(B, Tc, dc), "clip_mask": torch.ones(B, Tc, dtype=torch.bool),
-             "clip_fps": torch.full((B,), 2.0), "flow": torch.randn(B, Tf, df),
-             "flow_mask": torch.ones(B, Tf, dtype=torch.bool), "flow_fps": torch.full((B,), 8.0),
+             "clip_fps": torch.full((B,), cfps), "flow": torch.randn(B, Tf, df),
+             "flow_mask": torch.ones(B, Tf, dtype=torch.bool), "flow_fps": torch.full((B,), ffps),
              "codes": torch.randint(0, card, (B, K, T))}
     batch = {k: v.to(device) for k, v in batch.items()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))

@@ -8,6 +8,10 @@
     v2m tokenize  [--music DIR] [--out DIR] [--real DIR]    codec tokens shards (torchrun/SLURM aware) + round trip
     v2m train     [--system full|no_motion] [...]            the model; resumes from its checkpoint; torchrun = DDP
     v2m train --report metrics/train.json                   merge the systems' training metrics
+    v2m generate  VIDEO [VIDEO ...] -o OUT [--text ...]      music for any video, laid under it (or --wav)
+    v2m generate --stage                                    the eval split -> data/generated/{system}/{id}.{wav,mp4}
+    v2m evaluate  [--generated DIR] [--print]               Table 1: metrics/eval.json + reports/eval.md
+    v2m evaluate --fit-tagger                               train the SynthV2M tagger (KLD/FAD stand-in)
     v2m import-v2m IDS [IDS ...] --out CSV                  V2M / V2M-20K id lists -> our manifest
     v2m metrics   --generated DIR --reference DIR [...]     the metrics library on any folders
     v2m profile   list | show NAME | use NAME               switch params.yaml between profiles
@@ -30,6 +34,8 @@ COMMANDS = {
     "embed": ("pipeline.embed:main", "CLIP and optical-flow features of every clip, cached as shards"),
     "tokenize": ("pipeline.tokenize:main", "music -> codec tokens (fits melvq on the train split), round trip metrics"),
     "train": ("pipeline.train:main", "train the model (full or no_motion); resumable, DDP under torchrun"),
+    "generate": ("pipeline.generate:main", "music for any video (v2m generate VIDEO -o OUT); --stage: the eval split"),
+    "evaluate": ("pipeline.evaluate:main", "Table 1: metrics/eval.json + reports/eval.md; --fit-tagger: the tagger"),
     "import-v2m": ("pipeline.v2m_ids:main", "turn V2M / V2M-20K id lists into an ingest manifest"),
     "metrics": ("pipeline.metrics.cli:main", "compute the metrics for generated vs reference folders"),
     "profile": ("pipeline.profiles:main", "list, show or apply a params profile"),

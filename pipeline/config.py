@@ -122,7 +122,7 @@ class EmbedConfig:
     encoders_dir: str = "models/encoders"  # the seeded encoder weights (DVC stage `encoders`)
     num_shards: int = 16  # shards per stream; shard = stable hash of id mod num_shards
     clip_fps: float = 2.0  # CLIP embeddings per second of video
-    flow_fps: float = 8.0  # flow descriptors per second of video
+    flow_fps: float = 24.0  # flow descriptors per second of video (24 = every frame pair: beats placed far better)
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
     torch_threads: int = 1  # torch/OpenCV threads per process; 0 = cores / processes on the node
     max_fail_ratio: float = 0.1  # exit non-zero when more than this fraction of rows failed
@@ -137,11 +137,11 @@ class MelVQConfig:
     """The embedded codec (pipeline/codecs/melvq.py): compressed HTK-mel frames, residual VQ fitted on train music."""
 
     sample_rate: int = 32000  # the codec's audio rate (music is resampled to it)
-    frame_rate: float = 50.0  # token frames per second (<= 50); sample_rate / frame_rate must be whole samples
-    num_codebooks: int = 2  # K residual codebooks (<= 4)
+    frame_rate: float = 25.0  # token frames per second (<= 50); sample_rate / frame_rate must be whole samples
+    num_codebooks: int = 2  # K residual codebooks (<= 4); 2 x 256 at 25 Hz: see README "Tokenize" for the choice
     codebook_size: int = 256  # entries per codebook (<= 1024)
-    n_fft: int = 2048  # STFT window; the STFT hop is sample_rate / frame_rate / subframes
-    subframes: int = 1  # STFT frames averaged into one token frame (2 at 25 Hz keeps the STFT at 50 Hz)
+    n_fft: int = 2048  # STFT window, for analysis (hop = one token) and synthesis (hop = one token / subframes)
+    subframes: int = 2  # synthesis STFT frames per token (decode interpolates between tokens); 2 at 25 Hz = 50 Hz
     n_mels: int = 128  # HTK mel bands (80 is too coarse for pitch below ~400 Hz)
     fmax: float = 16000.0
     compression: float = 0.3  # mel power ** compression is what is quantised
@@ -151,7 +151,7 @@ class MelVQConfig:
     fit_max_items: int = 2000  # at most this many train clips are read for the fit (a seeded subset)
     kmeans_iters: int = 20  # Lloyd iterations per codebook
     nnls_iters: int = 30  # multiplicative-update iterations of the mel -> linear inversion
-    griffin_lim_iters: int = 32  # fast Griffin-Lim iterations after the phase-locked (SPSI) start
+    griffin_lim_iters: int = 16  # fast Griffin-Lim iterations after the phase-locked (SPSI) start; 8-64 score alike
 
 
 @dataclass(frozen=True)
@@ -194,11 +194,12 @@ class TrainConfig:
     direction: str = ""  # fusion cross-attention override: flow_to_clip | clip_to_flow | both | none; "" = preset's
     interpolate: str = ""  # "" = preset's | on | off: add the video context at the token frame rate
     text: bool = False  # condition on caption sentence embeddings (all-MiniLM-L6-v2), with caption dropout
+    flow_time: str = ""  # "" = preset's (end) | end | centre: where a flow row sits in its frame interval
     flow_pool: bool = False  # average the flow descriptor over its embed.flow.grid cells (less to memorise)
     tokens_dir: str = "data/tokens/melvq"  # the tokenize stage's FeatureStore of int16 [T, K] codes
     out_dir: str = "models"  # {out_dir}/{system}/v2m.pt (final) and last.pt (the resumable checkpoint)
     metrics_dir: str = "metrics/train"  # {system}.json, {system}_{loss,eval}.csv; merged into metrics/train.json
-    max_steps: int = 200  # embedded: ~3 min a system here; longer overfits 160 clips (see README, alignment study)
+    max_steps: int = 400  # embedded: ~3 min a system here (README "Does motion reach the beats?")
     batch_size: int = 8  # global, split across DDP processes; 8 clips of 8 s at 50 Hz x 2 codebooks = 6,400 tokens
     lr: float = 3e-3  # peak AdamW learning rate, after linear warmup, then cosine to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
@@ -206,15 +207,87 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0 = no EMA; else the saved model is the EMA of the weights
+    select: str = "last"  # last | val_beat_f1: v2m.pt = the checkpoint with the best val_beat_f1 (needs beat_clips)
     log_every: int = 10
     ckpt_every: int = 100  # steps between checkpoints (atomic) and validation
-    beat_clips: int = 4  # validation clips generated and decoded at every checkpoint for val_beat_f1 (0 = none)
+    beat_clips: int = 8  # validation clips generated and decoded at every checkpoint for val_beat_f1 (0 = none)
     guidance: float = 3.0  # classifier-free guidance of those generations
     top_k: int = 0  # sampling: 0 = full distribution
-    temperature: float = 1.0
+    temperature: float = 0.8  # 0.8 placed beats better than 1.0 (val_beat_f1 0.92 vs 0.86, README)
     torch_threads: int = 1  # torch threads per process; 0 = cores / processes (oversubscription was 7x slower)
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Music for videos: the eval split -> data/generated/{system}/{id}.{wav,mp4} (the stage), and `v2m generate`."""
+
+    out_dir: str = "data/generated"  # {system}/{id}.wav + .mp4 and manifest.csv (one row per system and id)
+    split: str = "test"  # the eval split of the ingest manifest
+    systems: tuple[str, ...] = ("full", "no_motion")  # trained systems: {train.out_dir}/{system}/v2m.pt
+    max_clips: int = 0  # 0 = every clip of the split; else the first ids in sorted order
+    model: str = "models/v2m.pt"  # `v2m generate`'s default checkpoint (models/full/v2m.pt when it is missing)
+    guidance: float = 3.0  # classifier-free guidance
+    temperature: float = 0.8  # sampling temperature; 0 = greedy (0.8 placed beats best, README "Does motion...")
+    top_k: int = 0  # 0 = the full distribution
+    prompt_seconds: float = 4.0  # past the window, each window starts with this much of the music before it
+    crossfade_seconds: float = 0.5  # window audio is crossfaded over this much of the shared (prompt) tokens
+    use_cache: bool = True  # KV cache (False recomputes the prefix every step: for benchmarks and tests)
+    mix_db: float = -12.0  # --keep-audio: level of the original soundtrack relative to the music
+    torch_threads: int = 1  # torch/OpenCV threads (see README: more than the free cores is slower)
+    device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
+    max_fail_ratio: float = 0.1  # the stage exits non-zero when more than this fraction of rows failed
+
+
+@dataclass(frozen=True)
+class TaggerConfig:
+    """The audio tagger (pipeline/metrics/tagger.py) that stands in for PaSST (KLD) and VGGish (FAD) on SynthV2M."""
+
+    out_dir: str = "models/tagger"  # tagger.pt (the DVC stage `tagger`)
+    metrics_path: str = "metrics/tagger.json"  # its accuracy on the held-out split
+    train_split: str = "train"
+    val_split: str = "val"  # held-out music its accuracy is reported on
+    sample_rate: int = 16000
+    n_fft: int = 2048  # 128 ms: fine enough in frequency for the key head
+    hop: int = 640  # 40 ms frames
+    n_mels: int = 96
+    fmin: float = 40.0
+    fmax: float = 6000.0
+    channels: tuple[int, ...] = (8, 16, 32, 64)  # conv blocks
+    embedding_dim: int = 128  # the penultimate layer: FAD's embedding
+    tempo_edges: tuple[float, ...] = (100.0, 120.0)  # BPM boundaries of the tempo classes
+    crop_s: float = 4.0  # training crop, and the window of each FAD embedding frame
+    embed_hop_s: float = 1.0  # FAD embedding frames every this many seconds
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 1e-3
+    threads: int = 1  # torch threads; 2 on a busy 2-core machine was 3x the CPU time for the same fit
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Table 1 for our systems: data/generated + data/music + data/ingest -> metrics/eval.json, reports/eval.md."""
+
+    generated_dir: str = "data/generated"  # {system}/{id}.wav and .mp4 + manifest.csv (the generate stage)
+    systems: tuple[str, ...] = ("reference", "full", "no_motion", "retrieval", "random")
+    music_dir: str = "data/music"  # the ground-truth music, {id}.wav
+    ingest_dir: str = "data/ingest"  # clips/{id}.mp4 (AV-Align's video) and manifest.parquet (labels, splits)
+    models_dir: str = "models"  # {system}/v2m.pt: parameter counts for the table
+    split: str = "test"  # the clips scored
+    max_clips: int = 0  # 0 = every clip of the split that all systems have
+    embedding: str = "tagger"  # tagger (kld_*_tagger, fad_tagger) | vggish (published: PaSST KLD, VGGish FAD)
+    passt_checkpoint: str = ""  # embedding vggish: PaSST 20 s checkpoint (or $V2M_PASST_CHECKPOINT)
+    vggish_weights: str = ""  # embedding vggish: vggish-10086976.pth (or $V2M_VGGISH_WEIGHTS)
+    key_method: str = "ks"  # key_acc from: ks (Krumhansl-Schmuckler on CQT chroma) | tagger (its key + mode heads)
+    bootstrap: int = 1000  # resamples of the clips for the 95 % confidence intervals
+    jobs: int = 2  # processes scoring clips
+    flow_cache: str = ""  # AV-Align flow cache; "" = $V2M_CACHE_DIR/av_align_flow or ~/.cache/v2m/av_align_flow
+    metrics_path: str = "metrics/eval.json"
+    report_path: str = "reports/eval.md"  # the plots are written beside it as eval_*.png
+    example_clips: int = 3  # clips whose generated mp4s are linked from the report
+    tagger: TaggerConfig = field(default_factory=TaggerConfig)
 
 
 @dataclass(frozen=True)
@@ -226,6 +299,8 @@ class Params:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 def _type_name(tp: Any) -> str:

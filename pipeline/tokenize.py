@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from pipeline import codecs
 from pipeline.codecs import roundtrip
-from pipeline.config import BaseConfig, TokenizeConfig, load_params, to_dict
+from pipeline.config import BaseConfig, TokenizeConfig, load_params
 from pipeline.embed import wait_for_ranks
 from pipeline.media import MediaError, load_audio, rms_db
 from pipeline.separate import COLUMNS as SEPARATE_COLUMNS
@@ -89,16 +89,21 @@ def prepare_codec(cfg: TokenizeConfig, seed: int, upstream: pd.DataFrame, rank: 
         raise SystemExit(f"tokenize: {cfg.codec} is fitted on the train split, and {cfg.music_dir} has no ok train "
                          "music")
     paths = list(train["music_path"])
-    key = stable_hash(json.dumps({"codec": codec.name, "config": to_dict(codec.cfg), "seed": seed,
+    key = stable_hash(json.dumps({"codec": codec.name, "config": codec.fit_settings(), "seed": seed,
                                   "train": [[i, music_hash(p)] for i, p in zip(train["id"], paths, strict=True)]}))
     folder = Path(cfg.model_dir) / codec.name
     deadline = time.monotonic() + FIT_WAIT_S
     while True:
         saved = _saved_key(folder, codec.name)
         if saved == key:
-            codec.load(folder)
-            log.info("tokenize: %s: reusing the fitted state in %s", codec.name, folder)
-            return codec
+            try:
+                codec.load(folder)
+                log.info("tokenize: %s: reusing the fitted state in %s", codec.name, folder)
+                return codec
+            except codecs.CodecError as exc:
+                if rank != 0:
+                    raise
+                log.warning("tokenize: %s; fitting again", exc)
         if rank == 0:
             break
         if time.monotonic() > deadline:

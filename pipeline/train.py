@@ -13,7 +13,10 @@ on GPU) and each process takes its slice of the global batch, so the curve match
 
 Validation, at every checkpoint: `val_loss` (all token frames), `onset_val_loss` (frames within 40 ms of a true beat,
 where motion matters; the overall loss is dominated by timbre and key) and `val_beat_f1` (a few validation clips
-generated, decoded by the codec and beat-tracked; needs the codec from pipeline.codecs).
+generated, decoded by the codec and beat-tracked; needs the codec from pipeline.codecs). v2m.pt holds the final
+weights (`train.select: last`, the default) or, with `select: val_beat_f1`, the checkpoint with the best val_beat_f1
+(kept in best.pt as training goes); metrics report that checkpoint's row, with `steps` (trained) and `selected_step`.
+Validation-only settings (VALIDATION_ONLY) are not part of the checkpoint's fingerprint: changing them resumes.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 
 SYSTEMS = ("full", "no_motion")
 ONSET_WINDOW_S = 0.04
+VALIDATION_ONLY = ("select", "beat_clips", "guidance", "temperature", "top_k")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -165,6 +170,8 @@ def model_config(cfg: TrainConfig, system: str, codec: dict, clip_dim: int, flow
         fusion["direction"] = cfg.direction
     if cfg.flow_pool:
         fusion["flow_cells"] = flow_cells
+    if cfg.flow_time:
+        fusion["flow_time"] = cfg.flow_time
     extra = {} if not cfg.interpolate else {"interpolate": {"on": True, "off": False}[cfg.interpolate]}
     return load_preset(cfg.preset, decoder=decoder, fusion=fusion, frame_rate=codec["frame_rate"], **extra)
 
@@ -260,6 +267,8 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // world))
+    if cfg.select not in ("val_beat_f1", "last"):
+        raise SystemExit(f"train.select: {cfg.select!r} is not one of val_beat_f1, last")
     if cfg.batch_size % world:
         raise SystemExit(f"train: batch_size {cfg.batch_size} is not divisible by the {world} processes")
 
@@ -272,10 +281,13 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
     model = create_model(mcfg, cfg.pretrained_dir).to(device)
     optimizer = make_optimizer(model, cfg)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay else None
-    fingerprint = params_hash({"train": to_dict(cfg), "seed": seed, "model": mcfg.to_dict(), "system": system,
+    # settings that only change validation or which checkpoint is exported do not make a checkpoint stale
+    fingerprint = params_hash({"train": {k: v for k, v in to_dict(cfg).items() if k not in VALIDATION_ONLY},
+                               "seed": seed, "model": mcfg.to_dict(), "system": system,
                                "ids": [it["id"] for it in train_items], "world": world})
     step, history, evals, seconds = 0, [], [], 0.0
-    last = out_dir / "last.pt"
+    best = {"step": None, "val_beat_f1": -1.0}  # the selected checkpoint (train.select: val_beat_f1) so far
+    last, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if last.exists():
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
         if ckpt.get("fingerprint") == fingerprint:
@@ -285,6 +297,7 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
                 ema.load_state_dict(ckpt["ema"])
             torch.set_rng_state(ckpt["rng"])
             step, history, evals, seconds = ckpt["step"], ckpt["history"], ckpt["evals"], ckpt["train_seconds"]
+            best = ckpt.get("best", best)
             log.info("%s: resuming from step %d (%s)", system, step, last)
         else:
             log.info("%s: %s was made with other params or data; starting afresh", system, last)
@@ -302,7 +315,7 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
                                    "system": system, "step": step, "model": model.state_dict(),
                                    "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema else None,
                                    "rng": torch.get_rng_state(), "history": history, "evals": evals,
-                                   "train_seconds": seconds, "codec": codec})
+                                   "train_seconds": seconds, "codec": codec, "best": best})
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {system}", unit="step", disable=None if rank == 0
                else True)
@@ -343,18 +356,37 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             if rank == 0:
                 evals.append({"step": step, **validate(ema or model, val_items, codec, cfg, device, text, decode)})
+                score = evals[-1].get("val_beat_f1")
+                if cfg.select == "val_beat_f1" and score is not None and score > best["val_beat_f1"]:
+                    # written before last.pt, so a resumed run never points at a best.pt it did not write
+                    best = {"step": step, "val_beat_f1": score}
+                    save_checkpoint(best_path, {"fingerprint": fingerprint, **best,
+                                                "model": (ema or model).state_dict()})
                 bar.write(f"{system} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals[-1].items()
                                                                   if isinstance(v, float)))
             checkpoint()
     bar.close()
     if world > 1:
         torch.distributed.barrier()
-    result = {**{k: v for k, v in (evals[-1] if evals else {}).items() if k != "step"}, "steps": step,
-              "train_seconds": round(seconds, 1)}
+    chosen = evals[-1] if evals else {}
+    state = (ema or model).state_dict()
+    if rank == 0 and cfg.select == "val_beat_f1" and best["step"] is not None and best["step"] != step:
+        saved = torch.load(best_path, map_location="cpu", weights_only=False)
+        if saved.get("fingerprint") == fingerprint and saved.get("step") == best["step"]:
+            state = saved["model"]
+            chosen = next(e for e in evals if e["step"] == best["step"])
+            log.info("%s: v2m.pt is step %d of %d (best val_beat_f1 %.3f; train.select)", system, best["step"],
+                     step, best["val_beat_f1"])
+    result = {**{k: v for k, v in chosen.items() if k != "step"}, "steps": step,
+              "selected_step": chosen.get("step", step), "train_seconds": round(seconds, 1)}
     if rank == 0:
-        final = ema or model
-        save_checkpoint(out_dir / "v2m.pt", {"config": mcfg.to_dict(), "system": system, "step": step,
-                                             "model": final.state_dict(), "codec": codec, "train": to_dict(cfg)})
+        # what inference needs to rebuild the inputs exactly as in training: the encoders' and codec's params
+        save_checkpoint(out_dir / "v2m.pt", {"config": mcfg.to_dict(), "system": system,
+                                             "step": result["selected_step"], "steps_trained": step,
+                                             "model": state, "codec": codec, "train": to_dict(cfg),
+                                             "params": {"base": to_dict(params.base), "ingest": to_dict(params.ingest),
+                                                        "embed": to_dict(params.embed),
+                                                        "tokenize": to_dict(params.tokenize)}})
         write_metrics(metrics_dir, system, result, history, evals)
     return result
 
@@ -389,12 +421,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="model folder (default: train.out_dir/SYSTEM)")
     parser.add_argument("--metrics", help="metrics folder (default: train.metrics_dir)")
     parser.add_argument("--report", metavar="JSON", help="only merge the metrics folder's systems into JSON")
+    parser.add_argument("--export", metavar="PT", help="with --report: copy the full system's v2m.pt to PT (the "
+                        "default model of `v2m generate`, models/v2m.pt)")
     args = parser.parse_args(argv)
     params = load_params(args.params, missing_ok=True)
     cfg = params.train
     metrics_dir = Path(args.metrics or cfg.metrics_dir)
     if args.report:
         print(json.dumps(report(metrics_dir, Path(args.report)), indent=2))
+        if args.export:
+            source = Path(cfg.out_dir) / "full" / "v2m.pt"
+            if not source.exists():
+                raise SystemExit(f"train --export: {source} does not exist; run `v2m train --system full` first")
+            with atomic_path(Path(args.export)) as tmp:
+                shutil.copyfile(source, tmp)
+            log.info("train: %s -> %s", source, args.export)
         return 0
     tokens_dir = Path(args.tokens or cfg.tokens_dir)
     codec_obj = load_codec(params, tokens_dir.name) if cfg.beat_clips else None

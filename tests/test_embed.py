@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_params(tmp: Path, **embed_overrides) -> Params:
     cfg = {"encoders_dir": str(tmp / "encoders"), "num_shards": 4, "report_path": str(tmp / "flow_beats.png"),
-           "report_clips": 2, "torch_threads": 1, **embed_overrides}
+           "report_clips": 2, "torch_threads": 1, "flow_fps": 8.0, **embed_overrides}  # 8 fps: small, fast tests
     return params_from_dict({"base": {"clip_seconds": 2.0, "fps": 12}, "embed": cfg})
 
 
@@ -304,7 +304,7 @@ def test_report_on_synthv2m_flow_peaks_on_the_beats(tmp_path, encoders_dir):
                         "--out", str(tmp_path / "ingest")]) == 0
     params = params_from_dict({"base": {"clip_seconds": 3.0, "fps": 24},
                                "embed": {"encoders_dir": str(encoders_dir / "encoders"), "num_shards": 2,
-                                         "report_path": str(tmp_path / "flow_beats.png")}})
+                                         "flow_fps": 8.0, "report_path": str(tmp_path / "flow_beats.png")}})
     result = embed.run(params, tmp_path / "ingest" / "manifest.parquet", tmp_path / "f")
     assert (tmp_path / "flow_beats.png").stat().st_size > 10_000
     for row in result["manifest"].to_dict("records"):

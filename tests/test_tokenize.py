@@ -120,6 +120,13 @@ def test_rerun_is_incremental_and_a_train_change_refits(project):
     assert run_stage(project) == 1
     assert mtimes(project / "tokens/melvq") == before and mtimes(project / "models") == models  # nothing redone
 
+    # a decode-only setting: no refit, no token recomputed, but the round trip is measured again
+    metrics = (project / "metrics/codec.json").stat().st_mtime_ns
+    write_params(project, melvq={"codebook_size": 32, "kmeans_iters": 5, "griffin_lim_iters": 2, "gate_sigmas": 1.0})
+    assert run_stage(project) == 1
+    assert mtimes(project / "tokens/melvq") == before and mtimes(project / "models") == models
+    assert (project / "metrics/codec.json").stat().st_mtime_ns != metrics
+
     # a changed test track: only its shard is rewritten, the fit is reused
     write_wav(project / "music/synth_00007.wav", synth_clip(20, SECONDS)[0], SR)
     result = tokenize.run(load_params(project / "params.yaml").base, load_params(project / "params.yaml").tokenize)

@@ -236,3 +236,24 @@ def test_val_beat_f1_generates_and_decodes(data, tmp_path, monkeypatch):
     assert train.main(argv(data, params, tmp_path)) == 0
     metrics = json.loads((tmp_path / "metrics" / "full.json").read_text())["full"]
     assert 0.0 <= metrics["val_beat_f1"] <= 1.0
+
+
+def test_select_keeps_the_checkpoint_with_the_best_val_beat_f1(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "load_codec", lambda params, name: ClickCodec())
+    params = write_params(tmp_path / "params.yaml", max_steps=12, ckpt_every=2, beat_clips=2, select="val_beat_f1")
+    assert train.main(argv(data, params, tmp_path)) == 0
+    evals = pd.read_csv(tmp_path / "metrics" / "full_eval.csv")
+    best = evals.loc[evals["val_beat_f1"].idxmax()]  # the first of equal scores, as training keeps it
+    saved = torch.load(tmp_path / "model" / "v2m.pt", map_location="cpu", weights_only=False)
+    metrics = json.loads((tmp_path / "metrics" / "full.json").read_text())["full"]
+    assert saved["step"] == metrics["selected_step"] == int(best["step"]) and saved["steps_trained"] == 12
+    assert metrics["val_beat_f1"] == pytest.approx(best["val_beat_f1"]) and metrics["steps"] == 12
+    kept = torch.load(tmp_path / "model" / "best.pt", map_location="cpu", weights_only=False)
+    assert all(torch.equal(kept["model"][k], v) for k, v in saved["model"].items())
+
+    # select: last (a validation-only setting: the finished run is resumed, not retrained) -> the final weights
+    params = write_params(tmp_path / "params.yaml", max_steps=12, ckpt_every=2, beat_clips=2, select="last")
+    assert train.main(argv(data, params, tmp_path)) == 0
+    final = torch.load(tmp_path / "model" / "last.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(tmp_path / "model" / "v2m.pt", map_location="cpu", weights_only=False)
+    assert saved["step"] == 12 and all(torch.equal(final["model"][k], v) for k, v in saved["model"].items())

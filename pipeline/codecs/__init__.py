@@ -68,6 +68,10 @@ class Codec(ABC):
     def state_hash(self) -> str:
         """Hash of everything that determines the tokens: the codec's settings and (fitted or loaded) weights."""
 
+    def fit_settings(self) -> dict:
+        """The settings a fit depends on (a fitted codec is refitted when they change)."""
+        return {}
+
     def fit(self, wavs: Iterable[np.ndarray]) -> dict:  # pragma: no cover - only fitted codecs override it
         raise CodecError(f"codec {self.name!r} is not fitted to data")
 

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.codecs import Codec
+from pipeline.config import TokenizeConfig, to_dict
 from pipeline.media import MediaError, load_audio
 from pipeline.metrics import chroma, rhythm
 from pipeline.shards import OK, FeatureStore, atomic_path, atomic_write_json, stable_hash
@@ -108,13 +109,14 @@ def real_tracks(folder: Path, max_seconds: float, sample_rate: int) -> tuple[lis
     return clips, "" if clips else f"{folder}: no readable audio files"
 
 
-def report(codec: Codec, encoder_hash: str, manifest: pd.DataFrame, store: FeatureStore, cfg) -> dict:
+def report(codec: Codec, encoder_hash: str, manifest: pd.DataFrame, store: FeatureStore,
+           cfg: TokenizeConfig) -> dict:
     """Write `cfg.metrics_path` (codec facts + round trip on the eval split and on real music) and the figure."""
     metrics_path, figure_path = Path(cfg.metrics_path), Path(cfg.figure_path)
     synth = eval_clips(manifest, store, cfg.eval_split, cfg.eval_max_clips, codec.sample_rate)
     real, why_no_real = real_tracks(Path(cfg.real_music_dir), cfg.real_max_seconds, codec.sample_rate)
-    key = stable_hash(json.dumps([encoder_hash, [(c["id"], c["hash"]) for c in synth + real], cfg.real_max_seconds,
-                                  str(figure_path)]))
+    key = stable_hash(json.dumps([encoder_hash, [(c["id"], c["hash"]) for c in synth + real], to_dict(cfg)],
+                                 sort_keys=True))  # the settings too: decode-only ones change the round trip
     if metrics_path.exists() and figure_path.exists():
         previous = json.loads(metrics_path.read_text())
         if previous.get("eval_key") == key:

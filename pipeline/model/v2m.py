@@ -132,12 +132,21 @@ class V2M(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: dict, n_frames: int, guidance: float = 3.0, temperature: float = 1.0,
-                 top_k: int = 0, generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+                 top_k: int = 0, generator: torch.Generator | None = None, use_cache: bool = True,
+                 prompt: torch.Tensor | None = None) -> torch.Tensor:
         """Sample codes (B, K, n_frames) for the conditioning in `batch` (no "codes" needed), with classifier-free
         guidance (guidance 1 = conditional only, no doubled batch) and a KV cache (`use_cache=False` recomputes the
-        whole prefix each step: slow, for tests). temperature 0 = greedy."""
+        whole prefix each step: slow, for tests). temperature 0 = greedy.
+
+        `prompt` (B, K, P) codes, P <= n_frames: the first P frames are these (a continuation, e.g. the previous
+        window's last frames of a long video) and the model writes the rest after them. With the delay pattern the
+        prompt fills delayed steps 0 .. P-1 whole and the first cells of the next K - 1 steps; with the cache the
+        prompt's steps go through the decoder in one pass (prefill), so a prompt costs about one step."""
         B = batch["clip"].shape[0]
         K, device = self.cfg.decoder.num_codebooks, batch["clip"].device
+        P = 0 if prompt is None else prompt.shape[-1]
+        if P > n_frames or (prompt is not None and tuple(prompt.shape[:2]) != (B, K)):
+            raise ValueError(f"prompt must be (B={B}, K={K}, P <= {n_frames}), got {tuple(prompt.shape)}")
         cfg_on = guidance != 1.0
         if cfg_on:
             batch = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -146,8 +155,18 @@ class V2M(nn.Module):
             cond = self.condition(batch)
         S = n_frames + K - 1
         seq = torch.full((cond.memory.shape[0], K, S + 1), self.special, dtype=torch.long, device=device)
+        forced = torch.zeros(K, S + 1, dtype=torch.bool, device=device)  # cells of seq fixed by the prompt
+        if P:
+            delayed = delay_pattern(prompt.to(device=device, dtype=torch.long), self.special)  # (B, K, P + K - 1)
+            known = delay_pattern(torch.ones(1, K, P, dtype=torch.long, device=device), 0)[0].bool()
+            forced[:, 1 : P + K] = known
+            seq[:, :, 1 : P + K] = torch.where(known, torch.cat([delayed, delayed]) if cfg_on else delayed,
+                                               seq[:, :, 1 : P + K])
         cache = self.decoder.new_cache() if use_cache else None
-        for s in range(S):
+        if P and use_cache:  # prefill: steps 0 .. P-1 are all known, their inputs are positions 0 .. P-1
+            steps = torch.arange(P, device=device)
+            self.decoder(seq[..., :P], cond.memory, cond.mask, self._extra(cond, steps), cache=cache, offset=0)
+        for s in range(P, S):  # with or without the cache, the same draws in the same order
             start = s if use_cache else 0
             steps = torch.arange(start, s + 1, device=device)
             logits = self.decoder(seq[..., start : s + 1], cond.memory, cond.mask, self._extra(cond, steps),
@@ -158,7 +177,8 @@ class V2M(nn.Module):
             k = torch.arange(K, device=device)
             in_range = (s - k >= 0) & (s - k < n_frames)  # the delay pattern's special cells stay special
             nxt = torch.where(in_range[None], nxt, torch.full_like(nxt, self.special))
-            seq[:, :, s + 1] = torch.cat([nxt, nxt]) if cfg_on else nxt
+            nxt = torch.cat([nxt, nxt]) if cfg_on else nxt
+            seq[:, :, s + 1] = torch.where(forced[None, :, s + 1], seq[:, :, s + 1], nxt)
         return undelay(seq[:B, :, 1:])
 
 

@@ -1,0 +1,291 @@
+"""The evaluate stage's human report: reports/eval.md (Table 1 laid out as in the paper) and reports/eval_*.png.
+
+Written by `pipeline.evaluate` from the eval.json dict; `v2m evaluate --print` prints the table of a written report.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.shards import atomic_path, atomic_write_text
+
+TABLE_START, TABLE_END = "<!-- table -->", "<!-- /table -->"
+# (key stem, column title, higher is better); fad/kld keys get the embedding's suffix
+COLUMNS = (("fad", "FAD", False), ("kld_pq", "KLD(P‖Q)", False), ("kld_qp", "KLD(Q‖P)", False),
+           ("chroma", "Chroma", True), ("av_align", "AV-Align", True), ("beat_f1", "Beat F1", True),
+           ("tempo_acc", "Tempo acc", True), ("key_acc", "Key acc", True), ("instrument_acc", "Instr. acc", True))
+NAMES = {"reference": "Reference (codec round trip)", "full": "**v2m full** (CLIP + flow)",
+         "no_motion": "v2m no_motion (ablation)", "retrieval": "Retrieval baseline", "random": "Random baseline"}
+# Published rows of the paper's Table 1 (V2M-bench, with PaSST / VGGish): to be quoted from the paper. None = not
+# entered yet; the report then says so rather than printing a number nobody checked.
+PUBLISHED: tuple[dict, ...] = (
+    {"model": "VidMuse-M", "values": None},
+    {"model": "Model-S", "values": None},
+)
+
+
+def _key(stem: str, embedding: str) -> str:
+    return stem if stem in ("chroma", "av_align", "beat_f1", "tempo_acc", "key_acc", "instrument_acc") or \
+        embedding == "vggish" else f"{stem}_tagger"
+
+
+def _num(v: float) -> str:
+    return f"{v + 0.0:.3f}".replace("-0.000", "0.000")
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "–"
+    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n:,}"
+
+
+def table(report: dict) -> str:
+    """Markdown Table 1: one row per system, arrows for the better direction, the best non-reference value bold."""
+    systems, emb = report["systems"], report["embedding"]
+    cols = [(stem, title, up) for stem, title, up in COLUMNS if any(_key(stem, emb) in v for v in systems.values())]
+    suffix = " (tagger)" if emb != "vggish" else ""
+    header = ["Model", "Params", "Training samples"] + [
+        f"{t}{suffix if s in ('fad', 'kld_pq', 'kld_qp') else ''} {'↑' if up else '↓'}" for s, t, up in cols]
+    best = {}
+    for stem, _, up in cols:
+        values = [v[_key(stem, emb)] for name, v in systems.items() if name != "reference" and _key(stem, emb) in v]
+        if values:
+            best[stem] = max(values) if up else min(values)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, values in systems.items():
+        info = report.get("models", {}).get(name, {})
+        params = "0 (no learning)" if info.get("params") == 0 else _count(info.get("params"))
+        cells = [NAMES.get(name, name), params, _count(info.get("train_samples"))]
+        for stem, _, _ in cols:
+            v = values.get(_key(stem, emb))
+            text = "–" if v is None else _num(v)
+            cells.append(f"**{text}**" if v is not None and name != "reference" and v == best.get(stem) else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ci_table(report: dict) -> str:
+    systems, emb = report["systems"], report["embedding"]
+    metrics = [_key(s, emb) for s, _, _ in COLUMNS] + ["onset_f1", "tempo_octave"]
+    metrics = [m for m in metrics if any(m in v for v in systems.values())]
+    lines = ["| system | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+    for name, v in systems.items():
+        cells = [f"{_num(v[m])} [{_num(v[m + '_ci'][0])}, {_num(v[m + '_ci'][1])}]" if m in v else "–" for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets(report: dict) -> list[tuple[str, str, bool | None]]:
+    """The issue's targets for the SynthV2M demo: (target, measured, met?); None = cannot be checked."""
+    s = report["systems"]
+    full, nm, ref, rnd = (s.get(k, {}) for k in ("full", "no_motion", "reference", "random"))
+
+    def get(d: dict, m: str) -> float | None:
+        return d.get(m)
+
+    checks = []
+
+    def add(text: str, values: list, ok) -> None:
+        if any(v is None for v in values):
+            checks.append((text, "not measured", None))
+        else:
+            checks.append((text, ok[1], bool(ok[0])))
+
+    f_beat, n_beat, f_tempo, n_tempo = (get(full, "beat_f1"), get(nm, "beat_f1"), get(full, "tempo_acc"),
+                                        get(nm, "tempo_acc"))
+    add("full beat F1 >= 0.8", [f_beat], (f_beat is not None and f_beat >= 0.8, f"{f_beat}"))
+    add("full tempo accuracy >= 0.9", [f_tempo], (f_tempo is not None and f_tempo >= 0.9, f"{f_tempo}"))
+    if f_beat is not None and n_beat is not None:
+        add("no_motion beat F1 >= 0.2 below full", [f_beat, n_beat],
+            (f_beat - n_beat >= 0.2, f"{n_beat} (full - no_motion = {f_beat - n_beat:+.3f})"))
+    else:
+        add("no_motion beat F1 >= 0.2 below full", [None], (False, ""))
+    if f_tempo is not None and n_tempo is not None:
+        add("no_motion tempo accuracy below full", [f_tempo, n_tempo],
+            (n_tempo < f_tempo, f"{n_tempo} (full - no_motion = {f_tempo - n_tempo:+.3f})"))
+    else:
+        add("no_motion tempo accuracy below full", [None], (False, ""))
+    f_key = get(full, "key_acc")
+    add("full key accuracy >= 0.8", [f_key], (f_key is not None and f_key >= 0.8, f"{f_key}"))
+    fc, rc, rnc = get(full, "chroma"), get(ref, "chroma"), get(rnd, "chroma")
+    if None not in (fc, rc, rnc):
+        add("full chroma > random and within 0.15 of the reference", [fc],
+            (fc > rnc and fc >= rc - 0.15, f"{fc} (random {rnc}, reference {rc})"))
+    else:
+        add("full chroma > random and within 0.15 of the reference", [None], (False, ""))
+    fa, ra = get(full, "av_align"), get(ref, "av_align")
+    if None not in (fa, ra):
+        add("full AV-Align within 0.1 of the reference", [fa], (abs(fa - ra) <= 0.1, f"{fa} (reference {ra})"))
+    else:
+        add("full AV-Align within 0.1 of the reference", [None], (False, ""))
+    return checks
+
+
+def _plot_distributions(path: Path, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_clip = report["per_clip"]
+    systems = list(per_clip)
+    metrics = [m for m in ("beat_f1", "tempo_acc", "chroma", "av_align", "onset_f1", "key_acc", "instrument_acc")
+               if any(m in c for s in systems for c in per_clip[s].values())]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), squeeze=False)
+    rng = np.random.default_rng(0)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        data = [[c[m] for c in per_clip[s].values() if m in c] for s in systems]
+        ax.boxplot(data, showfliers=False)
+        for k, values in enumerate(data, start=1):
+            ax.scatter(k + rng.uniform(-0.15, 0.15, len(values)), values, s=8, alpha=0.6)
+        ax.set_xticks(range(1, len(systems) + 1), systems, rotation=45, ha="right", fontsize=8)
+        ax.set_title(m, fontsize=10)
+    fig.suptitle(f"Per-clip metrics by system ({report['n_clips']} {report['split']} clips)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def _plot_clip(path_align: Path, path_chroma: Path, cfg, clip: str, systems: list[str], beats) -> None:
+    import librosa
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.media import load_audio
+    from pipeline.metrics import av_align
+
+    gen = Path(cfg.generated_dir)
+    sr = av_align.ONSET_SAMPLE_RATE
+    audio = {s: load_audio(gen / s / f"{clip}.wav", sample_rate=sr)[0].reshape(-1)
+             for s in ("full", "no_motion") if s in systems}
+    video = Path(cfg.ingest_dir) / "clips" / f"{clip}.mp4"
+    rows = 1 + len(audio)
+    fig, axes = plt.subplots(rows, 1, figsize=(10, 1.9 * rows), sharex=True, squeeze=False)
+    ax = axes[0][0]
+    if video.exists():
+        from pipeline.metrics.cli import _default_cache
+
+        peaks = av_align.video_peaks(video, Path(cfg.flow_cache) if cfg.flow_cache else _default_cache())
+        t = np.arange(len(peaks.magnitudes)) / peaks.fps
+        ax.plot(t, peaks.magnitudes, color="black", lw=1)
+        ax.plot(peaks.peaks, np.interp(peaks.peaks, t, peaks.magnitudes), "v", color="tab:red", ms=5,
+                label="flow peaks")
+    ax.set_ylabel("flow")
+    ax.set_title(f"{clip}: video flow peaks (Farneback, AV-Align) vs audio onsets; grey = labelled beats", fontsize=10)
+    for k, (system, y) in enumerate(audio.items(), start=1):
+        ax = axes[k][0]
+        env = librosa.onset.onset_strength(y=y, sr=sr, hop_length=av_align.ONSET_HOP)
+        ax.plot(librosa.times_like(env, sr=sr, hop_length=av_align.ONSET_HOP), env, lw=1, label=system)
+        onsets = av_align.onset_times(y, sr)
+        ax.vlines(onsets, 0, env.max() if len(env) else 1, color="tab:blue", lw=0.8, alpha=0.7)
+        ax.set_ylabel(f"{system}\nonsets", fontsize=9)
+    for row in axes:
+        for b in beats if beats is not None else []:
+            row[0].axvline(b, color="grey", alpha=0.35, lw=2)
+    axes[-1][0].set_xlabel("seconds")
+    fig.tight_layout()
+    with atomic_path(path_align) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+    tracks = {"ground truth": Path(cfg.music_dir) / f"{clip}.wav"}
+    tracks.update({s: gen / s / f"{clip}.wav" for s in ("reference", "full", "no_motion", "random") if s in systems})
+    fig, axes = plt.subplots(len(tracks), 1, figsize=(10, 1.6 * len(tracks)), sharex=True, squeeze=False)
+    for ax, (name, p) in zip(axes[:, 0], tracks.items(), strict=True):
+        y = load_audio(p, sample_rate=22050)[0].reshape(-1)
+        c = librosa.feature.chroma_cqt(y=y, sr=22050, hop_length=512)
+        ax.imshow(c, aspect="auto", origin="lower", cmap="magma",
+                  extent=(0, len(y) / 22050, -0.5, 11.5))
+        ax.set_yticks([0, 4, 7, 11], ["C", "E", "G", "B"], fontsize=7)
+        ax.set_ylabel(name, fontsize=9)
+    axes[0][0].set_title(f"{clip}: chromagrams (CQT chroma)", fontsize=10)
+    axes[-1][0].set_xlabel("seconds")
+    fig.tight_layout()
+    with atomic_path(path_chroma) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def write_report(path: Path, report: dict, cfg, ids: list[str]) -> None:
+    """reports/eval.md and the plots beside it (eval_distributions.png, eval_alignment.png, eval_chroma.png)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem = path.stem
+    plots = {k: path.with_name(f"{stem}_{k}.png") for k in ("distributions", "alignment", "chroma")}
+    _plot_distributions(plots["distributions"], report)
+    clip = ids[0]
+    import pandas as pd
+
+    from pipeline.metrics.cli import _parse_beats
+
+    row = pd.read_parquet(Path(cfg.ingest_dir) / "manifest.parquet").set_index("id").loc[clip]
+    _plot_clip(plots["alignment"], plots["chroma"], cfg, clip, list(report["systems"]),
+               _parse_beats(row.get("beat_times")))
+    emb = report["embedding"]
+    lines = [f"# Evaluation: Table 1 for our systems ({report['n_clips']} {report['split']} clips)", ""]
+    lines += ["Written by `v2m evaluate` (DVC stage `evaluate`); the numbers are in `metrics/eval.json`.", ""]
+    lines += [TABLE_START, table(report), TABLE_END, ""]
+    if emb != "vggish":
+        lines += ["FAD and KLD are computed with the project's SynthV2M tagger standing in for VGGish and PaSST "
+                  "(`fad_tagger`, `kld_*_tagger`): comparable between these rows only, not with published figures. "
+                  "Instrument accuracy is the tagger's instrument head on the generated music.", ""]
+    ref_key = report.get("key_acc_on_reference") or {}
+    lines += [f"Rules: beat F1 is mir_eval's F-measure (70 ms) against the labelled beats; tempo accuracy counts an "
+              f"estimate (librosa) within 4 % of the labelled BPM, octave errors (within 4 % of double or half) "
+              f"are counted apart as `tempo_octave` and never as correct; key accuracy is tonic and mode both right, "
+              f"from `{report['key_method']}`"
+              + (f" (on the reference: Krumhansl-Schmuckler {ref_key.get('ks')}, tagger {ref_key.get('tagger')})"
+                 if ref_key else "") + ". Params and training samples: the checkpoint's parameter count and the "
+              "train split size; the baselines learn nothing (0 params) but take their music from that split "
+              "(retrieval searches it; random draws from it). Bold: the best system other "
+              "than the reference, which is the codec's ceiling.", ""]
+    lines += ["## Where the demo stands", "", "| target | measured | met |", "|---|---|---|"]
+    for text, measured, ok in targets(report):
+        lines.append(f"| {text} | {measured} | {'–' if ok is None else ('yes' if ok else '**no**')} |")
+    lines += ["", "## 95 % bootstrap confidence intervals", "",
+              f"{len(ids)} clips resampled with replacement (the same resamples for every system); pooled metrics "
+              "(chroma, KLD, FAD) are recomputed on each resample. FAD's interval is biased upwards (a resample "
+              "repeats clips, which narrows the covariance): read it as a spread, not as bounds on the point value.",
+              "", ci_table(report), ""]
+    lines += ["## Published figures (for context)", ""]
+    entered = [p for p in PUBLISHED if p["values"]]
+    if entered:
+        lines += ["Published figures on a different dataset (V2M-bench) with the published PaSST / VGGish models: "
+                  "not comparable with the tagger-based rows above.", ""]
+        for p in entered:
+            lines.append(f"- {p['model']}: " + ", ".join(f"{k} {v}" for k, v in p["values"].items()))
+    else:
+        lines += ["The paper's VidMuse-M and Model-S rows (V2M-bench, published PaSST / VGGish models, a different "
+                  "dataset) are not quoted yet: enter them in `pipeline/eval_report.py` (`PUBLISHED`) from the "
+                  "paper; no figure is printed that was not checked against it."]
+    lines += ["", "## Plots", "", f"![per-clip metrics]({plots['distributions'].name})", "",
+              f"First clip of the split, `{clip}` (not chosen by score): flow peaks of the video and onsets of the "
+              "full vs no_motion music, with the labelled beats.", "", f"![alignment]({plots['alignment'].name})", "",
+              f"![chromagrams]({plots['chroma'].name})", "", "## Watch and listen", ""]
+    gen = Path(cfg.generated_dir)
+    for clip_id in ids[: cfg.example_clips]:
+        links = [f"[{s}]({os.path.relpath(gen / s / (clip_id + '.mp4'), path.parent)})"
+                 for s in report["systems"] if (gen / s / f"{clip_id}.mp4").exists()]
+        lines.append(f"- `{clip_id}`: " + (", ".join(links) if links else "no mp4 generated"))
+    if report.get("missing") or report.get("problems"):
+        lines += ["", "## Not scored", ""]
+        lines += [f"- system {s}: {why}" for s, why in report.get("missing", {}).items()]
+        lines += [f"- clip {i}: {'; '.join(p)}" for i, p in report.get("problems", {}).items()]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def print_table(path: Path) -> int:
+    """Print the table of a written report (the last thing `make demo` shows)."""
+    if not path.exists():
+        print(f"{path}: no evaluation report yet (dvc repro evaluate)")
+        return 0
+    text = path.read_text()
+    start, end = text.find(TABLE_START), text.find(TABLE_END)
+    print(text.splitlines()[0].lstrip("# "))
+    print(text[start + len(TABLE_START) : end].strip() if start >= 0 < end else text)
+    return 0

@@ -1,0 +1,195 @@
+"""The evaluate stage: the tagger's held-out accuracy on SynthV2M audio, eval.json's schema, the report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import yaml
+
+from pipeline.config import BaseConfig, EvaluateConfig, Params, SynthConfig, TaggerConfig, to_dict
+from pipeline.metrics import tagger as tagger_lib
+from pipeline.synth import labels as synth_labels
+from pipeline.synth import make_spec, render_audio
+
+SR = 16000
+# Small and fast: 4 s clips, 72 train / 24 held-out, 25 epochs (~20 s on the 2-core reference machine).
+TAGGER = TaggerConfig(epochs=25, batch_size=24, crop_s=3.0)
+FLOORS = {"instrument": 0.85, "tempo": 0.75, "mode": 0.65, "key": 0.4}  # held-out accuracy the tagger must reach
+
+
+def _clips(first: int, n: int) -> list[tuple[np.ndarray, dict]]:
+    synth, base = SynthConfig(), BaseConfig(clip_seconds=4.0)
+    specs = [make_spec(0, i, synth, base) for i in range(first, first + n)]
+    return [(render_audio(s, SR), {"id": s.id, **synth_labels(s)}) for s in specs]
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    train, held_out = _clips(0, 72), _clips(1000, 24)
+    return tagger_lib.fit(train, SR, TAGGER, seed=0, val=held_out), held_out
+
+
+def test_tagger_reaches_its_held_out_accuracy(fitted, tmp_path):
+    model, held_out = fitted
+    for head, floor in FLOORS.items():
+        assert model.accuracy[head] >= floor, (head, model.accuracy)
+    # saved and loaded, it predicts the same; its outputs have the shapes KLD and FAD expect
+    model.save(tmp_path / "tagger.pt")
+    loaded = tagger_lib.load_tagger(tmp_path / "tagger.pt")
+    wav = held_out[0][0]
+    assert loaded.predict(wav, SR) == model.predict(wav, SR)
+    joint = loaded(wav)
+    assert joint.shape == (4 * 12 * 2 * 3,) and np.isclose(np.exp(joint).sum(), 1.0)
+    assert loaded.embedder(wav).shape == (2, TAGGER.embedding_dim)  # 3 s windows every 1 s of 4 s
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory):
+    """A generate stage's output on 4 SynthV2M test clips (3 s) and the inputs evaluate reads, with the bad input a
+    real run meets: no_motion's rows all failed (`no_model`: no checkpoint), retrieval absent, and on the last clip
+    random's .wav is garbage and full's is truncated. One train clip is labelled (the baselines' train split)."""
+    from pipeline.synth import main as synth_main
+
+    root = tmp_path_factory.mktemp("evaluate")
+    params = Params(base=BaseConfig(clip_seconds=3.0), synth=replace(SynthConfig(), width=96, height=96))
+    (root / "params.yaml").write_text(yaml.safe_dump(to_dict(params)))
+    raw = root / "raw"
+    assert synth_main(["--params", str(root / "params.yaml"), "--out", str(raw), "--manifest",
+                       str(root / "synth.csv"), "--n", "4", "--no-preview"]) == 0
+    frame = pd.read_csv(root / "synth.csv", dtype={"key": str})
+    frame["split"], frame["status"] = "test", "ok"
+    ingest = root / "ingest"
+    (ingest / "clips").mkdir(parents=True)
+    music, gen = root / "music", root / "generated"
+    music.mkdir()
+    ids = list(frame["id"])
+    rows = []
+    for k, i in enumerate(ids):
+        shutil.copy(raw / f"{i}.mp4", ingest / "clips" / f"{i}.mp4")
+        spec = make_spec(0, int(i.split("_")[1]), params.synth, params.base)
+        y = render_audio(spec, 32000)
+        sf.write(music / f"{i}.wav", y, 32000)
+        other = render_audio(make_spec(0, 50 + k, params.synth, params.base), 32000)
+        for system, audio in (("reference", y), ("full", np.roll(y, 320)), ("random", other)):
+            (gen / system).mkdir(parents=True, exist_ok=True)
+            sf.write(gen / system / f"{i}.wav", audio, 32000)
+            rows.append({"system": system, "id": i, "status": "ok", "reason": "", "error": ""})
+        rows.append({"system": "no_motion", "id": i, "status": "failed", "reason": "no_model",
+                     "error": "models/no_motion/v2m.pt: no checkpoint"})
+    bad = ids[-1]
+    (gen / "random" / f"{bad}.wav").write_bytes(b"RIFF\x00\x00garbage" * 8)  # unreadable
+    full_bad = gen / "full" / f"{bad}.wav"
+    full_bad.write_bytes(full_bad.read_bytes()[:20000])  # a cut-off write: 0.3 s of 3 s
+    pd.DataFrame(rows).to_csv(gen / "manifest.csv", index=False)
+    train = frame.iloc[[0]].assign(id="synth_train", split="train")
+    pd.concat([frame, train]).to_parquet(ingest / "manifest.parquet")
+    cfg = replace(EvaluateConfig(), generated_dir=str(gen), music_dir=str(music), ingest_dir=str(ingest),
+                  models_dir=str(root / "models"), metrics_path=str(root / "metrics/eval.json"),
+                  report_path=str(root / "reports/eval.md"), bootstrap=50, jobs=1,
+                  flow_cache=str(root / "flow"), tagger=replace(TAGGER, out_dir=str(root / "models/tagger"),
+                                                                metrics_path=str(root / "tagger.json")))
+    (root / "params.yaml").write_text(yaml.safe_dump(to_dict(replace(params, evaluate=cfg))))
+    return root, ids, params, cfg
+
+
+@pytest.fixture(scope="module")
+def evaluated(fitted, stage):
+    from pipeline import evaluate
+
+    root, ids, _, cfg = stage
+    fitted[0].save(root / "models/tagger/tagger.pt")
+    assert evaluate.main(["--params", str(root / "params.yaml")]) == 0
+    return root, ids, json.loads((root / "metrics/eval.json").read_text()), (root / "reports/eval.md").read_text()
+
+
+def test_evaluate_writes_schema_and_report(evaluated):
+    from pipeline import eval_report
+
+    root, ids, report, text = evaluated
+    assert report["n_clips"] == 3 and report["embedding"] == "tagger"
+    assert set(report["systems"]) == {"reference", "full", "random"}
+    assert set(report["missing"]) == {"no_motion", "retrieval"}
+    for values in report["systems"].values():
+        for metric in ("fad_tagger", "kld_pq_tagger", "kld_qp_tagger", "chroma", "av_align", "beat_f1", "tempo_acc",
+                       "key_acc", "instrument_acc"):
+            lo, hi = values[metric + "_ci"]
+            assert isinstance(values[metric], float) and lo <= hi, metric
+    ref, rnd = report["systems"]["reference"], report["systems"]["random"]
+    assert ref["chroma"] > 0.99 and abs(ref["kld_pq_tagger"]) < 1e-3  # itself (eps 1e-6 makes it -3e-4)
+    assert rnd["chroma"] < ref["chroma"] and rnd["kld_pq_tagger"] > ref["kld_pq_tagger"]
+    # the baselines learn nothing but draw from the train split (1 clip here); the trained systems count it too
+    assert report["models"]["random"] == {"params": 0, "train_samples": 1}
+    assert report["models"]["full"] == {"params": None, "train_samples": 1}
+    assert "| Random baseline | 0 (no learning) | 1 |" in text
+
+    assert "| Model | Params | Training samples | FAD (tagger) ↓" in text and "Where the demo stands" in text
+    for name in ("distributions", "alignment", "chroma"):
+        assert (root / f"reports/eval_{name}.png").stat().st_size > 1000
+    assert eval_report.print_table(root / "reports/eval.md") == 0
+
+
+def test_evaluate_leaves_out_a_system_whose_rows_all_failed(evaluated):
+    _, ids, report, text = evaluated
+    assert "no_model" in report["missing"]["no_motion"] and "no checkpoint" in report["missing"]["no_motion"]
+    assert "- system no_motion: all 4 test rows of" in text
+    # its failed rows drop no clip: the other systems are scored on every clip they could all be scored on
+    assert not any(p.startswith("no_motion") for why in report["problems"].values() for p in why)
+    assert all(set(clips) == set(ids[:3]) for clips in report["per_clip"].values())
+
+
+def test_evaluate_drops_an_unscorable_clip_for_every_system(evaluated):
+    root, ids, report, text = evaluated
+    bad = ids[-1]
+    assert list(report["problems"]) == [bad]
+    random_problem, full_problem = sorted(report["problems"][bad], key=lambda p: not p.startswith("random"))
+    assert random_problem.startswith(f"random: unreadable: {root / 'generated/random' / bad}.wav: audio cannot be")
+    assert full_problem.startswith(f"full: {root / 'generated/full' / bad}.wav: generated is shorter than the refer")
+    assert all(bad not in clips for clips in report["per_clip"].values())
+    line = next(line for line in text.splitlines() if line.startswith(f"- clip {bad}: "))  # under "Not scored"
+    assert "full: " in line and "generated is shorter" in line and "random: unreadable" in line
+
+
+def test_select_clips_drops_a_clip_only_for_a_present_system(stage, tmp_path):
+    from pipeline import evaluate
+
+    root, ids, _, cfg = stage
+    gen = tmp_path / "generated"
+    shutil.copytree(root / "generated", gen)
+    rows = pd.read_csv(gen / "manifest.csv", dtype=str, keep_default_na=False)
+    rows.loc[(rows["system"] == "full") & (rows["id"] == ids[0]), ["status", "reason"]] = ["failed", "oom"]
+    rows.to_csv(gen / "manifest.csv", index=False)
+    (gen / "reference" / f"{ids[1]}.wav").unlink()
+    labels = evaluate.read_labels(root / "ingest")
+    selected, missing, problems = evaluate.select_clips(replace(cfg, generated_dir=str(gen)), labels)
+    assert selected == ids[2:] and set(missing) == {"no_motion", "retrieval"}
+    assert problems == {ids[0]: ["full: failed (oom)"], ids[1]: [f"reference: no {gen / 'reference' / ids[1]}.wav"]}
+    # every system failed everywhere: all missing, nothing to score, no clip blamed
+    rows["status"] = "failed"
+    rows.to_csv(gen / "manifest.csv", index=False)
+    selected, missing, problems = evaluate.select_clips(replace(cfg, generated_dir=str(gen)), labels)
+    assert selected == [] and set(missing) == set(cfg.systems) and problems == {}
+
+
+def test_evaluate_without_a_tagger_or_with_a_bad_setting_says_what_to_do(stage, tmp_path, capsys):
+    from pipeline import evaluate
+
+    root, _, params, cfg = stage
+    no_tagger = replace(cfg, tagger=replace(cfg.tagger, out_dir=str(tmp_path / "models/tagger")),
+                        metrics_path=str(tmp_path / "eval.json"))
+    for name, evaluate_cfg, code, wanted in (
+            ("no_tagger", no_tagger, 1, f"{tmp_path / 'models/tagger/tagger.pt'}: no fitted tagger; run `v2m evaluate "
+                                        "--fit-tagger` (DVC stage `tagger`) first"),
+            ("bad_embedding", replace(no_tagger, embedding="passt"), 2, "evaluate.embedding must be tagger or vggish")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(to_dict(replace(params, evaluate=evaluate_cfg))))
+        assert evaluate.main(["--params", str(path)]) == code
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("v2m evaluate:")]  # logging may add others
+        assert len(lines) == 1 and wanted in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "eval.json").exists()

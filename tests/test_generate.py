@@ -1,0 +1,232 @@
+"""pipeline/generate: `v2m generate` on real media (a 3 s and a 70 s clip, a VP8 webm, bad inputs, a batch), the prompt
+continuation in V2M.generate, text prompts, and the generate stage's layout.
+
+The model is real and tiny: the module fixture runs the pipeline itself (synth -> ingest -> separate -> embed ->
+tokenize -> train, debug preset, text on) on a few short SynthV2M clips in a temporary folder, so generation uses the
+same encoders, codec and params that made the training data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import av
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+import yaml
+
+from pipeline import embed, generate, ingest, separate, synth, tokenize, train
+from pipeline.config import Params, deep_merge, load_params, to_dict
+from pipeline.media import probe
+from tests.conftest import ffmpeg, make_video
+
+torch.set_num_threads(1)
+SECONDS = 4.0  # the model's window here
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> dict:
+    return build_project(tmp_path_factory.mktemp("gen"))
+
+
+def build_project(root: Path) -> dict:
+    """A trained debug model (text on) made by the pipeline's own stages, with its params file."""
+    overlay = {
+        "base": {"clip_seconds": SECONDS},
+        "synth": {"out_dir": str(root / "raw"), "manifest": str(root / "synth.csv"), "n_train": 6, "n_val": 1,
+                  "n_test": 2, "width": 96, "height": 96, "preview_clips": 1, "preview_path": str(root / "p.png")},
+        "ingest": {"manifest": str(root / "synth.csv"), "out_dir": str(root / "ingest"), "short_side": 96},
+        "separate": {"out_dir": str(root / "music")},
+        "embed": {"out_dir": str(root / "features"), "encoders_dir": str(root / "encoders"), "num_shards": 2,
+                  "report_path": str(root / "flow.png"), "report_clips": 1},
+        "tokenize": {"music_dir": str(root / "music"), "out_dir": str(root / "tokens"),
+                     "model_dir": str(root / "codecs"), "metrics_path": str(root / "codec.json"),
+                     "figure_path": str(root / "codec.png"), "real_music_dir": str(root / "none"), "num_shards": 2,
+                     "threads": 1, "eval_max_clips": 1,
+                     "melvq": {"codebook_size": 32, "kmeans_iters": 4, "griffin_lim_iters": 4, "nnls_iters": 10}},
+        "train": {"preset": "debug", "text": True, "max_steps": 30, "batch_size": 4, "ckpt_every": 30,
+                  "beat_clips": 0, "warmup_steps": 5, "tokens_dir": str(root / "tokens" / "melvq"),
+                  "out_dir": str(root / "models"), "metrics_dir": str(root / "metrics")},
+        "generate": {"out_dir": str(root / "generated"), "systems": ["full"], "prompt_seconds": 2.0},
+    }
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(deep_merge(to_dict(Params()), overlay), sort_keys=False))
+    p = ["--params", str(params)]
+    assert synth.main(p) == 0 and ingest.main(p) == 0 and separate.main(p) == 0
+    assert embed.main([*p, "--init-encoders"]) == 0 and embed.main(p) == 0
+    assert tokenize.main(p) == 0 and train.main([*p, "--system", "full"]) == 0
+    ckpt = root / "models" / "full" / "v2m.pt"
+    # the same model without its text stream: what a checkpoint trained with train.text: false looks like
+    state = torch.load(ckpt, weights_only=False)
+    state["config"]["fusion"]["text_dim"] = 0
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("fusion.text_in")}
+    torch.save(state, root / "no_text.pt")
+    # and one that leans on its text: 30 train steps on six clips teach a debug model little use of the caption
+    # (next-token probabilities move by ~1e-3), so the CLI test below scales the text projection up
+    state = torch.load(ckpt, weights_only=False)
+    for name in ("fusion.text_in.1.weight", "fusion.text_in.1.bias"):
+        state["model"][name] = state["model"][name] * 30
+    torch.save(state, root / "text_heavy.pt")
+    return {"root": root, "params": params, "model": ckpt, "no_text": root / "no_text.pt",
+            "text_heavy": root / "text_heavy.pt"}
+
+
+def run(project: dict, *args: str, model: Path | None = None) -> int:
+    return generate.main([*args, "--params", str(project["params"]), "--model", str(model or project["model"])])
+
+
+def video_packets(path: Path) -> list[tuple]:
+    """(pts, keyframe, sha1 of the bytes) of every packet of the first video stream: equal lists = untouched stream."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return [(float(pk.pts * pk.time_base), pk.is_keyframe, hashlib.sha1(bytes(pk)).hexdigest())
+                for pk in container.demux(stream) if pk.size]
+
+
+def assert_same_length_and_stream(src: Path, out: Path) -> None:
+    duration, fps = generate.video_duration(src)
+    assert abs(probe(out).duration_s - max(duration, probe(src).duration_s)) <= 1 / fps + 1e-6
+    assert abs(generate.video_duration(out)[0] - duration) <= 1e-6
+    assert video_packets(out) == video_packets(src)
+    assert probe(out).has_audio
+
+
+def test_short_and_long_clips_keep_their_length_and_video_stream(project, tmp_path):
+    short = make_video(tmp_path / "short.mp4", seconds=3.0, size="160x120", rate="25")
+    long = make_video(tmp_path / "long.mp4", seconds=70.0, size="160x120", rate="30", audio=None)
+    out = tmp_path / "out"
+    assert run(project, str(short), str(long), "-o", str(out)) == 0
+    for src in (short, long):
+        assert_same_length_and_stream(src, out / src.name)
+    assert sorted(p.name for p in out.iterdir()) == ["long.mp4", "short.mp4"]  # no temporary files left
+
+
+def test_long_video_windows_continue_the_previous_tokens(project, tmp_path):
+    """Past the window: overlapping windows (prompt_seconds each), the music exactly as long as the video."""
+    model = generate.load_model(project["model"], load_params(project["params"]))
+    src = make_video(tmp_path / "v.mp4", seconds=13.0, size="128x96", rate="24", audio=None)
+    result = generate.generate_one(model, src, tmp_path / "v.wav", model.params.generate, 0, None, wav_only=True)
+    fr, window = model.frame_rate, int(SECONDS * model.frame_rate)
+    prompt = int(model.params.generate.prompt_seconds * fr)
+    assert result["windows"] == len(generate.plan_windows(result["codes"].shape[1], window, prompt)) >= 5
+    assert result["prompt_s"] == model.params.generate.prompt_seconds
+    wav, sr = sf.read(tmp_path / "v.wav")
+    assert sr == model.codec.sample_rate and abs(len(wav) / sr - 13.0) < 1 / 24
+
+
+def test_prompt_is_honoured_and_the_cache_changes_nothing(project):
+    """V2M.generate(prompt=...): the prompt comes back as the first frames; the KV cache (prefill) and the plain
+    recomputation give the same codes; a greedy continuation of its own first frames reproduces the whole."""
+    model = generate.load_model(project["model"], load_params(project["params"]))
+    feats = {"clip": np.random.default_rng(0).normal(size=(8, 256)).astype(np.float32), "clip_fps": 2.0,
+             "flow": np.random.default_rng(1).normal(size=(32, 160)).astype(np.float32), "flow_fps": 8.0}
+    batch = generate.window_batch(feats, 0.0, SECONDS, None, "cpu")
+    net = model.net
+    greedy = net.generate(batch, 100, guidance=3.0, temperature=0.0)
+    again = net.generate(batch, 100, guidance=3.0, temperature=0.0, prompt=greedy[..., :60])
+    assert torch.equal(again, greedy)
+    prompt = torch.randint(0, 32, (1, 2, 37), generator=torch.Generator().manual_seed(0))
+    cached = net.generate(batch, 100, top_k=8, generator=torch.Generator().manual_seed(1), prompt=prompt)
+    plain = net.generate(batch, 100, top_k=8, generator=torch.Generator().manual_seed(1), prompt=prompt,
+                         use_cache=False)
+    assert torch.equal(cached, plain) and torch.equal(cached[..., :37], prompt)
+
+
+def test_text_prompt_changes_the_music_and_seed_fixes_it(project, tmp_path):
+    # the trained model: a caption moves the guided next-token distribution
+    model = generate.load_model(project["model"], load_params(project["params"]))
+    feats = {"clip": np.random.default_rng(0).normal(size=(8, 256)).astype(np.float32), "clip_fps": 2.0,
+             "flow": np.random.default_rng(1).normal(size=(32, 160)).astype(np.float32), "flow_fps": 8.0}
+    codes = model.net.generate(generate.window_batch(feats, 0.0, SECONDS, None, "cpu"), 100, temperature=0.0)
+    probs = []
+    for text in ("calm slow piano in C major", "fast loud drums and bass"):
+        batch = generate.window_batch(feats, 0.0, SECONDS, generate.text_embedding(model, text), "cpu")
+        probs.append(model.net.guided_logits({**batch, "codes": codes}, 3.0).softmax(-1))
+    assert (probs[0] - probs[1]).abs().sum(-1).mean() > 1e-4
+    # the CLI end to end, on the model that leans on its text
+    src = make_video(tmp_path / "v.mp4", seconds=3.0, size="128x96", audio=None)
+    outs = {}
+    for name, extra in (("none", []), ("calm", ["--text", "calm slow piano in C major"]),
+                        ("drums", ["--text", "fast loud drums and bass"]),
+                        ("calm2", ["--text", "calm slow piano in C major"])):
+        assert run(project, str(src), "-o", str(tmp_path / f"{name}.wav"), "--wav", "--seed", "3", *extra,
+                   model=project["text_heavy"]) == 0
+        outs[name] = sf.read(tmp_path / f"{name}.wav")[0]
+    assert np.array_equal(outs["calm"], outs["calm2"])  # deterministic for a fixed seed
+    assert not np.array_equal(outs["calm"], outs["drums"]) and not np.array_equal(outs["calm"], outs["none"])
+
+
+def test_text_on_a_model_without_text_is_a_clear_error(project, tmp_path, capsys):
+    src = make_video(tmp_path / "v.mp4", seconds=2.0, size="128x96", audio=None)
+    assert run(project, str(src), "-o", str(tmp_path / "o.mp4"), "--text", "jazz", model=project["no_text"]) == 2
+    err = capsys.readouterr().err
+    assert "trained without text" in err and str(project["no_text"]) in err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_webm_stays_copied_and_an_mp4_of_vp8_is_reencoded(project, tmp_path, caplog):
+    src = tmp_path / "vp8.webm"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=24:duration=2.5", "-c:v", "libvpx", "-b:v", "200k",
+           "-deadline", "realtime", str(src))
+    assert run(project, str(src), "-o", str(tmp_path / "same.webm")) == 0
+    assert_same_length_and_stream(src, tmp_path / "same.webm")
+    caplog.clear()
+    assert run(project, str(src), "-o", str(tmp_path / "other.mp4")) == 0
+    assert probe(tmp_path / "other.mp4").video_codec == "h264" and "re-encoding" in caplog.text
+    duration, fps = generate.video_duration(src)
+    assert abs(probe(tmp_path / "other.mp4").duration_s - probe(src).duration_s) <= 1 / fps + 1e-6
+
+
+def test_bad_inputs_one_line_each_and_the_batch_goes_on(project, tmp_path, capsys):
+    good = make_video(tmp_path / "good.mp4", seconds=2.0, size="128x96")
+    (tmp_path / "notes.mp4").write_text("not a video at all\n")
+    audio_only = tmp_path / "tone.m4a"
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-c:a", "aac", str(audio_only))
+    whole = make_video(tmp_path / "whole.mp4", seconds=6.0, size="128x96", extra=["-movflags", "+faststart"])
+    corrupt = tmp_path / "cut.mp4"
+    corrupt.write_bytes(whole.read_bytes()[: whole.stat().st_size // 3])
+    missing = tmp_path / "missing.mp4"
+    out = tmp_path / "out"
+    inputs = [missing, tmp_path / "notes.mp4", audio_only, corrupt, good]
+    assert run(project, *map(str, inputs), "-o", str(out)) == 1
+    err = capsys.readouterr().err
+    assert "4 of 5 input(s) failed" in err
+    for path, problem in ((missing, "no such file"), (tmp_path / "notes.mp4", "cannot be read as media"),
+                          (audio_only, "no video stream"), (corrupt, "truncated or damaged")):
+        lines = [line for line in err.splitlines() if line.startswith(f"  {path}:")]
+        assert len(lines) == 1 and problem in lines[0], (path, err)
+    assert sorted(p.name for p in out.iterdir()) == ["good.mp4"]  # nothing partial, the good one done
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    assert run(project, str(good), "-o", str(blocker / "o.mp4")) == 1
+    assert "not a writable folder" in capsys.readouterr().err
+
+
+def test_stage_writes_every_system_and_the_manifest(project):
+    params = load_params(project["params"])
+    frame = generate.run_stage(params)
+    out = Path(params.generate.out_dir)
+    ids = sorted(pd.read_parquet(Path(params.ingest.out_dir) / "manifest.parquet").query("split == 'test'")["id"])
+    assert set(frame["system"]) == {"full", "reference", "retrieval", "random"} and (frame["status"] == "ok").all()
+    assert len(frame) == 4 * len(ids) and (out / "manifest.csv").exists()
+    for system in ("full", "reference", "retrieval", "random"):
+        for item_id in ids:
+            clip = Path(params.ingest.out_dir) / "clips" / f"{item_id}.mp4"
+            wav, sr = sf.read(out / system / f"{item_id}.wav")
+            assert abs(len(wav) / sr - probe(clip).duration_s) < 1 / params.base.fps
+            assert video_packets(out / system / f"{item_id}.mp4") == video_packets(clip)
+    retrieval = frame[frame["system"] == "retrieval"]
+    assert retrieval["source_id"].str.startswith("synth_").all()
+
+
+def test_rotated_phone_video_keeps_its_rotation(project, tmp_path):
+    landscape = make_video(tmp_path / "landscape.mp4", seconds=2.0, size="160x96", rate="30")
+    rotated = tmp_path / "rotated.mp4"
+    ffmpeg("-display_rotation", "90", "-i", str(landscape), "-c", "copy", str(rotated))
+    assert run(project, str(rotated), "-o", str(tmp_path / "out.mp4"), "--keep-audio") == 0
+    assert probe(tmp_path / "out.mp4").rotation == probe(rotated).rotation in (90, 270)
+    assert_same_length_and_stream(rotated, tmp_path / "out.mp4")
