@@ -50,8 +50,8 @@ from pipeline.shards import (
     dist_env,
     params_hash,
     read_manifest,
+    report_rows,
     stable_hash,
-    summarize,
     write_manifest,
 )
 
@@ -301,17 +301,7 @@ def main(argv: list[str] | None = None) -> int:
           f"flow {len(result['computed']['flow'])}; the rest unchanged since the last run -> {out_dir}")
     if result["manifest"] is None:
         return 0
-    frame = result["manifest"]
-    rows = frame.to_dict("records")
-    print(f"embed: {summarize(rows)}")
-    for rec in rows:
-        if rec["status"] == FAILED:
-            print(f"  failed  {rec['id']}: {rec['reason']}: {rec['error']}")
-    n_failed = int((frame["status"] == FAILED).sum())
-    if n_failed / max(1, len(frame)) > cfg.max_fail_ratio:
-        print(f"embed: {n_failed}/{len(frame)} failed > max_fail_ratio {cfg.max_fail_ratio:.0%}", file=sys.stderr)
-        return 1
-    return 0
+    return report_rows("embed", result["manifest"], cfg.max_fail_ratio)
 
 
 if __name__ == "__main__":  # `torchrun --nproc_per_node N -m pipeline.embed` runs this

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from pipeline.config import GenerateConfig, Params, load_params, params_from_dict, to_dict
 from pipeline.media import MediaError, load_audio, probe, run_ffmpeg, write_wav
-from pipeline.shards import FAILED, OK, atomic_path, load_features, stable_hash, summarize, write_manifest
+from pipeline.shards import FAILED, OK, atomic_path, load_features, report_rows, stable_hash, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -571,12 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params, missing_ok=True)
     if args.stage:
-        frame = run_stage(params)
-        print(f"generate: {summarize(frame.to_dict('records'))} -> {params.generate.out_dir}")
-        failed = int((frame["status"] == FAILED).sum())
-        for rec in frame[frame["status"] == FAILED].to_dict("records"):
-            print(f"  failed  {rec['system']}/{rec['id']}: {rec['reason']}: {rec['error']}")
-        return 1 if failed / max(1, len(frame)) > params.generate.max_fail_ratio else 0
+        return report_rows("generate", run_stage(params), params.generate.max_fail_ratio,
+                           label=lambda rec: f"{rec['system']}/{rec['id']}", suffix=f" -> {params.generate.out_dir}")
     if not args.inputs or args.out is None:
         parser.error("give one or more videos and -o OUT (or --stage)")
     overrides = {k: v for k, v in {"guidance": args.cfg, "top_k": args.top_k, "temperature": args.temperature,

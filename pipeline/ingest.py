@@ -38,8 +38,8 @@ from pipeline.shards import (
     atomic_write_json,
     clean_stale_temps,
     params_hash,
+    report_rows,
     sha256_file,
-    summarize,
     write_manifest,
 )
 
@@ -314,19 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = Path(args.manifest or params.ingest.manifest)
     out_dir = Path(args.out or params.ingest.out_dir)
     frame, processed = run(manifest, out_dir, params.base, params.ingest)
-    rows = frame.to_dict("records")
-    n_failed = int((frame["status"] == FAILED).sum())
-    ratio = n_failed / max(1, len(frame))
     print(f"ingest: {len(frame)} rows, {processed} processed, the rest unchanged since the last run -> {out_dir}")
-    print(f"ingest: {summarize(rows)}")
-    for rec in rows:
-        if rec["status"] != OK:
-            print(f"  {rec['status']:<7} {rec['id']}: {rec['reason']}: {rec['error']}")
-    if ratio > params.ingest.max_fail_ratio:
-        print(f"ingest: {n_failed}/{len(frame)} failed ({ratio:.0%}) > max_fail_ratio "
-              f"{params.ingest.max_fail_ratio:.0%}", file=sys.stderr)
-        return 1
-    return 0
+    return report_rows("ingest", frame, params.ingest.max_fail_ratio, show=lambda rec: rec["status"] != OK)
 
 
 if __name__ == "__main__":

@@ -47,9 +47,9 @@ from pipeline.shards import (
     clean_stale_temps,
     params_hash,
     read_manifest,
+    report_rows,
     sha256_file,
     stable_hash,
-    summarize,
     write_manifest,
 )
 
@@ -381,17 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out or cfg.out_dir)
     frame, processed = run(Path(args.ingest or Path(params.ingest.out_dir) / "manifest.parquet"), out_dir,
                            params.base, cfg)
-    rows = frame.to_dict("records")
-    n_failed = int((frame["status"] == FAILED).sum())
     print(f"separate: {len(frame)} rows, {processed} processed, the rest unchanged since the last run -> {out_dir}")
-    print(f"separate: {summarize(rows)}")
-    for rec in rows:
-        if rec["status"] == FAILED:
-            print(f"  failed  {rec['id']}: {rec['reason']}: {rec['error']}")
-    if n_failed / max(1, len(frame)) > cfg.max_fail_ratio:
-        print(f"separate: {n_failed}/{len(frame)} failed > max_fail_ratio {cfg.max_fail_ratio:.0%}", file=sys.stderr)
-        return 1
-    return 0
+    return report_rows("separate", frame, cfg.max_fail_ratio)
 
 
 if __name__ == "__main__":

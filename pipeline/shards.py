@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -141,6 +142,25 @@ def summarize(rows: Iterable[dict]) -> str:
         detail = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
         parts.append(f"{status} {len(of_status)}" + (f" ({detail})" if detail else ""))
     return " | ".join(parts) if parts else "no rows"
+
+
+def report_rows(stage: str, frame: pd.DataFrame, max_fail_ratio: float,
+                show: Callable[[dict], bool] = lambda rec: rec["status"] == FAILED,
+                label: Callable[[dict], str] = lambda rec: rec["id"], suffix: str = "") -> int:
+    """A stage's closing report: the summary line, one line per row `show` picks (failed ones by default), and the
+    exit status: 1 (with a line on stderr) when more than `max_fail_ratio` of the rows failed, else 0."""
+    rows = frame.to_dict("records")
+    print(f"{stage}: {summarize(rows)}{suffix}")
+    for rec in rows:
+        if show(rec):
+            print(f"  {rec['status']:<7} {label(rec)}: {rec['reason']}: {rec['error']}")
+    n_failed = sum(rec["status"] == FAILED for rec in rows)
+    ratio = n_failed / max(1, len(rows))
+    if ratio > max_fail_ratio:
+        print(f"{stage}: {n_failed}/{len(rows)} failed ({ratio:.0%}) > max_fail_ratio {max_fail_ratio:.0%}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------

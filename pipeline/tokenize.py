@@ -52,10 +52,10 @@ from pipeline.shards import (
     atomic_write_json,
     dist_env,
     read_manifest,
+    report_rows,
     sha256_file,
     shard_of,
     stable_hash,
-    summarize,
 )
 
 log = logging.getLogger(__name__)
@@ -256,20 +256,11 @@ def main(argv: list[str] | None = None) -> int:
           f"since the last run -> {Path(cfg.out_dir) / name}")
     if result["manifest"] is None:
         return 0
-    frame = result["manifest"]
-    rows = frame.to_dict("records")
-    print(f"tokenize: {summarize(rows)}")
-    for rec in rows:
-        if rec["status"] != OK and not str(rec["reason"]).startswith("upstream_"):
-            print(f"  {rec['status']:<7} {rec['id']}: {rec['reason']}: {rec['error']}")
     for subset, values in (result["metrics"] or {}).get("round_trip", {}).items():
         text = ", ".join(f"{k} {v:.3f}" for k, v in values.items() if isinstance(v, float)) if values else "n/a"
         print(f"tokenize: round trip on {subset}: {text}")
-    n_failed = int((frame["status"] == FAILED).sum())
-    if n_failed / max(1, len(frame)) > cfg.max_fail_ratio:
-        print(f"tokenize: {n_failed}/{len(frame)} failed > max_fail_ratio {cfg.max_fail_ratio:.0%}", file=sys.stderr)
-        return 1
-    return 0
+    return report_rows("tokenize", result["manifest"], cfg.max_fail_ratio,
+                       show=lambda rec: rec["status"] != OK and not str(rec["reason"]).startswith("upstream_"))
 
 
 if __name__ == "__main__":  # `torchrun --nproc_per_node N -m pipeline.tokenize` runs this

@@ -12,6 +12,7 @@ from pipeline.shards import (
     dist_env,
     load_features,
     read_manifest,
+    report_rows,
     sha256_file,
     shard_of,
     stable_hash,
@@ -49,6 +50,23 @@ def test_manifest_round_trip_and_summary(tmp_path):
         assert read_manifest(tmp_path / name).to_dict("records") == rows
     assert summarize(rows) == "ok 1 | skipped 1 (no_audio 1) | failed 2 (corrupt 2)"
     assert len(sha256_file(tmp_path / "m.csv")) == 64
+
+
+def test_report_rows_lists_the_chosen_rows_and_fails_above_the_ratio(capsys):
+    import pandas as pd
+
+    frame = pd.DataFrame([{"id": "a", "status": "ok", "reason": "", "error": ""},
+                          {"id": "b", "status": "failed", "reason": "corrupt", "error": "bad header"},
+                          {"id": "c", "status": "skipped", "reason": "no_audio", "error": ""}])
+    assert report_rows("stage", frame, max_fail_ratio=0.5) == 0  # 1 of 3 failed
+    out = capsys.readouterr()
+    assert out.out.splitlines() == ["stage: ok 1 | skipped 1 (no_audio 1) | failed 1 (corrupt 1)",
+                                    "  failed  b: corrupt: bad header"] and not out.err
+    assert report_rows("stage", frame, 0.2, show=lambda rec: rec["status"] != "ok",
+                       label=lambda rec: f"x/{rec['id']}") == 1
+    out = capsys.readouterr()
+    assert "  skipped x/c: no_audio: " in out.out.splitlines()
+    assert out.err.strip() == "stage: 1/3 failed (33%) > max_fail_ratio 20%"
 
 
 def test_dist_env(monkeypatch):
