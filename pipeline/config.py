@@ -36,7 +36,7 @@ class BaseConfig:
 class SynthConfig:
     out_dir: str = "data/raw/synth"
     manifest: str = "data/manifests/synth.csv"
-    n_train: int = 160
+    n_train: int = 320  # 160 placed beats less well once harmony was on (README "Harmony: from the scene to the key")
     n_val: int = 20
     n_test: int = 20
     width: int = 256
@@ -196,6 +196,8 @@ class TrainConfig:
     text: bool = False  # condition on caption sentence embeddings (all-MiniLM-L6-v2), with caption dropout
     flow_time: str = ""  # "" = preset's (end) | end | centre: where a flow row sits in its frame interval
     flow_pool: bool = False  # average the flow descriptor over its embed.flow.grid cells (less to memorise)
+    harmony_knn: int = -1  # the music's pitch-class profile from the k nearest training clips; -1 = preset's, 0 = off
+    harmony: float = -1.0  # else from a learned head with this loss weight; -1 = preset's, 0 = off (README "Train")
     tokens_dir: str = "data/tokens/melvq"  # the tokenize stage's FeatureStore of int16 [T, K] codes
     out_dir: str = "models"  # {out_dir}/{system}/v2m.pt (final) and last.pt (the resumable checkpoint)
     metrics_dir: str = "metrics/train"  # {system}.json, {system}_{loss,eval}.csv; merged into metrics/train.json

@@ -284,7 +284,9 @@ def run(manifest: Path, out_dir: Path, base: BaseConfig, cfg: IngestConfig) -> t
     rows = []
     for row, failure in pairs:
         rec = failure or results[row["id"]]
-        rows.append({**{c: row.get(c) for c in extra}, **{k: v for k, v in rec.items() if not k.startswith("_")}})
+        # the split is the input manifest's now: a reused record keeps the one of the run that made it
+        rows.append({**{c: row.get(c) for c in extra}, **{k: v for k, v in rec.items() if not k.startswith("_")},
+                     "split": row["split"]})
     processed = sum(1 for r in results.values() if not r.get("_reused"))
     log.debug("%d of %d items reused from an earlier run", len(results) - processed, len(results))
     _prune(out_dir, {r["id"] for r, f in pairs if f is None})

@@ -356,7 +356,7 @@ def run(ingest_manifest: Path, out_dir: Path, base: BaseConfig, cfg: SeparateCon
             if rec is None:
                 rec, processed = separator.process(row, source_hash), processed + 1
             bar.update()
-        rows.append({**{c: row.get(c) for c in labels}, **rec})
+        rows.append({**{c: row.get(c) for c in labels}, **rec, "split": row["split"]})  # a reused record's may be stale
     bar.close()
     _prune(out_dir, {r["id"] for r in rows if r["status"] != SKIPPED})
     return write_manifest(out_dir / "manifest.parquet", rows, columns=COLUMNS + labels), processed

@@ -1,9 +1,14 @@
-"""train: data/features/{clip,flow} + data/tokens/{codec} -> models/{system}/v2m.pt, metrics/train/{system}.json and
-loss curves (CSV for `dvc plots`). Params: base, train (model presets in pipeline/model/presets/).
+"""train: data/features/{clip,flow} + data/tokens/{codec} (+ data/music) -> models/{system}/v2m.pt,
+metrics/train/{system}.json and loss curves (CSV for `dvc plots`). Params: base, train (model presets in
+pipeline/model/presets/).
 
 Systems: `full` (CLIP + flow) and `no_motion` (CLIP only: `fusion.use_motion: false`), the ablation; dvc.yaml trains
 both. Training reads only cached features and tokens by id (no video or audio is decoded), with splits, captions and
 beat times from the ingest manifest. An id missing from any store is left out, and the count is logged.
+
+Harmony (`train.harmony_knn`, `train.harmony`; pipeline/model/v2m.py): the pitch-class profile of every training
+clip's music is computed from `tokenize.music_dir` (the audio the tokens came from) as the target, and with
+`harmony_knn` the checkpoint keeps a bank of the training clips' mean CLIP embeddings and profiles.
 
 Reproducible and resumable: the batch and the condition-dropout draws of step n are a function of (seed, n) only, and
 a checkpoint (config, step, model, optimizer, EMA, RNG state, curves) is written atomically every `train.ckpt_every`
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -131,6 +137,10 @@ def collate(items: list[dict], text: dict[str, np.ndarray] | None = None) -> dic
     batch["codes"], batch["code_mask"] = pad("codes", 1)
     batch["clip_fps"] = torch.tensor([it["clip_fps"] for it in items], dtype=torch.float32)
     batch["flow_fps"] = torch.tensor([it["flow_fps"] for it in items], dtype=torch.float32)
+    if all("harmony" in it for it in items):
+        batch["harmony"] = torch.from_numpy(np.stack([it["harmony"] for it in items]))
+    if any("bank_index" in it for it in items):
+        batch["bank_index"] = torch.tensor([it.get("bank_index", -1) for it in items])
     if text is not None:
         batch["text"] = torch.from_numpy(np.stack([text[it["id"]] for it in items]))
         batch["text_mask"] = torch.tensor([bool(it["caption"]) for it in items])
@@ -145,6 +155,28 @@ def onset_frames(items: list[dict], n_frames: int, frame_rate: float) -> torch.T
         if len(it["beats"]):
             out[b] = (np.abs(centres[:, None] - it["beats"][None]) <= ONSET_WINDOW_S).any(1)
     return torch.from_numpy(out)
+
+
+def add_harmony(items: list[dict], music_dir: Path) -> None:
+    """Set item["harmony"], the pitch-class profile [12] of the item's music (`rhythm.chroma_profile`): the harmony
+    head's target, or what the kNN bank returns. The music is the separate stage's (music_dir/manifest.parquet, the audio the tokens were made
+    from); an item whose music is missing or silent stops training with the path and the reason."""
+    from pipeline.media import load_audio
+    from pipeline.metrics.rhythm import SAMPLE_RATE, chroma_profile
+
+    manifest = Path(music_dir) / "manifest.parquet"
+    if not manifest.exists():
+        raise SystemExit(f"train: harmony needs the music the tokens were made from: {manifest} is missing "
+                         "(run `v2m separate`, or set train.harmony_knn: 0 and train.harmony: 0)")
+    paths = dict(pd.read_parquet(manifest, columns=["id", "music_path"]).itertuples(index=False))
+    for it in tqdm(items, desc="harmony profiles", unit="clip", disable=None):
+        path = paths.get(it["id"])
+        try:
+            if not path:
+                raise FileNotFoundError(f"{it['id']} is not in {manifest}")
+            it["harmony"] = chroma_profile(*load_audio(path, SAMPLE_RATE))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SystemExit(f"train: harmony profile of {it['id']} ({path}): {exc}") from None
 
 
 def caption_embeddings(items: list[dict]) -> dict[str, np.ndarray]:
@@ -173,6 +205,10 @@ def model_config(cfg: TrainConfig, system: str, codec: dict, clip_dim: int, flow
     if cfg.flow_time:
         fusion["flow_time"] = cfg.flow_time
     extra = {} if not cfg.interpolate else {"interpolate": {"on": True, "off": False}[cfg.interpolate]}
+    if cfg.harmony >= 0:
+        extra["harmony"] = cfg.harmony
+    if cfg.harmony_knn >= 0:
+        extra["harmony_knn"] = cfg.harmony_knn
     return load_preset(cfg.preset, decoder=decoder, fusion=fusion, frame_rate=codec["frame_rate"], **extra)
 
 
@@ -277,8 +313,17 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
     text = caption_embeddings(items) if cfg.text else None
     mcfg = model_config(cfg, system, codec, items[0]["clip"].shape[1], items[0]["flow"].shape[1],
                         params.embed.flow.grid ** 2)
+    if mcfg.harmony or mcfg.harmony_knn:
+        add_harmony(train_items, Path(params.tokenize.music_dir))
+    if mcfg.harmony_knn:
+        mcfg = dataclasses.replace(mcfg, harmony_bank=len(train_items))
+        for i, it in enumerate(train_items):
+            it["bank_index"] = i
     torch.manual_seed(seed)
     model = create_model(mcfg, cfg.pretrained_dir).to(device)
+    if mcfg.harmony_knn:
+        model.set_harmony_bank(torch.from_numpy(np.stack([it["clip"].mean(0) for it in train_items])).to(device),
+                               torch.from_numpy(np.stack([it["harmony"] for it in train_items])).to(device))
     optimizer = make_optimizer(model, cfg)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay else None
     # settings that only change validation or which checkpoint is exported do not make a checkpoint stale
@@ -327,12 +372,14 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
         batch = {k: v.to(device) for k, v in collate([train_items[i] for i in index], text).items()}
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
+        aux = {}
         with autocast:
-            logits, targets = net(batch, keep.to(device))
+            logits, targets = net(batch, keep.to(device), aux)
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(),
                                                      ignore_index=-100)
+        total = loss + mcfg.harmony * aux["harmony"] if "harmony" in aux else loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -352,7 +399,8 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             history.append({"step": step, "train_loss": round(loss.item(), 5), "lr": lr_at(step - 1, cfg),
-                            "tokens_per_s": round(tokens_per_s, 1)})
+                            "tokens_per_s": round(tokens_per_s, 1),
+                            **({"harmony_loss": round(aux["harmony"].item(), 5)} if "harmony" in aux else {})})
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             if rank == 0:
                 evals.append({"step": step, **validate(ema or model, val_items, codec, cfg, device, text, decode)})

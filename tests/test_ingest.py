@@ -158,6 +158,11 @@ def test_second_run_does_nothing_and_a_changed_param_retrims(tmp_path):
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".parquet"}
     _, processed = ingest.run(manifest, out, BASE, CFG)
     assert processed == 0
+    # a new split (more training clips in SynthV2M relabels the rest) is taken up without re-ingesting
+    relabelled = write_manifest(tmp_path / "relabelled.csv", [row("a", a), row("b", b, split="val")])
+    frame, processed = ingest.run(relabelled, out, BASE, CFG)
+    assert processed == 0 and frame.set_index("id")["split"].to_dict() == {"a": "train", "b": "val"}
+    _, processed = ingest.run(manifest, out, BASE, CFG)
     assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".parquet"}
     shorter = BaseConfig(seed=0, clip_seconds=1.0, fps=10, sample_rate=16000)
     frame, processed = ingest.run(manifest, out, shorter, CFG)

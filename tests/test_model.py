@@ -200,3 +200,83 @@ def test_flow_pooling_over_cells():
     a = fusion(*args(batch)).memory
     swapped = dict(batch, flow=batch["flow"].view(2, 16, 3, 2).flip(2).reshape(2, 16, 6))  # permute the cells
     assert torch.allclose(a, fusion(*args(swapped)).memory, atol=1e-5)
+
+
+def test_harmony_head_loss_teacher_forcing_and_null_condition():
+    """harmony > 0: the head's KL against the true profile is reported in `aux`, zero when the truth is its own
+    prediction; in training the decoder sees the true profile of teacher-forced items, at inference only the
+    prediction; the null condition hides it."""
+    model = debug_model(harmony=1.0, harmony_teacher=1.0)
+    batch = make_batch()
+    truth = torch.softmax(torch.randn(2, 12, generator=torch.Generator().manual_seed(3)), -1)
+    batch["harmony"] = truth
+    aux = {}
+    model(batch, aux=aux)
+    assert aux["harmony"].item() > 0 and torch.isfinite(aux["harmony"])
+    with torch.no_grad():
+        own = model.condition(batch).harmony_logits.softmax(-1)
+    assert model.harmony_loss(model.condition(batch), own).abs().item() < 1e-5
+    other = dict(batch, harmony=truth.flip(0))
+    assert torch.equal(model(batch)[0], model(other)[0])  # eval: the true profile is never read
+    model.train()
+    for layer in model.modules():  # dropout off, so that only the profile can differ
+        if isinstance(layer, torch.nn.Dropout):
+            layer.p = 0.0
+    assert not torch.allclose(model(batch)[0], model(other)[0])
+    model.eval()
+    keep = torch.zeros(2, dtype=torch.bool)
+    assert torch.allclose(model(batch, keep)[0], model(dict(batch, clip=torch.randn_like(batch["clip"])), keep)[0],
+                          atol=1e-6)
+    gen = {k: v for k, v in batch.items() if k not in ("codes", "code_mask", "harmony")}
+    assert torch.equal(model.generate(gen, 6, temperature=0.0), model.generate(gen, 6, temperature=0.0,
+                                                                               use_cache=False))
+
+
+def test_harmony_head_reads_the_clip_stream():
+    """The profile is predicted from the CLIP rows (what the scene looks like), so it moves with them."""
+    model = debug_model(harmony=1.0)
+    batch = make_batch()
+    with torch.no_grad():
+        a = model.condition(batch).harmony_logits
+        b = model.condition(dict(batch, clip=torch.randn_like(batch["clip"]))).harmony_logits
+    assert a.shape == (2, 12) and not torch.allclose(a, b)
+    assert "harmony_head.1.weight" in model.state_dict() and "harmony_head.1.weight" not in debug_model().state_dict()
+
+
+def test_harmony_knn_takes_the_nearest_training_clips_profile_never_its_own():
+    model = debug_model(harmony_knn=1, harmony_bank=3)
+    keys = torch.eye(3, 8)  # bank clip i's mean CLIP embedding points along axis i
+    profiles = torch.eye(3, 12)
+    model.set_harmony_bank(keys * 5.0, profiles)  # stored normalised
+    batch = make_batch(B=2, clip_len=(4, 4))
+    batch["clip"] = torch.zeros(2, 4, 8)
+    batch["clip"][0, :, 1] = 1.0  # item 0 looks like bank clip 1
+    batch["clip"][1, :, 0], batch["clip"][1, :, 2] = 1.0, 0.5  # item 1: nearest 0, then 2
+    assert torch.equal(model._knn_profile(batch), profiles[[1, 0]])
+    assert torch.equal(model._knn_profile(dict(batch, bank_index=torch.tensor([-1, 0]))), profiles[[1, 2]])
+    restored = debug_model(harmony_knn=1, harmony_bank=3)
+    restored.load_state_dict(model.state_dict())  # the bank travels in the checkpoint
+    assert torch.equal(restored._knn_profile(batch), profiles[[1, 0]])
+    with pytest.raises(ValueError, match="harmony bank"):
+        model.set_harmony_bank(torch.zeros(2, 8), torch.zeros(2, 12))
+    lone = debug_model(harmony_knn=3, harmony_bank=1)
+    lone.set_harmony_bank(torch.ones(1, 8), profiles[:1])
+    assert torch.equal(lone._knn_profile(dict(batch, bank_index=torch.tensor([0, 0]))), profiles[[0, 0]])
+    empty = debug_model(harmony_knn=3)  # no bank yet (an untrained model): a flat profile, never NaN
+    assert torch.allclose(empty._knn_profile(batch), torch.full((2, 12), 1 / 12))
+    assert torch.isfinite(empty(batch)[0]).all()
+    gen = {k: v for k, v in batch.items() if k not in ("codes", "code_mask")}
+    assert torch.equal(model.generate(gen, 6, temperature=0.0), model.generate(gen, 6, temperature=0.0,
+                                                                               use_cache=False))
+
+
+def test_harmony_into_memory_adds_one_memory_row_instead_of_the_input():
+    batch = make_batch()
+    base = debug_model(harmony_knn=1, harmony_bank=2)
+    mem = debug_model(harmony_knn=1, harmony_bank=2, harmony_into="memory")
+    for m in (base, mem):
+        m.set_harmony_bank(torch.randn(2, 8, generator=torch.Generator().manual_seed(0)), torch.eye(2, 12))
+    a, b = base.condition(batch), mem.condition(batch)
+    assert b.memory.shape[1] == a.memory.shape[1] + 1 and b.mask[:, -1].all()
+    assert a.harmony is not None and b.harmony is None
+    assert torch.isfinite(mem(batch)[0]).all()

@@ -94,6 +94,10 @@ def test_htdemucs_from_local_repo_stems_add_up_and_outputs_are_right(tmp_path, d
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "music").glob("*.wav")}
     frame, processed = separate.run(tmp_path / "ingest.parquet", tmp_path / "music", BASE, cfg)
     assert processed == 0 and before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "music").glob("*.wav")}
+    relabelled = read_manifest(tmp_path / "ingest.parquet").assign(split="test")  # new splits upstream
+    write_manifest(tmp_path / "ingest.parquet", relabelled.to_dict("records"))
+    frame, processed = separate.run(tmp_path / "ingest.parquet", tmp_path / "music", BASE, cfg)
+    assert processed == 0 and set(frame["split"]) == {"test"}
 
 
 def test_pass_through_copies_the_audio(tmp_path):

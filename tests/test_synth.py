@@ -82,7 +82,8 @@ def test_labels_are_consistent_and_in_range():
 
 
 def test_split_sizes():
-    cfg = SynthConfig()
+    assert synth.split_sizes(SynthConfig()) == {"train": 320, "val": 20, "test": 20}  # the demo's
+    cfg = SynthConfig(n_train=160, n_val=20, n_test=20)
     assert synth.split_sizes(cfg) == {"train": 160, "val": 20, "test": 20}
     assert synth.split_sizes(cfg, 200) == {"train": 160, "val": 20, "test": 20}
     assert synth.split_sizes(cfg, 3) == {"train": 1, "val": 1, "test": 1}

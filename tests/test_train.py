@@ -69,10 +69,11 @@ def make_data(root: Path, n_train: int = 6, n_val: int = 2) -> dict:
     return {"features": root / "features", "tokens": root / "tokens", "manifest": root / "manifest.parquet"}
 
 
-def write_params(path: Path, **train_cfg) -> Path:
+def write_params(path: Path, music_dir: Path | None = None, **train_cfg) -> Path:
     cfg = {"preset": "debug", "max_steps": 20, "batch_size": 4, "ckpt_every": 10, "log_every": 1, "beat_clips": 0,
            "warmup_steps": 5, "lr": 3e-3, **train_cfg}
-    data = to_dict(params_from_dict({"train": cfg}))
+    data = to_dict(params_from_dict({"train": cfg, **({"tokenize": {"music_dir": str(music_dir)}} if music_dir
+                                                      else {})}))
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -257,3 +258,80 @@ def test_select_keeps_the_checkpoint_with_the_best_val_beat_f1(data, tmp_path, m
     final = torch.load(tmp_path / "model" / "last.pt", map_location="cpu", weights_only=False)
     saved = torch.load(tmp_path / "model" / "v2m.pt", map_location="cpu", weights_only=False)
     assert saved["step"] == 12 and all(torch.equal(final["model"][k], v) for k, v in saved["model"].items())
+
+
+def make_music(root: Path, data: dict) -> Path:
+    """The SynthV2M music of make_data's clips (16 kHz wavs) and a separate-stage manifest naming them."""
+    from pipeline.media import write_wav
+    from pipeline.synth import render_audio
+
+    frame = pd.read_parquet(data["manifest"])
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in frame["id"]:
+        spec = make_spec(0, int(i[-5:]), SynthConfig(), BaseConfig(clip_seconds=SECONDS))
+        paths.append(str(root / f"{i}.wav"))
+        write_wav(paths[-1], render_audio(spec, 16000), 16000)
+    frame.assign(music_path=paths).to_parquet(root / "manifest.parquet")
+    return root
+
+
+def _trained(tmp_path: Path):
+    from pipeline.model import V2M, ModelConfig
+
+    ckpt = torch.load(tmp_path / "model" / "v2m.pt", weights_only=False)
+    model = V2M(ModelConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def _profiles(music: Path, ids: list[str]) -> np.ndarray:
+    from pipeline.media import load_audio
+    from pipeline.metrics.rhythm import chroma_profile
+
+    return np.stack([chroma_profile(*load_audio(music / f"{i}.wav", 16000)) for i in ids])
+
+
+def test_harmony_head_learns_each_clips_profile_from_the_music(data, tmp_path):
+    """train.harmony: the targets are the pitch-class profiles of the real SynthV2M music; the head's loss is logged
+    and falls, and the trained head's prediction for a training clip is nearer its own profile than the others'."""
+    music = make_music(tmp_path / "music", data)
+    params = write_params(tmp_path / "params.yaml", music_dir=music, max_steps=60, ckpt_every=60, harmony=5.0,
+                          lr=1e-2)
+    assert train.main(argv(data, params, tmp_path)) == 0
+    loss = pd.read_csv(tmp_path / "metrics" / "full_loss.csv")["harmony_loss"]
+    assert loss.iloc[-5:].mean() < 0.5 * loss.iloc[:5].mean()
+    model, ckpt = _trained(tmp_path)
+    assert ckpt["config"]["harmony"] == 5.0
+    items, _ = train.load_dataset(data["features"], data["tokens"], data["manifest"])
+    items = [it for it in items if it["split"] == "train"]
+    with torch.no_grad():
+        logp = model.condition(train.collate(items)).harmony_logits.log_softmax(-1).numpy()
+    truth = _profiles(music, [it["id"] for it in items])
+    cross = -(truth[:, None] * logp[None]).sum(-1)  # (truth i, prediction j) cross-entropy
+    assert np.mean(np.diag(cross)) < np.mean(cross[~np.eye(len(items), dtype=bool)])
+
+
+def test_harmony_knn_bank_holds_the_training_clips_and_their_music(data, tmp_path):
+    """train.harmony_knn: the checkpoint's bank is the training clips' mean CLIP embeddings (normalised) and the
+    profiles of their music; no head, no loss."""
+    music = make_music(tmp_path / "music", data)
+    params = write_params(tmp_path / "params.yaml", music_dir=music, max_steps=4, ckpt_every=4, harmony_knn=2)
+    assert train.main(argv(data, params, tmp_path)) == 0
+    model, ckpt = _trained(tmp_path)
+    assert ckpt["config"]["harmony_knn"] == 2 and ckpt["config"]["harmony_bank"] == 6
+    assert not any(k.startswith("harmony_head") for k in ckpt["model"])
+    items, _ = train.load_dataset(data["features"], data["tokens"], data["manifest"])
+    items = [it for it in items if it["split"] == "train"]
+    means = np.stack([it["clip"].mean(0) for it in items])
+    np.testing.assert_allclose(model.bank_keys.numpy(), means / np.linalg.norm(means, axis=1, keepdims=True),
+                               atol=1e-6)
+    np.testing.assert_allclose(model.bank_profiles.numpy(), _profiles(music, [it["id"] for it in items]),
+                               atol=1e-6)
+    assert "harmony_loss" not in pd.read_csv(tmp_path / "metrics" / "full_loss.csv").columns
+
+
+def test_harmony_without_the_music_says_so(data, tmp_path):
+    params = write_params(tmp_path / "params.yaml", music_dir=tmp_path / "nowhere", harmony=1.0)
+    with pytest.raises(SystemExit, match="nowhere/manifest.parquet is missing"):
+        train.main(argv(data, params, tmp_path))

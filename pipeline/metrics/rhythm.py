@@ -144,14 +144,20 @@ def estimate_key(audio: np.ndarray, sample_rate: int) -> Key:
     """Key of audio [N] or [C, N]: Krumhansl-Schmuckler on the mean CQT chroma from C3 up, 5 octaves (librosa,
     22.05 kHz, hop 512). Below C3 are the kick, toms and the bass's low harmonics, which smear the profile: on the
     SynthV2M val + test music (40 clips) the full range (C1 up) gave tonic + mode right for 0.75, from C3 up 0.95."""
+    return key_from_chroma(chroma_profile(audio, sample_rate))
+
+
+def chroma_profile(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """The time-averaged CQT chroma from C3 up, 5 octaves (what `estimate_key` correlates), summing to 1: [12], C
+    first. Raises ValueError on digital silence."""
     import librosa
 
     y = _mono(audio, sample_rate)
     if not np.any(y):
         raise ValueError("silent audio has no key")
     chroma = librosa.feature.chroma_cqt(y=y, sr=SAMPLE_RATE, hop_length=HOP, fmin=librosa.note_to_hz("C3"),
-                                        n_octaves=5)
-    return key_from_chroma(chroma.mean(axis=1))
+                                        n_octaves=5).mean(axis=1)
+    return (chroma / max(float(chroma.sum()), 1e-12)).astype(np.float32)
 
 
 def key_accuracy(estimated: Key, reference: Key) -> float:

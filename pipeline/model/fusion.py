@@ -102,6 +102,8 @@ class Conditioning:
     mask: torch.Tensor  # (B, M) bool, True = valid
     # [(rows (B, T, d), mask (B, T), fps (B,), shift)]: row k of a stream is at time (k + shift) / fps
     streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]
+    harmony: torch.Tensor | None = None  # (B, d) embedded pitch-class profile added at every step (V2M's harmony)
+    harmony_logits: torch.Tensor | None = None  # (B, 12) the harmony head's prediction
 
     def context_at(self, seconds: torch.Tensor) -> torch.Tensor:
         """The fused video streams linearly interpolated to `seconds` (B, S) and summed -> (B, S, d).
@@ -125,7 +127,8 @@ class Conditioning:
     def drop(self, keep: torch.Tensor) -> Conditioning:
         """Zero the conditioning of items where keep (B,) is False: the null condition of classifier-free guidance."""
         k = keep.to(self.memory.dtype)[:, None, None]
-        return Conditioning(self.memory * k, self.mask, [(r * k, m, f, s) for r, m, f, s in self.streams])
+        return Conditioning(self.memory * k, self.mask, [(r * k, m, f, s) for r, m, f, s in self.streams],
+                            None if self.harmony is None else self.harmony * k[:, 0], self.harmony_logits)
 
 
 class TemporalFusion(nn.Module):

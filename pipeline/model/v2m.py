@@ -9,6 +9,22 @@ How the video enters the decoder (audiocraft's fuser split):
   audiocraft's `input_interpolate` fuser (and DyViM's), and it gives the decoder the motion *at that instant* without
   having to learn where to look.
 
+Harmony: key is a property of the whole clip, and an autoregressive decoder mostly copies it from the tokens it has
+already written, so from the video alone it learned little of it (README, "Harmony: from the scene to the key"). So
+the music's pitch-class profile (the time-averaged chroma, 12 values summing to 1, `rhythm.chroma_profile`) is
+predicted from what the scene looks like and added to the decoder input at every step, embedded together with its
+correlations to the 24 major/minor key templates (`_harmony_features`). Two predictors:
+- `harmony_knn: k` (the embedded default): the similarity-weighted mean profile of the k training clips whose mean
+  CLIP embedding is nearest (cosine; softmax at `harmony_tau` over the k). The bank (their embeddings and profiles)
+  is a buffer of the checkpoint, filled by train (`set_harmony_bank`); in training a clip never retrieves itself
+  (batch["bank_index"]). Scene-to-key is many-to-one and not linear in CLIP space: on SynthV2M the 3 nearest clips
+  name the key for 0.95 of val clips where a ridge probe of the same embeddings manages 0.40.
+- `harmony > 0`: a small head on the pooled CLIP stream, trained against the true profile with a KL loss of that
+  weight (0.45-0.65 key accuracy on val after the demo's 400 steps: too little data for it).
+In training a fraction `harmony_teacher` of items feed the decoder the true profile (it learns what a profile means
+from the start) and the rest the predicted one (so it learns to live with the predictor's errors); at inference the
+prediction. The null condition of classifier-free guidance hides it.
+
 Classifier-free guidance: in training a fraction `cond_dropout` of items get the null condition (memory and context
 zeroed, `Conditioning.drop`); at inference logits = uncond + guidance * (cond - uncond).
 """
@@ -27,6 +43,18 @@ from torch import nn
 from pipeline.model.decoder import DecoderConfig, MusicDecoder, delay_pattern, load_musicgen_decoder, undelay
 from pipeline.model.fusion import Conditioning, FusionConfig, TemporalFusion
 
+N_CHROMA = 12
+KEY_SHARPNESS = 20.0  # softmax scale of the key correlations (in [-1, 1]): a 0.1 lead is a 7x odds ratio
+
+
+def _key_profiles() -> torch.Tensor:
+    """(24, 12) the Krumhansl-Kessler major then minor profiles rotated to every tonic, each standardised."""
+    from pipeline.metrics.rhythm import KK_MAJOR, KK_MINOR
+
+    rows = [torch.roll(torch.tensor(p, dtype=torch.float32), t) for p in (KK_MAJOR, KK_MINOR) for t in range(12)]
+    out = torch.stack(rows)
+    return (out - out.mean(-1, keepdim=True)) / out.std(-1, keepdim=True)
+
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
@@ -38,6 +66,12 @@ class ModelConfig:
     cond_dropout: float = 0.1  # fraction of training items with the null condition (classifier-free guidance)
     frame_rate: float = 25.0  # token frames per second (set from the codec)
     pretrained: str = ""  # "" = from scratch | musicgen (decoder weights from train.pretrained_dir)
+    harmony: float = 0.0  # weight of the pitch-class-profile loss; 0 = no harmony head (see the module docstring)
+    harmony_knn: int = 0  # > 0: the profile is the mean of the k nearest training clips' instead (no head, no loss)
+    harmony_tau: float = 0.05  # softmax temperature over the neighbours' cosine similarities
+    harmony_bank: int = 0  # training clips in the neighbour bank (set by train)
+    harmony_teacher: float = 0.5  # fraction of training items whose decoder gets the true profile, not the predicted
+    harmony_into: str = "input"  # input: added to the decoder input at every step | memory: one more memory row
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -79,33 +113,120 @@ class V2M(nn.Module):
         self.fusion = TemporalFusion(cfg.fusion)
         self.decoder = MusicDecoder(cfg.decoder)
         self.ctx_proj = nn.Linear(cfg.decoder.d_model, cfg.decoder.d_model) if cfg.interpolate else None
+        d = cfg.decoder.d_model
+        if cfg.harmony_knn:
+            self.register_buffer("bank_keys", torch.zeros(cfg.harmony_bank, cfg.fusion.clip_dim))
+            self.register_buffer("bank_profiles", torch.zeros(cfg.harmony_bank, N_CHROMA))
+        elif cfg.harmony:
+            self.harmony_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, N_CHROMA))
+        if cfg.harmony_knn or cfg.harmony:
+            self.harmony_in = nn.Linear(N_CHROMA + 2 * N_CHROMA, d)
+            self.register_buffer("key_profiles", _key_profiles(), persistent=False)
 
     @property
     def special(self) -> int:
         return self.decoder.special
 
+    @property
+    def uses_harmony(self) -> bool:
+        return bool(self.cfg.harmony_knn or self.cfg.harmony)
+
+    @torch.no_grad()
+    def set_harmony_bank(self, clip_means: torch.Tensor, profiles: torch.Tensor) -> None:
+        """Fill the neighbour bank: mean CLIP embeddings (N, Dc) of the training clips and their profiles (N, 12)."""
+        if tuple(clip_means.shape) != tuple(self.bank_keys.shape):
+            raise ValueError(f"harmony bank: expected {tuple(self.bank_keys.shape)} embeddings, "
+                             f"got {tuple(clip_means.shape)}")
+        self.bank_keys.copy_(F.normalize(clip_means.float(), dim=-1))
+        self.bank_profiles.copy_(profiles.float())
+
+    def _knn_profile(self, batch: dict) -> torch.Tensor:
+        """(B, 12): the softmax-weighted mean profile of the harmony_knn nearest bank clips to each item's mean CLIP
+        embedding; an item never retrieves its own bank row (batch["bank_index"], -1 = not in the bank)."""
+        if not self.bank_keys.shape[0]:  # an untrained model (benchmarks): nothing to retrieve, a flat profile
+            return batch["clip"].new_full((batch["clip"].shape[0], N_CHROMA), 1.0 / N_CHROMA).float()
+        valid = batch["clip_mask"][..., None].to(batch["clip"].dtype)
+        query = F.normalize((batch["clip"] * valid).sum(1) / valid.sum(1).clamp(min=1.0), dim=-1)
+        sims = query.float() @ self.bank_keys.T  # (B, N)
+        own = batch.get("bank_index")
+        if own is not None:
+            hit = own[:, None] == torch.arange(sims.shape[1], device=sims.device)[None]
+            sims = sims.masked_fill(hit, float("-inf"))
+        top, index = sims.topk(min(self.cfg.harmony_knn, sims.shape[1]), dim=-1)
+        weights = (top / self.cfg.harmony_tau).softmax(-1)  # (B, k)
+        profile = (weights[..., None] * self.bank_profiles[index]).sum(1)
+        found = torch.isfinite(top).any(-1, keepdim=True)  # a bank of one clip has no neighbour for that clip
+        return torch.where(found, profile, self.bank_profiles.mean(0, keepdim=True))
+
     def condition(self, batch: dict, keep: torch.Tensor | None = None) -> Conditioning:
-        """The conditioning of a batch (see `TemporalFusion.forward` for the keys); keep (B,) False = null condition."""
+        """The conditioning of a batch (see `TemporalFusion.forward` for the keys); keep (B,) False = null condition.
+
+        With the harmony head, `cond.harmony_logits` (B, 12) is its prediction and `cond.harmony` (B, d) the embedded
+        profile the decoder gets: in training, batch["harmony"] (B, 12) (the true profiles) for a random fraction
+        `harmony_teacher` of items, the (detached) prediction for the rest and at inference."""
         cond = self.fusion(batch["clip"], batch["clip_mask"], batch["clip_fps"], batch.get("flow"),
                            batch.get("flow_mask"), batch.get("flow_fps"), batch.get("text"), batch.get("text_mask"))
+        if self.cfg.harmony_knn:
+            profile = self._knn_profile(batch)
+        elif self.cfg.harmony:
+            rows, mask = cond.streams[0][:2]  # the CLIP stream: what the scene looks like (flow rows outnumber it)
+            valid = mask[..., None].to(rows.dtype)
+            pooled = (rows * valid).sum(1) / valid.sum(1).clamp(min=1.0)  # (B, d)
+            cond.harmony_logits = self.harmony_head(pooled)
+            profile = cond.harmony_logits.detach().softmax(-1)
+        if self.uses_harmony:
+            truth = batch.get("harmony")
+            if self.training and truth is not None and self.cfg.harmony_teacher > 0:
+                teach = torch.rand(profile.shape[0], device=profile.device) < self.cfg.harmony_teacher
+                profile = torch.where(teach[:, None], truth.to(profile), profile)
+            cond.harmony = self.harmony_in(self._harmony_features(profile))
+            if self.cfg.harmony_into == "memory":
+                cond.memory = torch.cat([cond.memory, cond.harmony[:, None]], dim=1)
+                cond.mask = torch.cat([cond.mask, cond.mask.new_ones(cond.mask.shape[0], 1)], dim=1)
+                cond.harmony = None
         return cond if keep is None else cond.drop(keep)
 
-    def _extra(self, cond: Conditioning, steps: torch.Tensor) -> torch.Tensor | None:
-        """Interpolated context for delayed steps (S,) -> (B, S, d), or None without the interpolate fuser."""
-        if self.ctx_proj is None:
-            return None
-        seconds = (steps.float() / self.cfg.frame_rate)[None].expand(cond.memory.shape[0], -1)
-        return self.ctx_proj(cond.context_at(seconds))
+    def _harmony_features(self, profile: torch.Tensor) -> torch.Tensor:
+        """(B, 12) profile -> (B, 36): the profile standardised over its 12 bins (contrast, whatever its spread) and a
+        distribution over the 24 keys, a softmax of its Krumhansl-Schmuckler correlations (x KEY_SHARPNESS). The
+        profiles of parallel keys (C major, C minor) differ in a few per cent of their mass, too little for the
+        decoder to act on from the profile alone; the key correlations make that difference explicit."""
+        z = (profile - profile.mean(-1, keepdim=True)) / profile.std(-1, keepdim=True).clamp(min=1e-6)
+        corr = z @ self.key_profiles.T / (N_CHROMA - 1)  # (B, 24) Pearson correlations
+        return torch.cat([z, (KEY_SHARPNESS * corr).softmax(-1)], dim=-1)
 
-    def forward(self, batch: dict, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def harmony_loss(self, cond: Conditioning, truth: torch.Tensor) -> torch.Tensor:
+        """KL(true profile || predicted), mean over items: truth (B, 12) rows summing to 1."""
+        logp = cond.harmony_logits.float().log_softmax(-1)
+        return (truth * (truth.clamp(min=1e-8).log() - logp)).sum(-1).mean()
+
+    def _extra(self, cond: Conditioning, steps: torch.Tensor) -> torch.Tensor | None:
+        """What is added to the decoder input at delayed steps (S,) -> (B, S, d): the interpolated context and the
+        harmony embedding; None when there is neither."""
+        out = None
+        if self.ctx_proj is not None:
+            seconds = (steps.float() / self.cfg.frame_rate)[None].expand(cond.memory.shape[0], -1)
+            out = self.ctx_proj(cond.context_at(seconds))
+        if cond.harmony is not None:
+            h = cond.harmony[:, None].expand(-1, steps.shape[0], -1)
+            out = h if out is None else out + h
+        return out
+
+    def forward(self, batch: dict, keep: torch.Tensor | None = None, aux: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced logits. batch["codes"] (B, K, T) -> (logits (B, K, T + K - 1, card), targets same shape
-        without the card axis, -100 where nothing is scored: delay padding and frames beyond code_mask (B, T))."""
+        without the card axis, -100 where nothing is scored: delay padding and frames beyond code_mask (B, T)).
+        `aux`, a dict, receives the auxiliary losses ("harmony" when the head is on and batch["harmony"] is given),
+        computed on every item, null-conditioned ones included (their prediction is made before the drop)."""
         codes = batch["codes"]
         B, K, T = codes.shape
         targets = delay_pattern(codes, self.special)  # (B, K, S)
         bos = torch.full((B, K, 1), self.special, dtype=codes.dtype, device=codes.device)
         inputs = torch.cat([bos, targets[..., :-1]], dim=-1)  # step s sees steps < s
-        cond = self.condition(batch, keep)
+        cond = self.condition(batch)
+        if aux is not None and cond.harmony_logits is not None and batch.get("harmony") is not None:
+            aux["harmony"] = self.harmony_loss(cond, batch["harmony"])
+        cond = cond if keep is None else cond.drop(keep)
         steps = torch.arange(inputs.shape[-1], device=codes.device)
         logits = self.decoder(inputs, cond.memory, cond.mask, self._extra(cond, steps))
         valid = batch.get("code_mask", torch.ones(B, T, dtype=torch.bool, device=codes.device))

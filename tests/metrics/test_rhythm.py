@@ -12,6 +12,7 @@ from pipeline.metrics.rhythm import (
     KK_MINOR,
     Key,
     beat_f1,
+    chroma_profile,
     estimate_beats,
     estimate_key,
     estimate_onsets,
@@ -101,6 +102,19 @@ def test_estimate_key_on_a_scale_and_tonic_triad(tonic_midi, scale, key):
     triad = [0, scale[2], 7]
     notes = [tonic_midi + s for s in scale] + [tonic_midi + s for s in triad] * 3 + [tonic_midi]
     assert estimate_key(_melody(notes), SR) == key
+
+
+def test_chroma_profile_sums_to_one_and_peaks_on_the_notes_played():
+    """A D major triad held: the profile (what the harmony head learns) is 12 values summing to 1, D, F# and A on
+    top; key_from_chroma of it is what estimate_key says."""
+    notes = [62, 66, 69] * 4
+    audio = _melody(notes)
+    profile = chroma_profile(audio, SR)
+    assert profile.shape == (12,) and profile.dtype == np.float32 and abs(float(profile.sum()) - 1.0) < 1e-5
+    assert set(np.argsort(profile)[-3:]) == {2, 6, 9}
+    assert key_from_chroma(profile) == estimate_key(audio, SR)
+    with pytest.raises(ValueError, match="silent"):
+        chroma_profile(np.zeros(SR, np.float32), SR)
 
 
 def test_silent_audio_has_no_key():
