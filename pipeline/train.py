@@ -159,8 +159,9 @@ def onset_frames(items: list[dict], n_frames: int, frame_rate: float) -> torch.T
 
 def add_harmony(items: list[dict], music_dir: Path) -> None:
     """Set item["harmony"], the pitch-class profile [12] of the item's music (`rhythm.chroma_profile`): the harmony
-    head's target, or what the kNN bank returns. The music is the separate stage's (music_dir/manifest.parquet, the audio the tokens were made
-    from); an item whose music is missing or silent stops training with the path and the reason."""
+    head's target, or what the kNN bank returns. The music is the separate stage's (music_dir/manifest.parquet, the
+    audio the tokens were made from); an item whose music is missing or silent stops training with the path and the
+    reason."""
     from pipeline.media import load_audio
     from pipeline.metrics.rhythm import SAMPLE_RATE, chroma_profile
 
