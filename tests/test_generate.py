@@ -230,3 +230,24 @@ def test_rotated_phone_video_keeps_its_rotation(project, tmp_path):
     assert run(project, str(rotated), "-o", str(tmp_path / "out.mp4"), "--keep-audio") == 0
     assert probe(tmp_path / "out.mp4").rotation == probe(rotated).rotation in (90, 270)
     assert_same_length_and_stream(rotated, tmp_path / "out.mp4")
+
+
+def test_score_checkpoint_script_scores_a_split(project, capsys):
+    """scripts/score_checkpoint.py (the studies' scorer) on the fixture's trained model: one JSON line per setting,
+    every metric in [0, 1], the same line for the same seed."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "score_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("score_checkpoint", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = [str(project["model"]), "{}", '{"temperature": 0.5}', "{}", "--params", str(project["params"]), "--split",
+            "test"]
+    assert script.main(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [line["settings"] for line in lines] == [{}, {"temperature": 0.5}, {}] and lines[0]["clips"] == 2
+    for line in lines:
+        for metric in ("beat_f1", "tempo_acc", "key_acc", "chroma", "av_align"):
+            assert 0.0 <= line[metric] <= 1.0, (metric, line)
+    assert lines[0] == lines[2]
