@@ -197,7 +197,7 @@ class TrainConfig:
     flow_time: str = ""  # "" = preset's (end) | end | centre: where a flow row sits in its frame interval
     flow_pool: bool = False  # average the flow descriptor over its embed.flow.grid cells (less to memorise)
     harmony_knn: int = -1  # the music's pitch-class profile from the k nearest training clips; -1 = preset's, 0 = off
-    harmony: float = -1.0  # else from a learned head with this loss weight; -1 = preset's, 0 = off (README "Train")
+    harmony: float = -1.0  # else from a learned head with this loss weight; -1 = preset's, 0 = off (README "Harmony")
     tokens_dir: str = "data/tokens/melvq"  # the tokenize stage's FeatureStore of int16 [T, K] codes
     out_dir: str = "models"  # {out_dir}/{system}/v2m.pt (final) and last.pt (the resumable checkpoint)
     metrics_dir: str = "metrics/train"  # {system}.json, {system}_{loss,eval}.csv; merged into metrics/train.json
