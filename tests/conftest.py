@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -19,6 +21,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real media not found at {SHARED_DATA} (see README, 'Test data')")
     return SHARED_DATA
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/{name}.py imported as a module (scripts/ is not a package), so a test can call its main(argv)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def ffmpeg(*args: str) -> None:

@@ -3,9 +3,7 @@ progression-blind guess can do no better than the actual progression."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,15 +12,7 @@ import yaml
 from pipeline.config import BaseConfig, SynthConfig, params_from_dict, to_dict
 from pipeline.media import write_wav
 from pipeline.synth import make_spec, render_audio
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("chroma_ceiling", REPO / "scripts" / "chroma_ceiling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_script
 
 
 def test_reference_follows_the_chord_root_and_the_blind_guess_is_lower(tmp_path):
@@ -40,10 +30,10 @@ def test_reference_follows_the_chord_root_and_the_blind_guess_is_lower(tmp_path)
     params.write_text(yaml.safe_dump(to_dict(params_from_dict(
         {"base": {"clip_seconds": 6.0}, "separate": {"out_dir": str(music)}}))))
     out = tmp_path / "ceiling.json"
-    assert _script().main(["--params", str(params), "--out", str(out)]) == 0
+    assert load_script("chroma_ceiling").main(["--params", str(params), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["n_clips"] == 4 and result["frames"] > 150
     assert result["reference_on_chord_root"] >= 0.6
     assert result["reference_on_chord_root"] >= result["most_likely_progression"] >= result["tonic_throughout"] - 0.05
     with pytest.raises(SystemExit, match="no ok val clips"):
-        _script().main(["--params", str(params), "--split", "val", "--out", str(out)])
+        load_script("chroma_ceiling").main(["--params", str(params), "--split", "val", "--out", str(out)])

@@ -22,7 +22,7 @@ import yaml
 from pipeline import embed, generate, ingest, separate, synth, tokenize, train
 from pipeline.config import Params, deep_merge, load_params, to_dict
 from pipeline.media import probe
-from tests.conftest import ffmpeg, make_video
+from tests.conftest import ffmpeg, load_script, make_video
 
 torch.set_num_threads(1)
 SECONDS = 4.0  # the model's window here
@@ -235,13 +235,9 @@ def test_rotated_phone_video_keeps_its_rotation(project, tmp_path):
 def test_score_checkpoint_script_scores_a_split(project, capsys):
     """scripts/score_checkpoint.py (the studies' scorer) on the fixture's trained model: one JSON line per setting,
     every metric in [0, 1], the same line for the same seed."""
-    import importlib.util
     import json
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "score_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("score_checkpoint", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("score_checkpoint")
     args = [str(project["model"]), "{}", '{"temperature": 0.5}', "{}", "--params", str(project["params"]), "--split",
             "test"]
     assert script.main(args) == 0

@@ -55,6 +55,13 @@ def _key_profiles() -> torch.Tensor:
     out = torch.stack(rows)
     return (out - out.mean(-1, keepdim=True)) / out.std(-1, keepdim=True)
 
+
+def _masked_mean(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the valid rows: rows (B, T, D), mask (B, T) True = valid -> (B, D)."""
+    valid = mask[..., None].to(rows.dtype)
+    return (rows * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+
+
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
@@ -145,8 +152,7 @@ class V2M(nn.Module):
         embedding; an item never retrieves its own bank row (batch["bank_index"], -1 = not in the bank)."""
         if not self.bank_keys.shape[0]:  # an untrained model (benchmarks): nothing to retrieve, a flat profile
             return batch["clip"].new_full((batch["clip"].shape[0], N_CHROMA), 1.0 / N_CHROMA).float()
-        valid = batch["clip_mask"][..., None].to(batch["clip"].dtype)
-        query = F.normalize((batch["clip"] * valid).sum(1) / valid.sum(1).clamp(min=1.0), dim=-1)
+        query = F.normalize(_masked_mean(batch["clip"], batch["clip_mask"]), dim=-1)
         sims = query.float() @ self.bank_keys.T  # (B, N)
         own = batch.get("bank_index")
         if own is not None:
@@ -170,9 +176,7 @@ class V2M(nn.Module):
             profile = self._knn_profile(batch)
         elif self.cfg.harmony:
             rows, mask = cond.streams[0][:2]  # the CLIP stream: what the scene looks like (flow rows outnumber it)
-            valid = mask[..., None].to(rows.dtype)
-            pooled = (rows * valid).sum(1) / valid.sum(1).clamp(min=1.0)  # (B, d)
-            cond.harmony_logits = self.harmony_head(pooled)
+            cond.harmony_logits = self.harmony_head(_masked_mean(rows, mask))
             profile = cond.harmony_logits.detach().softmax(-1)
         if self.uses_harmony:
             truth = batch.get("harmony")
