@@ -59,7 +59,8 @@ def read_labels(ingest_dir: Path) -> pd.DataFrame:
     return frame[frame["status"] == "ok"].set_index("id", drop=False)
 
 
-def _labels(row: dict) -> Labels:
+def clip_labels(row: dict) -> Labels:
+    """The scoring labels (tempo, beats, key) of one ingest manifest row."""
     tempo, key = row.get("tempo_bpm"), str(row.get("key") or "")
     return Labels(tempo_bpm=float(tempo) if tempo not in (None, "") and not pd.isna(tempo) else None,
                   beats=_parse_beats(row.get("beat_times")),
@@ -153,8 +154,8 @@ def score_all(cfg: EvaluateConfig, systems: list[str], ids: list[str], labels: p
     gen_dir, music, clips = Path(cfg.generated_dir), Path(cfg.music_dir), Path(cfg.ingest_dir) / "clips"
     cache = Path(cfg.flow_cache) if cfg.flow_cache else _default_cache()
     videos = {i: clips / f"{i}.mp4" for i in ids if (clips / f"{i}.mp4").exists()}
-    tasks = [(s, i, gen_dir / s / f"{i}.wav", music / f"{i}.wav", videos.get(i), _labels(labels.loc[i].to_dict()),
-              cache) for s in systems for i in ids]
+    tasks = [(s, i, gen_dir / s / f"{i}.wav", music / f"{i}.wav", videos.get(i),
+              clip_labels(labels.loc[i].to_dict()), cache) for s in systems for i in ids]
     if cfg.jobs > 1:
         import librosa.beat  # noqa: F401  (compiles numba kernels once, before the workers fork)
 

@@ -5,10 +5,11 @@ from the scene to the key").
 
 SETTINGS_JSON is e.g. '{}' (the defaults: CFG 3, temperature 0.8, top-k 0, seed 0) or '{"temperature": 0.4,
 "seed": 1}'. Each setting generates every clip of the split in one batch (cached features, no video decoding),
-decodes with the tokenize stage's codec and prints one JSON line: beat F1, tempo accuracy, key accuracy (tonic and
-mode, Krumhansl-Schmuckler) against the SynthV2M labels of the ingest manifest, and chroma cosine and AV-Align
-against the clip's music and video. It is quicker than `v2m generate --stage` + `v2m evaluate`, which score the
-stage's own generations (another draw) with the baselines and confidence intervals.
+decodes with the tokenize stage's codec, writes the wavs to a scratch folder and scores them with the evaluate stage's
+per-clip scorer (`metrics.cli.score_pair`): beat F1, tempo accuracy and key accuracy against the SynthV2M labels of
+the ingest manifest, chroma cosine (pooled over frames) and AV-Align against the clip's music and video. One JSON
+line per setting; clip problems go to stderr. It is quicker than `v2m generate --stage` + `v2m evaluate`, which
+score the stage's own generations (another draw) with the baselines and confidence intervals.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,37 +28,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import train  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
-from pipeline.media import load_audio  # noqa: E402
-from pipeline.metrics import av_align, chroma, rhythm  # noqa: E402
+from pipeline.evaluate import clip_labels  # noqa: E402
+from pipeline.media import write_wav  # noqa: E402
+from pipeline.metrics import chroma  # noqa: E402
+from pipeline.metrics.cli import score_pair  # noqa: E402
 from pipeline.model import V2M, ModelConfig  # noqa: E402
 
+METRICS = ("beat_f1", "tempo_acc", "key_acc", "chroma", "av_align")
 
-def score(model: V2M, items: list[dict], labels: pd.DataFrame, codec, setting: dict) -> dict:
+
+def score(model: V2M, items: list[dict], rows: pd.DataFrame, codec, setting: dict, scratch: Path) -> dict:
+    """Generate the items under `setting`, write them as the generate stage does and score each with the evaluate
+    stage's per-clip scorer (`metrics.cli.score_pair`, labels from the ingest manifest)."""
     batch = {k: v for k, v in train.collate(items).items() if k not in ("codes", "code_mask")}
     generator = torch.Generator().manual_seed(int(setting.get("seed", 0)))
     codes = model.generate(batch, items[0]["codes"].shape[1], setting.get("guidance", 3.0),
                            setting.get("temperature", 0.8), setting.get("top_k", 0), generator)
-    out = {k: [] for k in ("beat_f1", "tempo_acc", "key_acc", "chroma", "av_align")}
+    values, chromas = {m: [] for m in METRICS}, []
     for it, c in zip(items, codes, strict=True):
-        wav, sr = codec.decode(c[:, : it["codes"].shape[1]].numpy()), codec.sample_rate
-        row = labels.loc[it["id"]]
-        bpm, beats = rhythm.estimate_beats(wav, sr)
-        out["beat_f1"].append(rhythm.beat_f1(beats, it["beats"]))
-        out["tempo_acc"].append(float(rhythm.tempo_accuracy(bpm, float(row["tempo_bpm"])).correct))
-        key = rhythm.estimate_key(wav, sr)
-        out["key_acc"].append(float(key.tonic == row["key"] and key.mode == row["mode"]))
-        ref, _ = load_audio(row["music_path"], chroma.SAMPLE_RATE)
-        gen, _ = load_audio_array(wav, sr)
-        out["chroma"].append(chroma.chroma_cosine_clip(gen, ref.reshape(-1)).value)
-        out["av_align"].append(av_align.av_align(row["clip_path"], wav, sr))
-    return {k: round(float(np.nanmean(v)), 4) for k, v in out.items()}
-
-
-def load_audio_array(wav: np.ndarray, sample_rate: int) -> tuple[np.ndarray, int]:
-    """The decoded audio at the chroma metric's rate."""
-    import librosa
-
-    return librosa.resample(wav, orig_sr=sample_rate, target_sr=chroma.SAMPLE_RATE), chroma.SAMPLE_RATE
+        row = rows.loc[it["id"]]
+        path = scratch / f"{it['id']}.wav"
+        write_wav(path, codec.decode(c[:, : it["codes"].shape[1]].numpy()), codec.sample_rate)
+        result = score_pair(it["id"], path, Path(row["music_path"]), Path(row["clip_path"]),
+                            clip_labels(row.to_dict()), frozenset(METRICS))
+        if result.problems:
+            print(f"{it['id']}: {'; '.join(result.problems)}", file=sys.stderr)
+        chromas += [result.chroma] if result.chroma is not None else []
+        for m in METRICS:
+            values[m].append(result.values.get(m, float("nan")))
+    out = {m: round(float(np.nanmean(v)), 4) for m, v in values.items()}
+    out["chroma"] = round(chroma.pool(chromas), 4)  # frame-weighted over clips, as evaluate pools it
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     if not items:
         raise SystemExit(f"score_checkpoint: no {args.split} clips in {manifest}")
     music = pd.read_parquet(Path(params.separate.out_dir) / "manifest.parquet", columns=["id", "music_path"])
-    labels = pd.read_parquet(manifest).merge(music, on="id").set_index("id")
-    for text in args.settings:
-        setting = json.loads(text)
-        print(json.dumps({"model": args.model, "split": args.split, "clips": len(items), "settings": setting,
-                          **score(model, items, labels, codec, setting)}), flush=True)
+    rows = pd.read_parquet(manifest).merge(music, on="id").set_index("id", drop=False)
+    with tempfile.TemporaryDirectory(prefix="score_checkpoint_") as scratch:
+        for text in args.settings:
+            setting = json.loads(text)
+            print(json.dumps({"model": args.model, "split": args.split, "clips": len(items), "settings": setting,
+                              **score(model, items, rows, codec, setting, Path(scratch))}), flush=True)
     return 0
 
 
