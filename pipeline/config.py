@@ -195,13 +195,15 @@ class TrainConfig:
     interpolate: str = ""  # "" = preset's | on | off: add the video context at the token frame rate
     text: bool = False  # condition on caption sentence embeddings (all-MiniLM-L6-v2), with caption dropout
     flow_time: str = ""  # "" = preset's (end) | end | centre: where a flow row sits in its frame interval
+    flow_norm: str = ""  # "" = preset's | layer | log: how flow rows are scaled (pipeline/model/fusion.py)
     flow_pool: bool = False  # average the flow descriptor over its embed.flow.grid cells (less to memorise)
     harmony_knn: int = -1  # the music's pitch-class profile from the k nearest training clips; -1 = preset's, 0 = off
+    harmony_track: str = ""  # "" = preset's | on | off: with harmony_knn, retrieve per CLIP row (what sounds when)
     harmony: float = -1.0  # else from a learned head with this loss weight; -1 = preset's, 0 = off (README "Harmony")
     tokens_dir: str = "data/tokens/melvq"  # the tokenize stage's FeatureStore of int16 [T, K] codes
     out_dir: str = "models"  # {out_dir}/{system}/v2m.pt (final) and last.pt (the resumable checkpoint)
     metrics_dir: str = "metrics/train"  # {system}.json, {system}_{loss,eval}.csv; merged into metrics/train.json
-    max_steps: int = 400  # embedded: ~3 min a system here (README "Does motion reach the beats?")
+    max_steps: int = 600  # embedded: ~2.5 min a system here; val loss bottoms out at 600-750 (README "Harmony")
     batch_size: int = 8  # global, split across DDP processes; 8 clips of 8 s at 50 Hz x 2 codebooks = 6,400 tokens
     lr: float = 3e-3  # peak AdamW learning rate, after linear warmup, then cosine to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
@@ -216,7 +218,9 @@ class TrainConfig:
     guidance: float = 3.0  # classifier-free guidance of those generations
     top_k: int = 0  # sampling: 0 = full distribution
     temperature: float = 0.8  # 0.8 placed beats better than 1.0 (val_beat_f1 0.92 vs 0.86, README)
-    torch_threads: int = 1  # torch threads per process; 0 = cores / processes (oversubscription was 7x slower)
+    # torch threads per process: 2, the 2 cores of the demo machine (600 steps in the time 1 thread takes for ~420);
+    # 0 = cores / processes; under torchrun keep threads x processes <= cores (oversubscription was 7x slower)
+    torch_threads: int = 2
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
 

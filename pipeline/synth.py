@@ -7,6 +7,8 @@ one score, so the labels are exact:
   The music has a kick on every beat, a snare on 2 and 4 and the bass on the chord root of each bar.
 - key: background hue = tonic pitch class around the colour wheel (C red, C# orange, ... B pink).
 - mode: major = bright pastel background with dark objects; minor = dark background with light objects.
+- chords: object hue = root pitch class of the bar's chord, on the same colour wheel (the objects change colour on
+  each downbeat; on a tonic bar they take the background's hue).
 - instrument: object shape (star piano, square organ, triangle pluck, circle bell) = timbre of chords and melody.
 - note density: hop distance (visible speed) = melody notes per beat (1, 2 or 4).
 
@@ -43,7 +45,7 @@ from pipeline.shards import atomic_write_json, clean_stale_temps, params_hash, w
 
 log = logging.getLogger(__name__)
 
-RENDER_VERSION = 1  # bump when the drawing or synthesis changes, so existing clips are rendered again
+RENDER_VERSION = 2  # bump when the drawing or synthesis changes, so existing clips are rendered again
 PITCH_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 HUE_NAMES = ("red", "orange", "yellow", "lime", "green", "mint", "cyan", "azure", "blue", "violet", "magenta", "pink")
 SCALES = {"major": (0, 2, 4, 5, 7, 9, 11), "minor": (0, 2, 3, 5, 7, 8, 10)}
@@ -60,7 +62,7 @@ FLASH, FLASH_TAU_S = 0.3, 0.045  # brightening towards white on the beat, and it
 TEXTURE = 0.08  # amplitude of the static background mottle
 LICENSE = "CC0-1.0 (procedurally generated)"
 COLUMNS = ["id", "source", "start_s", "split", "caption", "license", "tempo_bpm", "beat_times", "key", "mode",
-           "instrument", "note_density", "shape", "colour", "spec_hash"]
+           "instrument", "note_density", "shape", "colour", "chords", "spec_hash"]
 
 
 @dataclass(frozen=True)
@@ -199,13 +201,22 @@ def _sdf(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def palette(spec: ClipSpec) -> tuple[np.ndarray, np.ndarray]:
-    """(background, object) RGB in [0, 1]: hue = key, brightness = mode."""
+def chord_roots(spec: ClipSpec) -> list[int]:
+    """Root pitch class of the chord sounding at each beat (one chord per bar of 4 beats, the progression cycled)."""
+    scale = SCALES[spec.mode]
+    return [(spec.key_pc + scale[spec.progression[(n // 4) % len(spec.progression)]]) % 12
+            for n in range(len(spec.beat_times))]
+
+
+def palette(spec: ClipSpec, root_pc: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(background, object) RGB in [0, 1]: background hue = key, object hue = chord root (default: the tonic's),
+    brightness = mode."""
     hue = spec.key_pc / 12
+    obj_hue = (spec.key_pc if root_pc is None else root_pc) / 12
     if spec.mode == "major":
-        bg, obj = colorsys.hsv_to_rgb(hue, 0.55, 0.95), colorsys.hsv_to_rgb(hue, 0.35, 0.12)
+        bg, obj = colorsys.hsv_to_rgb(hue, 0.55, 0.95), colorsys.hsv_to_rgb(obj_hue, 0.9, 0.42)
     else:
-        bg, obj = colorsys.hsv_to_rgb(hue, 0.85, 0.40), colorsys.hsv_to_rgb(hue, 0.08, 0.98)
+        bg, obj = colorsys.hsv_to_rgb(hue, 0.85, 0.40), colorsys.hsv_to_rgb(obj_hue, 0.45, 1.0)
     return np.array(bg, np.float32), np.array(obj, np.float32)
 
 
@@ -217,7 +228,11 @@ def render_frames(spec: ClipSpec, fps: float, width: int, height: int) -> Iterat
     hop_px = DENSITY_HOP[spec.note_density] * short
     along = np.array([np.cos(spec.hop_angle), np.sin(spec.hop_angle)])
     across = np.array([-along[1], along[0]])
-    bg_rgb, obj_rgb = palette(spec)
+    bg_rgb = palette(spec)[0]
+    # the chord of frame k: that of the last beat at or before it (the first bar's before the first beat)
+    roots = chord_roots(spec)
+    beat_of = np.maximum(np.searchsorted(np.asarray(spec.beat_times), times, side="right") - 1, 0)
+    obj_colours = {pc: palette(spec, pc)[1] for pc in set(roots)}
     # A gentle vertical gradient and a static mottle: texture lets flow estimators see that the background stays put.
     coarse = np.random.default_rng([spec.seed, spec.index, 2]).uniform(-1, 1, (12, 12)).astype(np.float32)
     mottle = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
@@ -232,6 +247,7 @@ def render_frames(spec: ClipSpec, fps: float, width: int, height: int) -> Iterat
         angle = spec.tilt + spec.spin * step
         cos, sin = math.cos(angle), math.sin(angle)
         r = spec.radius * short * (1.0 + 0.18 * float(envelope[k]))
+        obj_rgb = obj_colours[roots[int(beat_of[k])]]
         for cx, cy in spec.centres:
             x, y = (float(c) for c in np.array([cx * width, cy * height]) + offset * along + arc * across)
             x0, x1 = max(int(x - 1.3 * r), 0), min(int(x + 1.3 * r) + 2, width)
@@ -376,7 +392,7 @@ def labels(spec: ClipSpec) -> dict:
     return {"caption": spec.caption(), "license": LICENSE, "tempo_bpm": spec.tempo_bpm,
             "beat_times": json.dumps(list(spec.beat_times)), "key": spec.key, "mode": spec.mode,
             "instrument": spec.instrument, "note_density": spec.note_density, "shape": spec.shape,
-            "colour": spec.colour}
+            "colour": spec.colour, "chords": " ".join(PITCH_NAMES[pc] for pc in chord_roots(spec)[::4])}
 
 
 def _is_done(out_dir: Path, spec_id: str, digest: str) -> bool:

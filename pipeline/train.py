@@ -139,6 +139,8 @@ def collate(items: list[dict], text: dict[str, np.ndarray] | None = None) -> dic
     batch["flow_fps"] = torch.tensor([it["flow_fps"] for it in items], dtype=torch.float32)
     if all("harmony" in it for it in items):
         batch["harmony"] = torch.from_numpy(np.stack([it["harmony"] for it in items]))
+    if all("harmony_track" in it for it in items):
+        batch["harmony_track"] = pad("harmony_track", 0)[0]
     if any("bank_index" in it for it in items):
         batch["bank_index"] = torch.tensor([it.get("bank_index", -1) for it in items])
     if text is not None:
@@ -159,11 +161,12 @@ def onset_frames(items: list[dict], n_frames: int, frame_rate: float) -> torch.T
 
 def add_harmony(items: list[dict], music_dir: Path) -> None:
     """Set item["harmony"], the pitch-class profile [12] of the item's music (`rhythm.chroma_profile`): the harmony
-    head's target, or what the kNN bank returns. The music is the separate stage's (music_dir/manifest.parquet, the
-    audio the tokens were made from); an item whose music is missing or silent stops training with the path and the
-    reason."""
+    head's target, or what the kNN bank returns; and item["harmony_track"] [Tc, 12], the chroma of the half second
+    around each CLIP row's time (`rhythm.chroma_track`), for `harmony_track`. The music is the separate stage's
+    (music_dir/manifest.parquet, the audio the tokens were made from); an item whose music is missing or silent
+    stops training with the path and the reason."""
     from pipeline.media import load_audio
-    from pipeline.metrics.rhythm import SAMPLE_RATE, chroma_profile
+    from pipeline.metrics.rhythm import SAMPLE_RATE, chroma_track
 
     manifest = Path(music_dir) / "manifest.parquet"
     if not manifest.exists():
@@ -175,7 +178,8 @@ def add_harmony(items: list[dict], music_dir: Path) -> None:
         try:
             if not path:
                 raise FileNotFoundError(f"{it['id']} is not in {manifest}")
-            it["harmony"] = chroma_profile(*load_audio(path, SAMPLE_RATE))
+            times = np.arange(it["clip"].shape[0]) / it["clip_fps"]
+            it["harmony"], it["harmony_track"] = chroma_track(*load_audio(path, SAMPLE_RATE), times)
         except (OSError, ValueError, RuntimeError) as exc:
             raise SystemExit(f"train: harmony profile of {it['id']} ({path}): {exc}") from None
 
@@ -205,11 +209,18 @@ def model_config(cfg: TrainConfig, system: str, codec: dict, clip_dim: int, flow
         fusion["flow_cells"] = flow_cells
     if cfg.flow_time:
         fusion["flow_time"] = cfg.flow_time
+    if cfg.flow_norm:
+        fusion["flow_norm"] = cfg.flow_norm
+    for key in ("interpolate", "harmony_track"):
+        if getattr(cfg, key) not in ("", "on", "off"):
+            raise SystemExit(f"train.{key}: {getattr(cfg, key)!r} is not one of '', on, off")
     extra = {} if not cfg.interpolate else {"interpolate": {"on": True, "off": False}[cfg.interpolate]}
     if cfg.harmony >= 0:
         extra["harmony"] = cfg.harmony
     if cfg.harmony_knn >= 0:
         extra["harmony_knn"] = cfg.harmony_knn
+    if cfg.harmony_track:
+        extra["harmony_track"] = {"on": True, "off": False}[cfg.harmony_track]
     return load_preset(cfg.preset, decoder=decoder, fusion=fusion, frame_rate=codec["frame_rate"], **extra)
 
 
@@ -317,12 +328,17 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
     if mcfg.harmony or mcfg.harmony_knn:
         add_harmony(train_items, Path(params.tokenize.music_dir))
     if mcfg.harmony_knn:
-        mcfg = dataclasses.replace(mcfg, harmony_bank=len(train_items))
+        rows = sum(len(it["clip"]) for it in train_items) if mcfg.harmony_track else len(train_items)
+        mcfg = dataclasses.replace(mcfg, harmony_bank=rows)
         for i, it in enumerate(train_items):
             it["bank_index"] = i
     torch.manual_seed(seed)
     model = create_model(mcfg, cfg.pretrained_dir).to(device)
-    if mcfg.harmony_knn:
+    if mcfg.harmony_track:  # every CLIP row of every training clip, with the chroma around its time
+        model.set_harmony_bank(torch.from_numpy(np.concatenate([it["clip"] for it in train_items])).to(device),
+                               torch.from_numpy(np.concatenate([it["harmony_track"] for it in train_items])).to(device),
+                               torch.cat([torch.full((len(it["clip"]),), i) for i, it in enumerate(train_items)]).to(device))
+    elif mcfg.harmony_knn:
         model.set_harmony_bank(torch.from_numpy(np.stack([it["clip"].mean(0) for it in train_items])).to(device),
                                torch.from_numpy(np.stack([it["harmony"] for it in train_items])).to(device))
     optimizer = make_optimizer(model, cfg)

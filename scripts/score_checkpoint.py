@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("settings", nargs="*", default=["{}"], help="sampling settings as JSON objects")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--split", default="val")
+    parser.add_argument("--keep", metavar="DIR", help="write the generated wavs to DIR/<setting number>/ and keep them "
+                        "(default: a scratch folder, deleted)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     params = load_params(args.params)
@@ -86,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     music = pd.read_parquet(Path(params.separate.out_dir) / "manifest.parquet", columns=["id", "music_path"])
     rows = pd.read_parquet(manifest).merge(music, on="id").set_index("id", drop=False)
     with tempfile.TemporaryDirectory(prefix="score_checkpoint_") as scratch:
-        for text in args.settings:
+        for n, text in enumerate(args.settings):
             setting = json.loads(text)
+            out = Path(args.keep) / str(n) if args.keep else Path(scratch)
+            out.mkdir(parents=True, exist_ok=True)
             print(json.dumps({"model": args.model, "split": args.split, "clips": len(items), "settings": setting,
-                              **score(model, items, rows, codec, setting, Path(scratch))}), flush=True)
+                              **score(model, items, rows, codec, setting, out)}), flush=True)
     return 0
 
 

@@ -280,3 +280,44 @@ def test_harmony_into_memory_adds_one_memory_row_instead_of_the_input():
     assert b.memory.shape[1] == a.memory.shape[1] + 1 and b.mask[:, -1].all()
     assert a.harmony is not None and b.harmony is None
     assert torch.isfinite(mem(batch)[0]).all()
+
+
+def test_harmony_track_retrieves_per_row_from_other_clips_and_changes_over_time():
+    """harmony_track: each CLIP row takes the chroma of its nearest bank row of another clip, the clip profile is
+    their mean, and what the decoder gets varies with time (row 0's chord early, row 3's late); the null condition
+    hides it."""
+    model = debug_model(harmony_knn=1, harmony_bank=4, harmony_track=True)
+    keys, chroma = torch.eye(4, 8), torch.eye(4, 12)  # bank row i points along axis i and sounds pitch class i
+    model.set_harmony_bank(keys, chroma, torch.tensor([0, 0, 1, 1]))
+    batch = make_batch(B=2, clip_len=(4, 4))
+    batch["clip"] = torch.zeros(2, 4, 8)
+    batch["clip"][:, :2, 0], batch["clip"][:, 2:, 2] = 1.0, 1.0  # rows 0-1 look like bank row 0, rows 2-3 like row 2
+    batch["clip"][:, :, 1] = 0.5  # and all a little like bank row 1 (clip 0)
+    track = model._knn_track(batch)
+    assert torch.equal(track[0].argmax(-1), torch.tensor([0, 0, 2, 2]))
+    own = model._knn_track(dict(batch, bank_index=torch.tensor([0, 1])))  # item 0 is clip 0, item 1 clip 1
+    assert torch.equal(own[0].argmax(-1), torch.tensor([2, 2, 2, 2]))  # clip 0's rows are off limits
+    assert torch.equal(own[1].argmax(-1), torch.tensor([0, 0, 1, 1]))  # item 1 rows 2-3: bank row 1 is the nearest left
+    cond = model.condition(batch)
+    assert torch.allclose(model._harmony_features(track.mean(1)), model._harmony_features(
+        torch.stack([torch.tensor([0.5, 0, 0.5] + [0] * 9)] * 2)))
+    steps = torch.tensor([0, 11])  # 0 s (row 0) and 11 / 6 s (row 3 at 2 fps)
+    extra = model._extra(cond, steps)
+    assert not torch.allclose(extra[:, 0], extra[:, 1])
+    hidden = model._extra(cond.drop(torch.tensor([False, True])), steps)
+    assert torch.equal(hidden[0], model._extra(cond.drop(torch.tensor([False, False])), steps)[0])
+    assert not torch.allclose(hidden[1, 0], hidden[0, 0])
+    with pytest.raises(ValueError, match="clip index"):
+        model.set_harmony_bank(keys, chroma)
+    with pytest.raises(ValueError, match="harmony_track needs"):
+        debug_model(harmony_track=True)
+    teach = debug_model(harmony_knn=1, harmony_bank=4, harmony_track=True, harmony_teacher=1.0).train()
+    teach.set_harmony_bank(keys, chroma, torch.tensor([0, 0, 1, 1]))
+    truth = torch.zeros(2, 4, 12)
+    truth[..., 7] = 1.0
+    taught = teach.condition(dict(batch, harmony=truth.mean(1), harmony_track=truth))
+    expected = teach.track_in((truth - truth.mean(-1, keepdim=True)) / truth.std(-1, keepdim=True))
+    assert torch.allclose(taught.harmony_track[0], expected)
+    gen = {k: v for k, v in batch.items() if k not in ("codes", "code_mask")}
+    assert torch.equal(model.generate(gen, 6, temperature=0.0), model.generate(gen, 6, temperature=0.0,
+                                                                               use_cache=False))

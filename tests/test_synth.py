@@ -207,3 +207,30 @@ def test_rerun_renders_nothing_clip_i_is_independent_of_n_and_a_stale_clip_is_re
     assert after["synth_00000.mp4"] == before["synth_00000.mp4"]
     assert after["synth_00001.mp4"] != before["synth_00001.mp4"]
     assert json.loads(sidecar.read_text())["spec_hash"] == two.loc[1, "spec_hash"]
+
+
+def test_objects_take_the_hue_of_each_bars_chord_root():
+    """The chord progression is visible: mid-bar, the objects are the palette colour of that bar's chord root, and the
+    background keeps the key's hue throughout."""
+    cfg, base = SynthConfig(), BaseConfig(clip_seconds=6.0)
+    spec = next(s for s in (synth.make_spec(0, i, cfg, base) for i in range(50))
+                if s.progression[1] != 0 and len(s.beat_times) >= 7)
+    roots = synth.chord_roots(spec)
+    assert roots[:4] == [spec.key_pc] * 4 and roots[4] != spec.key_pc
+    assert synth.labels(spec)["chords"].split()[:2] == [synth.PITCH_NAMES[roots[0]], synth.PITCH_NAMES[roots[4]]]
+    size = 160
+    times = [spec.beat_times[1] + spec.period_s / 2, spec.beat_times[5] + spec.period_s / 2]  # at rest, mid bar
+    frames = list(synth.render_frames(spec, FPS, size, size))
+    hop = synth.DENSITY_HOP[spec.note_density] * size
+    along = np.array([np.cos(spec.hop_angle), np.sin(spec.hop_angle)])
+    for t, root in zip(times, (roots[1], roots[5]), strict=True):
+        frame = frames[int(round(t * FPS))]
+        step = round(t * FPS) / FPS
+        n_hops = int(np.searchsorted(np.asarray(spec.beat_times), step))  # hops done: the objects rest at +-hop/2
+        offset = (abs(n_hops % 2.0 - 1.0) - 0.5) * hop
+        x, y = (np.array(spec.centres[0]) * size + offset * along).astype(int)
+        expected = synth.palette(spec, root)[1] * 255
+        assert np.abs(frame[y, x].astype(float) - expected).max() <= 3, (t, root, frame[y, x], expected)
+        corner = frame[2, 2].astype(float) / 255  # background: the key's hue whatever the chord
+        hue = cv2.cvtColor(corner[None, None].astype(np.float32), cv2.COLOR_RGB2HSV)[0, 0, 0] / 30  # degrees / 30
+        assert min((hue - spec.key_pc) % 12, (spec.key_pc - hue) % 12) < 0.6

@@ -331,6 +331,34 @@ def test_harmony_knn_bank_holds_the_training_clips_and_their_music(data, tmp_pat
     assert "harmony_loss" not in pd.read_csv(tmp_path / "metrics" / "full_loss.csv").columns
 
 
+def test_harmony_track_bank_holds_every_clip_row_and_the_chord_around_it(data, tmp_path):
+    """train.harmony_track: the bank is every CLIP row of the training clips (normalised), each with the chroma of the
+    music in the half second around its time and the index of its clip; the trained model's track for a training
+    clip never comes from that clip's own rows."""
+    from pipeline.media import load_audio
+    from pipeline.metrics.rhythm import chroma_track
+
+    music = make_music(tmp_path / "music", data)
+    params = write_params(tmp_path / "params.yaml", music_dir=music, max_steps=4, ckpt_every=4, harmony_knn=1,
+                          harmony_track="on")
+    assert train.main(argv(data, params, tmp_path)) == 0
+    model, ckpt = _trained(tmp_path)
+    items, _ = train.load_dataset(data["features"], data["tokens"], data["manifest"])
+    items = [it for it in items if it["split"] == "train"]
+    rows = np.concatenate([it["clip"] for it in items])
+    assert ckpt["config"]["harmony_track"] is True and ckpt["config"]["harmony_bank"] == len(rows)
+    np.testing.assert_allclose(model.bank_keys.numpy(), rows / np.linalg.norm(rows, axis=1, keepdims=True), atol=1e-6)
+    np.testing.assert_array_equal(model.bank_clips.numpy(), np.repeat(np.arange(len(items)), [len(it["clip"])
+                                                                                               for it in items]))
+    first = items[0]
+    expected = chroma_track(*load_audio(music / f"{first['id']}.wav", 16000),
+                            np.arange(len(first["clip"])) / first["clip_fps"])[1]
+    np.testing.assert_allclose(model.bank_profiles.numpy()[: len(first["clip"])], expected, atol=1e-5)
+    batch = train.collate(items[:1])
+    own = model._knn_track(dict(batch, bank_index=torch.tensor([0])))
+    assert not torch.allclose(own, model._knn_track(batch))  # without the exclusion its rows find themselves
+
+
 def test_harmony_without_the_music_says_so(data, tmp_path):
     params = write_params(tmp_path / "params.yaml", music_dir=tmp_path / "nowhere", harmony=1.0)
     with pytest.raises(SystemExit, match="nowhere/manifest.parquet is missing"):

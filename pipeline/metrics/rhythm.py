@@ -61,11 +61,28 @@ def _mono(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 
 
 def estimate_beats(audio: np.ndarray, sample_rate: int) -> tuple[float, np.ndarray]:
-    """(tempo in BPM, beat times in s) of audio [N] or [C, N], from librosa's dynamic-programming beat tracker."""
+    """(tempo in BPM, beat times in s) of audio [N] or [C, N], from librosa's dynamic-programming beat tracker.
+
+    The tempo is that of the tracked beats (`tempo_from_beats`). librosa's own global estimate is the peak lag of a
+    tempogram at hop 512: its neighbouring values are 5-7 % apart at 120-145 BPM (129.2, 136.0, 143.6 ...), wider
+    than the 4 % of `tempo_accuracy`, and it may sit a lag away from the beats it then tracks (tracked beats all
+    within 70 ms of 131.8 BPM labels were reported as 123.0 BPM). With fewer than 3 beats it is the one we have."""
     import librosa
 
     tempo, beats = librosa.beat.beat_track(y=_mono(audio, sample_rate), sr=SAMPLE_RATE, hop_length=HOP, units="time")
-    return float(np.atleast_1d(tempo)[0]), np.asarray(beats, dtype=np.float64)
+    beats = np.asarray(beats, dtype=np.float64)
+    return tempo_from_beats(beats, float(np.atleast_1d(tempo)[0])), beats
+
+
+def tempo_from_beats(beats: np.ndarray, fallback_bpm: float) -> float:
+    """60 / the mean inter-beat interval, over the intervals within 25 % of their median (a missed or an extra beat
+    does not count); `fallback_bpm` when there are fewer than 3 beats. Averaging the intervals undoes their 23 ms
+    frame quantisation."""
+    intervals = np.diff(np.asarray(beats, dtype=np.float64))
+    if len(intervals) < 2:
+        return fallback_bpm
+    median = float(np.median(intervals))
+    return 60.0 / float(intervals[np.abs(intervals - median) <= 0.25 * median].mean())
 
 
 def estimate_onsets(audio: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -150,14 +167,30 @@ def estimate_key(audio: np.ndarray, sample_rate: int) -> Key:
 def chroma_profile(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     """The time-averaged CQT chroma from C3 up, 5 octaves (what `estimate_key` correlates), summing to 1: [12], C
     first. Raises ValueError on digital silence."""
+    return chroma_track(audio, sample_rate, np.zeros(0))[0]
+
+
+def chroma_track(audio: np.ndarray, sample_rate: int, times: np.ndarray, window_s: float = 0.5
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(`chroma_profile`, the same chroma averaged over `window_s` centred on each of `times` (s), each row summing
+    to 1 [len(times), 12]; a window with no energy, or past the end, is flat). Raises ValueError on digital silence."""
     import librosa
 
     y = _mono(audio, sample_rate)
     if not np.any(y):
         raise ValueError("silent audio has no key")
-    chroma = librosa.feature.chroma_cqt(y=y, sr=SAMPLE_RATE, hop_length=HOP, fmin=librosa.note_to_hz("C3"),
-                                        n_octaves=5).mean(axis=1)
-    return (chroma / max(float(chroma.sum()), 1e-12)).astype(np.float32)
+    frames = librosa.feature.chroma_cqt(y=y, sr=SAMPLE_RATE, hop_length=HOP, fmin=librosa.note_to_hz("C3"),
+                                        n_octaves=5)  # (12, F), frame f at f * HOP / SAMPLE_RATE
+    profile = frames.mean(axis=1)
+    profile = (profile / max(float(profile.sum()), 1e-12)).astype(np.float32)
+    centres = np.arange(frames.shape[1]) * HOP / SAMPLE_RATE
+    rows = np.full((len(times), 12), 1.0 / 12, np.float32)
+    for i, t in enumerate(np.asarray(times, dtype=np.float64)):
+        inside = np.abs(centres - t) <= window_s / 2
+        total = frames[:, inside].sum(axis=1)
+        if total.sum() > 1e-9:
+            rows[i] = total / total.sum()
+    return profile, rows
 
 
 def key_accuracy(estimated: Key, reference: Key) -> float:

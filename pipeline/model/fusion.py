@@ -54,12 +54,33 @@ class FusionConfig:
     # holds motion up to t) | centre = (k - 0.5) / fps. At 8 fps centre aligned worse (val_beat_f1 0.45/0.49/0.73 vs
     # 0.57/0.67/0.76 at steps 100/200/300, README "Does motion reach the beats?"); at 24 fps they are 21 ms apart.
     flow_time: str = "end"
+    # how a flow row is scaled before its projection: layer = LayerNorm over the row, which divides out the row's
+    # overall speed (on SynthV2M the hop speed is the note density: 1 note a beat came out as 2.5 onsets a beat) |
+    # log = sign(x) log(1 + |x| / FLOW_LOG_FLOOR), elementwise, which keeps how fast as well as where and which way
+    flow_norm: str = "layer"
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
             raise ValueError(f"fusion.direction: {self.direction!r} is not one of {', '.join(DIRECTIONS)}")
         if self.flow_time not in ("centre", "end"):
             raise ValueError(f"fusion.flow_time: {self.flow_time!r} is not one of centre, end")
+        if self.flow_norm not in ("layer", "log"):
+            raise ValueError(f"fusion.flow_norm: {self.flow_norm!r} is not one of layer, log")
+
+
+FLOW_LOG_FLOOR = 0.05  # short sides per second: about the median frame speed of a SynthV2M clip (background jitter)
+
+
+class SignedLog(nn.Module):
+    """sign(x) log(1 + |x| / floor), elementwise: a fixed compression that keeps the scale of the input, unlike a
+    per-row LayerNorm (descriptor values span 0 to ~2 short sides per second, the hops' peaks 10-40x the jitter)."""
+
+    def __init__(self, floor: float = FLOW_LOG_FLOOR):
+        super().__init__()
+        self.floor = floor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sign() * torch.log1p(x.abs() / self.floor)
 
 
 class SecondsEmbedding(nn.Module):
@@ -94,6 +115,21 @@ class CrossBlock(nn.Module):
         return x + self.ff(self.norm_ff(x))
 
 
+def rows_at(rows: torch.Tensor, mask: torch.Tensor, fps: torch.Tensor, seconds: torch.Tensor,
+            shift: float = 0.0) -> torch.Tensor:
+    """Rows (B, T, D) of a stream whose row k is at time (k + shift) / fps (B,), linearly interpolated to `seconds`
+    (B, S) -> (B, S, D). Times before the first row or past an item's last valid row (mask (B, T)) take that row
+    (no extrapolation)."""
+    last = (mask.sum(1) - 1).clamp(min=0).float()[:, None]  # (B, 1)
+    pos = torch.minimum((seconds * fps[:, None] - shift).clamp(min=0.0), last)  # (B, S)
+    lo = pos.floor().long()
+    hi = torch.minimum(lo + 1, last.long())
+    w = (pos - lo.float())[..., None]  # (B, S, 1)
+    at_lo = rows.gather(1, lo[..., None].expand(-1, -1, rows.shape[-1]))  # (B, S, D)
+    at_hi = rows.gather(1, hi[..., None].expand(-1, -1, rows.shape[-1]))
+    return (1 - w) * at_lo + w * at_hi
+
+
 @dataclass
 class Conditioning:
     """What the decoder sees: the memory for cross-attention and the fused streams for interpolation."""
@@ -104,31 +140,22 @@ class Conditioning:
     streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]
     harmony: torch.Tensor | None = None  # (B, d) embedded pitch-class profile added at every step (V2M's harmony)
     harmony_logits: torch.Tensor | None = None  # (B, 12) the harmony head's prediction
+    # (embedded rows (B, Tc, d), mask (B, Tc), fps (B,)): the harmony track, what sounds at each CLIP row's time
+    harmony_track: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def context_at(self, seconds: torch.Tensor) -> torch.Tensor:
-        """The fused video streams linearly interpolated to `seconds` (B, S) and summed -> (B, S, d).
-
-        Row k of a stream is time (k + shift) / fps; times before the first row or past a clip's last valid row take
-        that row (no extrapolation).
-        """
+        """The fused video streams linearly interpolated to `seconds` (B, S) and summed -> (B, S, d)."""
         out = 0
         for rows, mask, fps, shift in self.streams:
-            last = (mask.sum(1) - 1).clamp(min=0).float()[:, None]  # (B, 1)
-            pos = (seconds * fps[:, None] - shift).clamp(min=0.0)
-            pos = torch.minimum(pos, last)  # (B, S)
-            lo = pos.floor().long()
-            hi = torch.minimum(lo + 1, last.long())
-            w = (pos - lo.float())[..., None]  # (B, S, 1)
-            at_lo = rows.gather(1, lo[..., None].expand(-1, -1, rows.shape[-1]))  # (B, S, d)
-            at_hi = rows.gather(1, hi[..., None].expand(-1, -1, rows.shape[-1]))
-            out = out + (1 - w) * at_lo + w * at_hi
+            out = out + rows_at(rows, mask, fps, seconds, shift)
         return out
 
     def drop(self, keep: torch.Tensor) -> Conditioning:
         """Zero the conditioning of items where keep (B,) is False: the null condition of classifier-free guidance."""
         k = keep.to(self.memory.dtype)[:, None, None]
+        track = None if self.harmony_track is None else (self.harmony_track[0] * k, *self.harmony_track[1:])
         return Conditioning(self.memory * k, self.mask, [(r * k, m, f, s) for r, m, f, s in self.streams],
-                            None if self.harmony is None else self.harmony * k[:, 0], self.harmony_logits)
+                            None if self.harmony is None else self.harmony * k[:, 0], self.harmony_logits, track)
 
 
 class TemporalFusion(nn.Module):
@@ -144,7 +171,8 @@ class TemporalFusion(nn.Module):
         nn.init.normal_(self.stream_emb, std=0.02)
         if cfg.use_motion:
             flow_in = cfg.flow_dim // cfg.flow_cells
-            self.flow_in = nn.Sequential(nn.LayerNorm(flow_in), nn.Linear(flow_in, d))
+            norm = nn.LayerNorm(flow_in) if cfg.flow_norm == "layer" else SignedLog()
+            self.flow_in = nn.Sequential(norm, nn.Linear(flow_in, d))
             n = cfg.n_layers
             with_f2c = cfg.direction in ("flow_to_clip", "both")
             with_c2f = cfg.direction in ("clip_to_flow", "both")

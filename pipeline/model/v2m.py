@@ -19,6 +19,12 @@ correlations to the 24 major/minor key templates (`_harmony_features`). Two pred
   is a buffer of the checkpoint, filled by train (`set_harmony_bank`); in training a clip never retrieves itself
   (batch["bank_index"]). Scene-to-key is many-to-one and not linear in CLIP space: on SynthV2M the 3 nearest clips
   name the key for 0.95 of val clips where a ridge probe of the same embeddings manages 0.40.
+- `harmony_track: true` (with harmony_knn; the embedded default): the same retrieval per CLIP row instead of per clip.
+  The bank holds every CLIP row of the training clips with the chroma of the half second of music around its time
+  (`rhythm.chroma_track`); each row of a clip takes the mean chroma of its k nearest bank rows of other clips. Their
+  mean over the clip is the profile above, and the rows themselves, standardised and embedded, are interpolated to
+  every token step and added too: what sounds now, not only the key. On SynthV2M the objects' colour shows the chord
+  of each bar, and the nearest rows of other clips name the chord root for ~0.9 of rows.
 - `harmony > 0`: a small head on the pooled CLIP stream, trained against the true profile with a KL loss of that
   weight (0.45-0.65 key accuracy on val after the demo's 400 steps: too little data for it).
 In training a fraction `harmony_teacher` of items feed the decoder the true profile (it learns what a profile means
@@ -41,7 +47,7 @@ import yaml
 from torch import nn
 
 from pipeline.model.decoder import DecoderConfig, MusicDecoder, delay_pattern, load_musicgen_decoder, undelay
-from pipeline.model.fusion import Conditioning, FusionConfig, TemporalFusion
+from pipeline.model.fusion import Conditioning, FusionConfig, TemporalFusion, rows_at
 
 N_CHROMA = 12
 KEY_SHARPNESS = 20.0  # softmax scale of the key correlations (in [-1, 1]): a 0.1 lead is a 7x odds ratio
@@ -79,6 +85,9 @@ class ModelConfig:
     harmony_bank: int = 0  # training clips in the neighbour bank (set by train)
     harmony_teacher: float = 0.5  # fraction of training items whose decoder gets the true profile, not the predicted
     harmony_into: str = "input"  # input: added to the decoder input at every step | memory: one more memory row
+    # with harmony_knn: the bank holds every CLIP row of the training clips with the chroma of the music around its
+    # time, each row of a clip retrieves its own neighbours, and the decoder also gets that harmony track at every step
+    harmony_track: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -116,6 +125,8 @@ class V2M(nn.Module):
         super().__init__()
         if cfg.fusion.d_model != cfg.decoder.d_model:
             cfg = dataclasses.replace(cfg, fusion=dataclasses.replace(cfg.fusion, d_model=cfg.decoder.d_model))
+        if cfg.harmony_track and (not cfg.harmony_knn or cfg.harmony_into != "input"):
+            raise ValueError("harmony_track needs harmony_knn > 0 and harmony_into: input")
         self.cfg = cfg
         self.fusion = TemporalFusion(cfg.fusion)
         self.decoder = MusicDecoder(cfg.decoder)
@@ -124,6 +135,9 @@ class V2M(nn.Module):
         if cfg.harmony_knn:
             self.register_buffer("bank_keys", torch.zeros(cfg.harmony_bank, cfg.fusion.clip_dim))
             self.register_buffer("bank_profiles", torch.zeros(cfg.harmony_bank, N_CHROMA))
+            if cfg.harmony_track:  # bank row -> its training clip's index, so that a clip never retrieves itself
+                self.register_buffer("bank_clips", torch.zeros(cfg.harmony_bank, dtype=torch.long))
+                self.track_in = nn.Linear(N_CHROMA, d)
         elif cfg.harmony:
             self.harmony_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, N_CHROMA))
         if cfg.harmony_knn or cfg.harmony:
@@ -139,11 +153,19 @@ class V2M(nn.Module):
         return bool(self.cfg.harmony_knn or self.cfg.harmony)
 
     @torch.no_grad()
-    def set_harmony_bank(self, clip_means: torch.Tensor, profiles: torch.Tensor) -> None:
-        """Fill the neighbour bank: mean CLIP embeddings (N, Dc) of the training clips and their profiles (N, 12)."""
+    def set_harmony_bank(self, clip_means: torch.Tensor, profiles: torch.Tensor,
+                         clips: torch.Tensor | None = None) -> None:
+        """Fill the neighbour bank: mean CLIP embeddings (N, Dc) of the training clips and their profiles (N, 12);
+        with `harmony_track`, CLIP rows (N, Dc), the chroma around each row's time (N, 12) and the index of the
+        training clip each row comes from, `clips` (N,)."""
         if tuple(clip_means.shape) != tuple(self.bank_keys.shape):
             raise ValueError(f"harmony bank: expected {tuple(self.bank_keys.shape)} embeddings, "
                              f"got {tuple(clip_means.shape)}")
+        if self.cfg.harmony_track:
+            if clips is None or tuple(clips.shape) != (self.bank_keys.shape[0],):
+                raise ValueError(f"harmony bank: harmony_track needs the clip index of each of the "
+                                 f"{self.bank_keys.shape[0]} rows")
+            self.bank_clips.copy_(clips.long())
         self.bank_keys.copy_(F.normalize(clip_means.float(), dim=-1))
         self.bank_profiles.copy_(profiles.float())
 
@@ -164,6 +186,22 @@ class V2M(nn.Module):
         found = torch.isfinite(top).any(-1, keepdim=True)  # a bank of one clip has no neighbour for that clip
         return torch.where(found, profile, self.bank_profiles.mean(0, keepdim=True))
 
+    def _knn_track(self, batch: dict) -> torch.Tensor:
+        """(B, Tc, 12): for every CLIP row, the softmax-weighted mean chroma of its harmony_knn nearest bank rows
+        (cosine), never rows of the item's own clip (batch["bank_index"])."""
+        clip = batch["clip"]
+        if not self.bank_keys.shape[0]:  # an untrained model: a flat track
+            return clip.new_full((*clip.shape[:2], N_CHROMA), 1.0 / N_CHROMA).float()
+        sims = F.normalize(clip.float(), dim=-1) @ self.bank_keys.T  # (B, Tc, N)
+        own = batch.get("bank_index")
+        if own is not None:
+            sims = sims.masked_fill((own[:, None] == self.bank_clips[None])[:, None], float("-inf"))
+        top, index = sims.topk(min(self.cfg.harmony_knn, sims.shape[-1]), dim=-1)
+        weights = (top / self.cfg.harmony_tau).softmax(-1)  # (B, Tc, k)
+        track = (weights[..., None] * self.bank_profiles[index]).sum(-2)
+        found = torch.isfinite(top).any(-1, keepdim=True)  # a bank of one clip has no neighbour for that clip
+        return torch.where(found, track, self.bank_profiles.mean(0))
+
     def condition(self, batch: dict, keep: torch.Tensor | None = None) -> Conditioning:
         """The conditioning of a batch (see `TemporalFusion.forward` for the keys); keep (B,) False = null condition.
 
@@ -172,7 +210,11 @@ class V2M(nn.Module):
         `harmony_teacher` of items, the (detached) prediction for the rest and at inference."""
         cond = self.fusion(batch["clip"], batch["clip_mask"], batch["clip_fps"], batch.get("flow"),
                            batch.get("flow_mask"), batch.get("flow_fps"), batch.get("text"), batch.get("text_mask"))
-        if self.cfg.harmony_knn:
+        track = None
+        if self.cfg.harmony_track:
+            track = self._knn_track(batch)
+            profile = _masked_mean(track, batch["clip_mask"])
+        elif self.cfg.harmony_knn:
             profile = self._knn_profile(batch)
         elif self.cfg.harmony:
             rows, mask = cond.streams[0][:2]  # the CLIP stream: what the scene looks like (flow rows outnumber it)
@@ -183,7 +225,12 @@ class V2M(nn.Module):
             if self.training and truth is not None and self.cfg.harmony_teacher > 0:
                 teach = torch.rand(profile.shape[0], device=profile.device) < self.cfg.harmony_teacher
                 profile = torch.where(teach[:, None], truth.to(profile), profile)
+                if track is not None and batch.get("harmony_track") is not None:
+                    track = torch.where(teach[:, None, None], batch["harmony_track"].to(track), track)
             cond.harmony = self.harmony_in(self._harmony_features(profile))
+            if track is not None:  # standardised per row, like the profile: which pitch classes stand out now
+                z = (track - track.mean(-1, keepdim=True)) / track.std(-1, keepdim=True).clamp(min=1e-6)
+                cond.harmony_track = (self.track_in(z), batch["clip_mask"], batch["clip_fps"])
             if self.cfg.harmony_into == "memory":
                 cond.memory = torch.cat([cond.memory, cond.harmony[:, None]], dim=1)
                 cond.mask = torch.cat([cond.mask, cond.mask.new_ones(cond.mask.shape[0], 1)], dim=1)
@@ -213,6 +260,9 @@ class V2M(nn.Module):
             out = self.ctx_proj(cond.context_at(seconds))
         if cond.harmony is not None:
             h = cond.harmony[:, None].expand(-1, steps.shape[0], -1)
+            if cond.harmony_track is not None:
+                seconds = (steps.float() / self.cfg.frame_rate)[None].expand(h.shape[0], -1)
+                h = h + rows_at(*cond.harmony_track, seconds)
             out = h if out is None else out + h
         return out
 

@@ -13,10 +13,12 @@ from pipeline.metrics.rhythm import (
     Key,
     beat_f1,
     chroma_profile,
+    chroma_track,
     estimate_beats,
     estimate_key,
     estimate_onsets,
     key_accuracy,
+    tempo_from_beats,
     key_from_chroma,
     key_weighted_score,
     onset_f1,
@@ -63,6 +65,18 @@ def test_clicks_give_their_tempo_beats_and_onsets():
     assert tempo_accuracy(tempo, 120.0).correct
     assert beat_f1(beats, times) > 0.9
     assert onset_f1(estimate_onsets(audio, SR), times) == 1.0
+
+
+def test_tempo_is_that_of_the_tracked_beats_to_within_one_percent():
+    """131.8 BPM falls between two of librosa's tempogram values (129.2 and 136.0): the tempo of the tracked beats is
+    within 1 %, also with a click missing and an extra click between two beats."""
+    period = 60.0 / 131.8
+    times = list(0.3 + period * np.arange(30))
+    for clicks_at in (times, times[:12] + times[13:] + [times[20] + 0.4 * period]):
+        tempo, beats = estimate_beats(clicks(sorted(clicks_at), 15.0, SR), SR)
+        assert abs(tempo - 131.8) < 0.01 * 131.8, tempo
+    assert tempo_from_beats(np.array([1.0, 1.5]), 97.0) == 97.0  # too few beats: the fallback
+    assert tempo_from_beats(np.array([0.0, 0.5, 1.0, 2.0, 2.5]), 0.0) == pytest.approx(120.0)  # a gap is left out
 
 
 def test_parse_key_normalises_names():
@@ -115,6 +129,21 @@ def test_chroma_profile_sums_to_one_and_peaks_on_the_notes_played():
     assert key_from_chroma(profile) == estimate_key(audio, SR)
     with pytest.raises(ValueError, match="silent"):
         chroma_profile(np.zeros(SR, np.float32), SR)
+
+
+def test_chroma_track_follows_the_chord_in_each_window():
+    """A C major triad, then an F major one: the rows around times in each half peak on that triad, every row sums to
+    1, a window past the end is flat, and the profile is chroma_profile's."""
+    def chord(notes):  # the triad struck together every 0.4 s
+        return sum(_melody([n] * 6) for n in notes)
+
+    audio = np.concatenate([chord([60, 64, 67]), chord([65, 69, 72])])
+    half = len(audio) / SR / 2
+    profile, rows = chroma_track(audio, SR, np.array([half / 2, 1.5 * half, 10 * half]))
+    np.testing.assert_allclose(profile, chroma_profile(audio, SR), atol=1e-6)
+    assert rows.shape == (3, 12) and rows.dtype == np.float32 and np.allclose(rows.sum(1), 1.0, atol=1e-5)
+    assert set(np.argsort(rows[0])[-3:]) == {0, 4, 7} and set(np.argsort(rows[1])[-3:]) == {5, 9, 0}
+    np.testing.assert_allclose(rows[2], np.full(12, 1 / 12), atol=1e-6)
 
 
 def test_silent_audio_has_no_key():
