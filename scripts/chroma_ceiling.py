@@ -5,7 +5,8 @@
 The chroma metric (pipeline/metrics/chroma.py, audiocraft's) compares the *argmax* pitch class of the reference and
 the generated music frame by frame (128 ms frames). In SynthV2M music that argmax is mostly the root of the chord of
 the bar (bass, chords and the tonic-tuned drums), and the chord progression is drawn at random from three per mode
-(pipeline/synth.py, PROGRESSIONS) and is nowhere in the picture. This script reads the demo's music
+(pipeline/synth.py, PROGRESSIONS). Until render version 2 it was nowhere in the picture; now the objects' hue shows
+it, and these figures bound a system that does not read that cue. This script reads the demo's music
 (`separate.out_dir`, the reference the evaluate stage scores against), recomputes each clip's score from
 `make_spec(seed, index)`, and reports, over the split's frames:
 
