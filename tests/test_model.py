@@ -18,6 +18,7 @@ from pipeline.model import (
     undelay,
 )
 from pipeline.model.decoder import MusicDecoder, load_musicgen_decoder
+from pipeline.model.fusion import FLOW_LOG_FLOOR, SignedLog
 
 torch.set_num_threads(1)
 K, CARD, T = 2, 16, 12
@@ -190,6 +191,23 @@ def test_musicgen_size_mismatch_is_an_error(tmp_path):
     decoder = MusicDecoder(dataclasses.replace(load_preset("debug").decoder, d_model=64))
     with pytest.raises(ValueError, match="musicgen weights in"):
         load_musicgen_decoder(decoder, tmp_path)
+
+
+def test_flow_norm_layer_divides_out_the_speed_log_keeps_it():
+    """flow_norm: layer (LayerNorm over each flow row) gives the same memory for the same motion twice as fast;
+    log (sign(x) log(1 + |x| / floor)) tells them apart; anything else is refused."""
+    batch = make_batch()
+    args = lambda b: (b["clip"], b["clip_mask"], b["clip_fps"], b["flow"], b["flow_mask"], b["flow_fps"])  # noqa: E731
+    faster = dict(batch, flow=batch["flow"] * 2.0)
+    for norm, same in (("layer", True), ("log", False)):
+        torch.manual_seed(0)
+        fusion = TemporalFusion(FusionConfig(clip_dim=8, flow_dim=6, d_model=16, n_heads=2, flow_norm=norm)).eval()
+        a, b = fusion(*args(batch)).memory, fusion(*args(faster)).memory
+        assert torch.allclose(a, b, atol=1e-4) is same, norm
+    x = torch.tensor([-0.5, 0.0, 0.05, 1.0])
+    assert torch.allclose(SignedLog()(x), x.sign() * torch.log1p(x.abs() / FLOW_LOG_FLOOR))
+    with pytest.raises(ValueError, match="flow_norm"):
+        FusionConfig(flow_norm="batch")
 
 
 def test_flow_pooling_over_cells():

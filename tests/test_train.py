@@ -363,3 +363,14 @@ def test_harmony_without_the_music_says_so(data, tmp_path):
     params = write_params(tmp_path / "params.yaml", music_dir=tmp_path / "nowhere", harmony=1.0)
     with pytest.raises(SystemExit, match="nowhere/manifest.parquet is missing"):
         train.main(argv(data, params, tmp_path))
+
+
+def test_on_off_settings_name_the_key_when_wrong():
+    from pipeline.config import TrainConfig
+
+    codec = {"num_codebooks": 2, "codebook_size": 16, "frame_rate": 25.0}
+    cfg = train.model_config(TrainConfig(preset="debug", harmony_knn=1, harmony_track="on"), "full", codec, 8, 6)
+    assert cfg.harmony_track is True and cfg.harmony_knn == 1
+    for key in ("interpolate", "harmony_track"):
+        with pytest.raises(SystemExit, match=f"train.{key}: 'maybe'"):
+            train.model_config(TrainConfig(preset="debug", **{key: "maybe"}), "full", codec, 8, 6)

@@ -169,38 +169,33 @@ class V2M(nn.Module):
         self.bank_keys.copy_(F.normalize(clip_means.float(), dim=-1))
         self.bank_profiles.copy_(profiles.float())
 
-    def _knn_profile(self, batch: dict) -> torch.Tensor:
-        """(B, 12): the softmax-weighted mean profile of the harmony_knn nearest bank clips to each item's mean CLIP
-        embedding; an item never retrieves its own bank row (batch["bank_index"], -1 = not in the bank)."""
-        if not self.bank_keys.shape[0]:  # an untrained model (benchmarks): nothing to retrieve, a flat profile
-            return batch["clip"].new_full((batch["clip"].shape[0], N_CHROMA), 1.0 / N_CHROMA).float()
-        query = F.normalize(_masked_mean(batch["clip"], batch["clip_mask"]), dim=-1)
-        sims = query.float() @ self.bank_keys.T  # (B, N)
-        own = batch.get("bank_index")
-        if own is not None:
-            hit = own[:, None] == torch.arange(sims.shape[1], device=sims.device)[None]
-            sims = sims.masked_fill(hit, float("-inf"))
-        top, index = sims.topk(min(self.cfg.harmony_knn, sims.shape[1]), dim=-1)
-        weights = (top / self.cfg.harmony_tau).softmax(-1)  # (B, k)
-        profile = (weights[..., None] * self.bank_profiles[index]).sum(1)
+    def _retrieve(self, query: torch.Tensor, excluded: torch.Tensor | None) -> torch.Tensor:
+        """Query rows (B, Q, Dc) -> (B, Q, 12): the softmax-weighted (at harmony_tau) mean profile of the harmony_knn
+        bank rows nearest each query (cosine), leaving out the bank rows where excluded (B, N) is True. A query with
+        nothing left to retrieve takes the bank's mean; an empty bank (an untrained model) gives flat profiles."""
+        if not self.bank_keys.shape[0]:
+            return query.new_full((*query.shape[:2], N_CHROMA), 1.0 / N_CHROMA).float()
+        sims = F.normalize(query.float(), dim=-1) @ self.bank_keys.T  # (B, Q, N)
+        if excluded is not None:
+            sims = sims.masked_fill(excluded[:, None], float("-inf"))
+        top, index = sims.topk(min(self.cfg.harmony_knn, sims.shape[-1]), dim=-1)
+        weights = (top / self.cfg.harmony_tau).softmax(-1)  # (B, Q, k)
+        out = (weights[..., None] * self.bank_profiles[index]).sum(-2)
         found = torch.isfinite(top).any(-1, keepdim=True)  # a bank of one clip has no neighbour for that clip
-        return torch.where(found, profile, self.bank_profiles.mean(0, keepdim=True))
+        return torch.where(found, out, self.bank_profiles.mean(0))
+
+    def _knn_profile(self, batch: dict) -> torch.Tensor:
+        """(B, 12): the retrieved profile for each item's mean CLIP embedding; an item never retrieves its own bank
+        row (batch["bank_index"], -1 = not in the bank)."""
+        own = batch.get("bank_index")
+        excluded = None if own is None else own[:, None] == torch.arange(self.bank_keys.shape[0], device=own.device)
+        return self._retrieve(_masked_mean(batch["clip"], batch["clip_mask"])[:, None], excluded)[:, 0]
 
     def _knn_track(self, batch: dict) -> torch.Tensor:
-        """(B, Tc, 12): for every CLIP row, the softmax-weighted mean chroma of its harmony_knn nearest bank rows
-        (cosine), never rows of the item's own clip (batch["bank_index"])."""
-        clip = batch["clip"]
-        if not self.bank_keys.shape[0]:  # an untrained model: a flat track
-            return clip.new_full((*clip.shape[:2], N_CHROMA), 1.0 / N_CHROMA).float()
-        sims = F.normalize(clip.float(), dim=-1) @ self.bank_keys.T  # (B, Tc, N)
+        """(B, Tc, 12): the retrieved chroma for every CLIP row (harmony_track), never from rows of the item's own
+        clip (batch["bank_index"])."""
         own = batch.get("bank_index")
-        if own is not None:
-            sims = sims.masked_fill((own[:, None] == self.bank_clips[None])[:, None], float("-inf"))
-        top, index = sims.topk(min(self.cfg.harmony_knn, sims.shape[-1]), dim=-1)
-        weights = (top / self.cfg.harmony_tau).softmax(-1)  # (B, Tc, k)
-        track = (weights[..., None] * self.bank_profiles[index]).sum(-2)
-        found = torch.isfinite(top).any(-1, keepdim=True)  # a bank of one clip has no neighbour for that clip
-        return torch.where(found, track, self.bank_profiles.mean(0))
+        return self._retrieve(batch["clip"], None if own is None else own[:, None] == self.bank_clips[None])
 
     def condition(self, batch: dict, keep: torch.Tensor | None = None) -> Conditioning:
         """The conditioning of a batch (see `TemporalFusion.forward` for the keys); keep (B,) False = null condition.
