@@ -236,7 +236,7 @@ def write_report(path: Path, report: dict, cfg, ids: list[str]) -> None:
                   "Instrument accuracy is the tagger's instrument head on the generated music.", ""]
     ref_key = report.get("key_acc_on_reference") or {}
     lines += [f"Rules: beat F1 is mir_eval's F-measure (70 ms) against the labelled beats; tempo accuracy counts an "
-              f"estimate (librosa) within 4 % of the labelled BPM, octave errors (within 4 % of double or half) "
+              f"estimate (the tempo of the beats librosa tracks) within 4 % of the labelled BPM, octave errors (within 4 % of double or half) "
               f"are counted apart as `tempo_octave` and never as correct; key accuracy is tonic and mode both right, "
               f"from `{report['key_method']}`"
               + (f" (on the reference: Krumhansl-Schmuckler {ref_key.get('ks')}, tagger {ref_key.get('tagger')})"
