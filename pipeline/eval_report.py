@@ -236,8 +236,9 @@ def write_report(path: Path, report: dict, cfg, ids: list[str]) -> None:
                   "Instrument accuracy is the tagger's instrument head on the generated music.", ""]
     ref_key = report.get("key_acc_on_reference") or {}
     lines += [f"Rules: beat F1 is mir_eval's F-measure (70 ms) against the labelled beats; tempo accuracy counts an "
-              f"estimate (the tempo of the beats librosa tracks) within 4 % of the labelled BPM, octave errors (within 4 % of double or half) "
-              f"are counted apart as `tempo_octave` and never as correct; key accuracy is tonic and mode both right, "
+              f"estimate (the tempo of the beats librosa tracks) within 4 % of the labelled BPM, octave errors "
+              f"(within 4 % of double or half) are counted apart as `tempo_octave` and never as correct; "
+              f"key accuracy is tonic and mode both right, "
               f"from `{report['key_method']}`"
               + (f" (on the reference: Krumhansl-Schmuckler {ref_key.get('ks')}, tagger {ref_key.get('tagger')})"
                  if ref_key else "") + ". Params and training samples: the checkpoint's parameter count and the "

@@ -335,9 +335,10 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
     torch.manual_seed(seed)
     model = create_model(mcfg, cfg.pretrained_dir).to(device)
     if mcfg.harmony_track:  # every CLIP row of every training clip, with the chroma around its time
-        model.set_harmony_bank(torch.from_numpy(np.concatenate([it["clip"] for it in train_items])).to(device),
-                               torch.from_numpy(np.concatenate([it["harmony_track"] for it in train_items])).to(device),
-                               torch.cat([torch.full((len(it["clip"]),), i) for i, it in enumerate(train_items)]).to(device))
+        keys = np.concatenate([it["clip"] for it in train_items])
+        chroma = np.concatenate([it["harmony_track"] for it in train_items])
+        clips = np.repeat(np.arange(len(train_items)), [len(it["clip"]) for it in train_items])
+        model.set_harmony_bank(*(torch.from_numpy(x).to(device) for x in (keys, chroma, clips)))
     elif mcfg.harmony_knn:
         model.set_harmony_bank(torch.from_numpy(np.stack([it["clip"].mean(0) for it in train_items])).to(device),
                                torch.from_numpy(np.stack([it["harmony"] for it in train_items])).to(device))

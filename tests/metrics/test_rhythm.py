@@ -18,12 +18,12 @@ from pipeline.metrics.rhythm import (
     estimate_key,
     estimate_onsets,
     key_accuracy,
-    tempo_from_beats,
     key_from_chroma,
     key_weighted_score,
     onset_f1,
     parse_key,
     tempo_accuracy,
+    tempo_from_beats,
 )
 
 SR = 22_050
