@@ -82,7 +82,8 @@ def tempo_from_beats(beats: np.ndarray, fallback_bpm: float) -> float:
     if len(intervals) < 2:
         return fallback_bpm
     median = float(np.median(intervals))
-    return 60.0 / float(intervals[np.abs(intervals - median) <= 0.25 * median].mean())
+    typical = intervals[np.abs(intervals - median) <= 0.25 * median]
+    return 60.0 / float(typical.mean() if len(typical) else median)  # none typical (two unlike intervals): median
 
 
 def estimate_onsets(audio: np.ndarray, sample_rate: int) -> np.ndarray:

@@ -77,6 +77,7 @@ def test_tempo_is_that_of_the_tracked_beats_to_within_one_percent():
         assert abs(tempo - 131.8) < 0.01 * 131.8, tempo
     assert tempo_from_beats(np.array([1.0, 1.5]), 97.0) == 97.0  # too few beats: the fallback
     assert tempo_from_beats(np.array([0.0, 0.5, 1.0, 2.0, 2.5]), 0.0) == pytest.approx(120.0)  # a gap is left out
+    assert tempo_from_beats(np.array([0.0, 0.5, 1.5]), 0.0) == pytest.approx(80.0)  # two unlike intervals: median
 
 
 def test_parse_key_normalises_names():
