@@ -218,8 +218,8 @@ class TrainConfig:
     guidance: float = 3.0  # classifier-free guidance of those generations
     top_k: int = 0  # sampling: 0 = full distribution
     temperature: float = 0.8  # 0.8 placed beats better than 1.0 (val_beat_f1 0.92 vs 0.86, README)
-    # torch threads per process: 2, the 2 cores of the demo machine (600 steps in the time 1 thread takes for ~420);
-    # 0 = cores / processes; under torchrun keep threads x processes <= cores (oversubscription was 7x slower)
+    # torch threads per process, at most cores / processes (oversubscription was 7x slower); 0 = cores / processes.
+    # 2: the 2 cores of the demo machine (600 steps in the time 1 thread took for ~420)
     torch_threads: int = 2
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
