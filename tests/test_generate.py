@@ -247,3 +247,7 @@ def test_score_checkpoint_script_scores_a_split(project, capsys):
         for metric in ("beat_f1", "tempo_acc", "key_acc", "chroma", "av_align"):
             assert 0.0 <= line[metric] <= 1.0, (metric, line)
     assert lines[0] == lines[2]
+    keep = project["params"].parent / "kept"
+    assert script.main([str(project["model"]), '{"seed": 3}', "--params", str(project["params"]), "--split", "test",
+                        "--keep", str(keep)]) == 0
+    assert len(list((keep / "0").glob("*.wav"))) == 2  # --keep: the generated wavs, one folder per setting
