@@ -201,11 +201,17 @@ def _sdf(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def chord_roots(spec: ClipSpec) -> list[int]:
-    """Root pitch class of the chord sounding at each beat (one chord per bar of 4 beats, the progression cycled)."""
-    scale = SCALES[spec.mode]
-    return [(spec.key_pc + scale[spec.progression[(n // 4) % len(spec.progression)]]) % 12
+def chord_roots(spec: ClipSpec, progression: tuple[int, ...] | None = None) -> list[int]:
+    """Root pitch class of the chord sounding at each beat (one chord per bar of 4 beats, the progression cycled):
+    of the clip's progression, or of `progression` (scale degrees) in the clip's key."""
+    degrees = spec.progression if progression is None else progression
+    return [_chord_pcs(spec.key_pc, spec.mode, degrees[(n // 4) % len(degrees)])[0]
             for n in range(len(spec.beat_times))]
+
+
+def beat_at(spec: ClipSpec, times: np.ndarray) -> np.ndarray:
+    """Index of the last beat at or before each of `times` (s); 0 before the first beat (it belongs to bar 1)."""
+    return np.maximum(np.searchsorted(np.asarray(spec.beat_times), np.asarray(times), side="right") - 1, 0)
 
 
 def palette(spec: ClipSpec, root_pc: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -230,8 +236,7 @@ def render_frames(spec: ClipSpec, fps: float, width: int, height: int) -> Iterat
     across = np.array([-along[1], along[0]])
     bg_rgb = palette(spec)[0]
     # the chord of frame k: that of the last beat at or before it (the first bar's before the first beat)
-    roots = chord_roots(spec)
-    beat_of = np.maximum(np.searchsorted(np.asarray(spec.beat_times), times, side="right") - 1, 0)
+    roots, beat_of = chord_roots(spec), beat_at(spec, times)
     obj_colours = {pc: palette(spec, pc)[1] for pc in set(roots)}
     # A gentle vertical gradient and a static mottle: texture lets flow estimators see that the background stays put.
     coarse = np.random.default_rng([spec.seed, spec.index, 2]).uniform(-1, 1, (12, 12)).astype(np.float32)
@@ -335,7 +340,6 @@ def render_audio(spec: ClipSpec, sample_rate: int) -> np.ndarray:
     rng = np.random.default_rng([spec.seed, spec.index, 1])
     total = int(round(spec.duration_s * sr))
     out = np.zeros(total + 2 * sr)
-    scale = SCALES[spec.mode]
 
     def add(start_s: float, y: np.ndarray, gain: float) -> None:
         i = int(round(start_s * sr))
@@ -343,12 +347,13 @@ def render_audio(spec: ClipSpec, sample_rate: int) -> np.ndarray:
 
     low_tonic = 28 + (spec.key_pc - 4) % 12  # E1 .. D#2, 41-78 Hz
     kick, period = _kick(sr, rng, _hz(low_tonic)), spec.period_s
+    roots = chord_roots(spec)
     for n, beat in enumerate(spec.beat_times):
         degree = spec.progression[(n // 4) % len(spec.progression)]
         add(beat, kick, 0.9)
         if n % 4 in (1, 3):
             add(beat, _snare(sr, rng, _hz(low_tonic + 24)), 0.45)
-        root = 36 + (spec.key_pc + scale[degree]) % 12
+        root = 36 + roots[n]
         bass_t = np.arange(int(0.9 * period * sr)) / sr
         f = _hz(root)
         bass = (np.sin(2 * np.pi * f * bass_t) + 0.4 * np.sin(4 * np.pi * f * bass_t)) * np.exp(-bass_t / 0.5)

@@ -38,8 +38,7 @@ def rows(params, n_clips: int, encoder: ClipEncoder) -> tuple[np.ndarray, np.nda
     for i in range(n_clips):
         spec = synth.make_spec(params.base.seed, i, params.synth, params.base)
         frames = np.stack(list(synth.render_frames(spec, fps, side, side)))
-        beat = np.maximum(np.searchsorted(np.asarray(spec.beat_times), np.arange(len(frames)) / fps, "right") - 1, 0)
-        roots = np.asarray(synth.chord_roots(spec))[beat]
+        roots = np.asarray(synth.chord_roots(spec))[synth.beat_at(spec, np.arange(len(frames)) / fps)]
         for part, values in zip(out, (encoder(frames), roots, np.full(len(frames), spec.key_pc),
                                       np.full(len(frames), i)), strict=True):
             part.append(values)

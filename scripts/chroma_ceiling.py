@@ -35,7 +35,7 @@ from pipeline.config import load_params  # noqa: E402
 from pipeline.media import load_audio  # noqa: E402
 from pipeline.metrics import chroma  # noqa: E402
 from pipeline.shards import atomic_write_json  # noqa: E402
-from pipeline.synth import _chord_pcs, make_spec  # noqa: E402
+from pipeline.synth import beat_at, chord_roots, make_spec  # noqa: E402
 
 MOST_LIKELY = (0, 3, 0, 4)  # per bar, the commonest scale degree of the three progressions (bar 4: a three-way tie)
 
@@ -60,13 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         audio = audio.reshape(-1)
         argmax = chroma.chroma_onehot(audio)[: int(np.ceil(len(audio) / chroma.HOP))].argmax(1)
         times = np.arange(len(argmax)) * chroma.HOP / chroma.SAMPLE_RATE
-        bar = np.maximum(np.searchsorted(np.asarray(spec.beat_times), times, side="right") - 1, 0) // 4
-
-        def roots(degrees, bars=bar, spec=spec):
-            return np.array([_chord_pcs(spec.key_pc, spec.mode, degrees[b % len(degrees)])[0] for b in bars])
-
-        counts["reference_on_chord_root"] += int((argmax == roots(spec.progression)).sum())
-        counts["most_likely_progression"] += int((argmax == roots(MOST_LIKELY)).sum())
+        beat = beat_at(spec, times)
+        counts["reference_on_chord_root"] += int((argmax == np.asarray(chord_roots(spec))[beat]).sum())
+        counts["most_likely_progression"] += int((argmax == np.asarray(chord_roots(spec, MOST_LIKELY))[beat]).sum())
         counts["tonic_throughout"] += int((argmax == spec.key_pc).sum())
         frames += len(argmax)
     if not frames:
