@@ -218,6 +218,7 @@ class TrainConfig:
     guidance: float = 3.0  # classifier-free guidance of those generations
     top_k: int = 0  # sampling: 0 = full distribution
     temperature: float = 0.8  # 0.8 placed beats better than 1.0 (val_beat_f1 0.92 vs 0.86, README)
+    plausibility: float = 0.03  # guided sampling only among plausible tokens (GenerateConfig.plausibility)
     # torch threads per process, at most cores / processes (oversubscription was 7x slower); 0 = cores / processes.
     # 2: the 2 cores of the demo machine (600 steps in the time 1 thread took for ~420)
     torch_threads: int = 2
@@ -237,6 +238,9 @@ class GenerateConfig:
     guidance: float = 3.0  # classifier-free guidance
     temperature: float = 0.8  # sampling temperature; 0 = greedy (0.8 placed beats best, README "Does motion...")
     top_k: int = 0  # 0 = the full distribution
+    # with guidance, sample only tokens whose conditional probability is >= plausibility x that of the conditional
+    # model's most likely token (README "Guidance: the onsets between the beats"); 0 = every token
+    plausibility: float = 0.03
     prompt_seconds: float = 4.0  # past the window, each window starts with this much of the music before it
     crossfade_seconds: float = 0.5  # window audio is crossfaded over this much of the shared (prompt) tokens
     use_cache: bool = True  # KV cache (False recomputes the prefix every step: for benchmarks and tests)

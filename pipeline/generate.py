@@ -275,7 +275,8 @@ def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig
         n = min(window, n_frames - start)
         batch = window_batch(feats, start / fr, n / fr, text, model.device)
         given = codes[None, :, start : start + prompt] if i else None
-        out = model.net.generate(batch, n, cfg.guidance, cfg.temperature, cfg.top_k, gen, cfg.use_cache, given)
+        out = model.net.generate(batch, n, cfg.guidance, cfg.temperature, cfg.top_k, gen, cfg.use_cache, given,
+                                 cfg.plausibility)
         codes = torch.cat([codes[:, :start], out[0]], dim=1)
     return codes.cpu().numpy(), starts, prompt if len(starts) > 1 else 0
 
@@ -561,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg", type=float, help="classifier-free guidance (default: generate.guidance)")
     parser.add_argument("--top-k", type=int, help="sample from the k most likely tokens; 0 = all")
     parser.add_argument("--temperature", type=float, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--plausibility", type=float, help="with guidance, sample only tokens at least this fraction "
+                        "as likely as the conditional model's first choice; 0 = all")
     parser.add_argument("--prompt-seconds", type=float, help="context carried into each next window")
     parser.add_argument("--no-cache", action="store_true", help="no KV cache (slow; for comparison)")
     parser.add_argument("--keep-audio", action="store_true", help="mix the original soundtrack under the music")
@@ -576,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.inputs or args.out is None:
         parser.error("give one or more videos and -o OUT (or --stage)")
     overrides = {k: v for k, v in {"guidance": args.cfg, "top_k": args.top_k, "temperature": args.temperature,
+                                   "plausibility": args.plausibility,
                                    "prompt_seconds": args.prompt_seconds, "mix_db": args.mix_db}.items()
                  if v is not None}
     if args.no_cache:

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 SYSTEMS = ("full", "no_motion")
 ONSET_WINDOW_S = 0.04
-VALIDATION_ONLY = ("select", "beat_clips", "guidance", "temperature", "top_k")
+VALIDATION_ONLY = ("select", "beat_clips", "guidance", "temperature", "top_k", "plausibility")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -274,7 +274,8 @@ def validate(model: V2M, items: list[dict], codec: dict, cfg: TrainConfig, devic
         chunk = items[: cfg.beat_clips]
         batch = {k: v.to(device) for k, v in collate(chunk, text).items() if k not in ("codes", "code_mask")}
         g = torch.Generator(device=device).manual_seed(0)
-        codes = model.generate(batch, chunk[0]["codes"].shape[1], cfg.guidance, cfg.temperature, cfg.top_k, g)
+        codes = model.generate(batch, chunk[0]["codes"].shape[1], cfg.guidance, cfg.temperature, cfg.top_k, g,
+                               plausibility=cfg.plausibility)
         scores = []
         for it, c in zip(chunk, codes.cpu(), strict=True):
             wav, sr = decode(c[:, : it["codes"].shape[1]])

@@ -3,13 +3,13 @@ from the scene to the key").
 
     python scripts/score_checkpoint.py MODEL [--params params.yaml] [--split val] [SETTINGS_JSON ...]
 
-SETTINGS_JSON is e.g. '{}' (the defaults: CFG 3, temperature 0.8, top-k 0, seed 0) or '{"temperature": 0.4,
-"seed": 1}'. Each setting generates every clip of the split in one batch (cached features, no video decoding),
-decodes with the tokenize stage's codec, writes the wavs to a scratch folder and scores them with the evaluate stage's
-per-clip scorer (`metrics.cli.score_pair`): beat F1, tempo accuracy and key accuracy against the SynthV2M labels of
-the ingest manifest, chroma cosine (pooled over frames) and AV-Align against the clip's music and video. One JSON
-line per setting; clip problems go to stderr. It is quicker than `v2m generate --stage` + `v2m evaluate`, which
-score the stage's own generations (another draw) with the baselines and confidence intervals.
+SETTINGS_JSON is e.g. '{}' (the defaults: CFG 3, temperature 0.8, top-k 0, plausibility 0.03, seed 0) or
+'{"temperature": 0.4, "seed": 1}'. Each setting generates every clip of the split in one batch (cached features, no
+video decoding), decodes with the tokenize stage's codec, writes the wavs to a scratch folder and scores them with the
+evaluate stage's per-clip scorer (`metrics.cli.score_pair`): beat F1, tempo accuracy and key accuracy against the
+SynthV2M labels of the ingest manifest, chroma cosine (pooled over frames) and AV-Align against the clip's music and
+video. One JSON line per setting; clip problems go to stderr. It is quicker than `v2m generate --stage` + `v2m
+evaluate`, which score the stage's own generations (another draw) with the baselines and confidence intervals.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def score(model: V2M, items: list[dict], rows: pd.DataFrame, codec, setting: dic
     batch = {k: v for k, v in train.collate(items).items() if k not in ("codes", "code_mask")}
     generator = torch.Generator().manual_seed(int(setting.get("seed", 0)))
     codes = model.generate(batch, items[0]["codes"].shape[1], setting.get("guidance", 3.0),
-                           setting.get("temperature", 0.8), setting.get("top_k", 0), generator)
+                           setting.get("temperature", 0.8), setting.get("top_k", 0), generator,
+                           plausibility=setting.get("plausibility", 0.03))
     values, chromas = {m: [] for m in METRICS}, []
     for it, c in zip(items, codes, strict=True):
         row = rows.loc[it["id"]]
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val")
     parser.add_argument("--keep", metavar="DIR", help="write the generated wavs to DIR/<setting number>/ and keep them "
                         "(default: a scratch folder, deleted)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options before or after the settings
     torch.set_num_threads(1)
     params = load_params(args.params)
     ckpt = torch.load(args.model, map_location="cpu", weights_only=False)

@@ -138,6 +138,43 @@ def test_kv_cache_generation_equals_full_recompute(guidance):
     assert torch.equal(model.generate(batch, 5, top_k=4, generator=g1), model.generate(batch, 5, top_k=4, generator=g2))
 
 
+def test_plausibility_samples_only_tokens_the_conditional_model_finds_likely():
+    model = debug_model()
+    batch = {k: v for k, v in make_batch().items() if k not in ("codes", "code_mask")}
+    greedy = model.generate(batch, 9, guidance=1.0, temperature=0.0)  # the conditional model's first choices
+    only_top = model.generate(batch, 9, guidance=3.0, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                              plausibility=1.0)
+    assert torch.equal(only_top, greedy)
+
+    def worst_ratio(codes):  # min over sampled cells of p_cond(token) / max p_cond, teacher-forced (causal: same)
+        logits, targets = model(dict(batch, codes=codes, code_mask=torch.ones(2, codes.shape[-1], dtype=torch.bool)))
+        logp = logits.float().log_softmax(-1)
+        scored = targets != -100
+        picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        return (picked - logp.max(-1).values)[scored].exp().min().item()
+
+    free = model.generate(batch, 9, guidance=3.0, temperature=2.0, generator=torch.Generator().manual_seed(0))
+    kept = model.generate(batch, 9, guidance=3.0, temperature=2.0, generator=torch.Generator().manual_seed(0),
+                          plausibility=0.9)  # an untrained model's distribution is flat: ratios from ~0.6
+    assert worst_ratio(free) < 0.9 <= worst_ratio(kept) + 1e-5
+
+
+def test_token_noise_replaces_the_decoders_input_tokens_in_training_only():
+    batch = make_batch()
+    other = dict(batch, codes=(batch["codes"] + 1) % CARD)
+
+    def logits(model, b):
+        torch.manual_seed(0)  # the same noise and dropout draws for both inputs
+        return model(b)[0]
+
+    noisy = debug_model(token_noise=1.0).train()  # every input token replaced: the inputs no longer matter
+    assert torch.allclose(logits(noisy, batch), logits(noisy, other))
+    clean = debug_model().train()
+    assert not torch.allclose(logits(clean, batch), logits(clean, other))
+    noisy.eval()  # no noise at inference
+    assert not torch.allclose(logits(noisy, batch), logits(noisy, other))
+
+
 def test_no_motion_model_ignores_flow():
     model = debug_model(fusion={"use_motion": False})
     batch = make_batch()

@@ -38,6 +38,7 @@ zeroed, `Conditioning.drop`); at inference logits = uncond + guidance * (cond - 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,9 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     interpolate: bool = True  # add the video context interpolated to the token frame rate to the decoder input
     cond_dropout: float = 0.1  # fraction of training items with the null condition (classifier-free guidance)
+    # training only: this fraction of the decoder's input tokens is replaced by random ones, so that it leans on the
+    # condition more than on its own past (which at generation holds its own mistakes); 0 = off
+    token_noise: float = 0.0
     frame_rate: float = 25.0  # token frames per second (set from the codec)
     pretrained: str = ""  # "" = from scratch | musicgen (decoder weights from train.pretrained_dir)
     harmony: float = 0.0  # weight of the pitch-class-profile loss; 0 = no harmony head (see the module docstring)
@@ -272,6 +276,9 @@ class V2M(nn.Module):
         targets = delay_pattern(codes, self.special)  # (B, K, S)
         bos = torch.full((B, K, 1), self.special, dtype=codes.dtype, device=codes.device)
         inputs = torch.cat([bos, targets[..., :-1]], dim=-1)  # step s sees steps < s
+        if self.training and self.cfg.token_noise > 0:
+            noisy = (torch.rand(inputs.shape, device=codes.device) < self.cfg.token_noise) & (inputs != self.special)
+            inputs = torch.where(noisy, torch.randint_like(inputs, self.cfg.decoder.codebook_size), inputs)
         cond = self.condition(batch)
         if aux is not None and cond.harmony_logits is not None and batch.get("harmony") is not None:
             aux["harmony"] = self.harmony_loss(cond, batch["harmony"])
@@ -303,7 +310,7 @@ class V2M(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict, n_frames: int, guidance: float = 3.0, temperature: float = 1.0,
                  top_k: int = 0, generator: torch.Generator | None = None, use_cache: bool = True,
-                 prompt: torch.Tensor | None = None) -> torch.Tensor:
+                 prompt: torch.Tensor | None = None, plausibility: float = 0.0) -> torch.Tensor:
         """Sample codes (B, K, n_frames) for the conditioning in `batch` (no "codes" needed), with classifier-free
         guidance (guidance 1 = conditional only, no doubled batch) and a KV cache (`use_cache=False` recomputes the
         whole prefix each step: slow, for tests). temperature 0 = greedy.
@@ -342,7 +349,11 @@ class V2M(nn.Module):
             logits = self.decoder(seq[..., start : s + 1], cond.memory, cond.mask, self._extra(cond, steps),
                                   cache=cache, offset=start)[:, :, -1].float()  # (B', K, card)
             if cfg_on:
-                logits = logits[B:] + guidance * (logits[:B] - logits[B:])
+                cond_logits = logits[:B]
+                logits = logits[B:] + guidance * (cond_logits - logits[B:])
+                if plausibility > 0:
+                    floor = cond_logits.max(-1, keepdim=True).values + math.log(plausibility)
+                    logits = logits.masked_fill(cond_logits < floor, float("-inf"))
             nxt = _sample(logits, temperature, top_k, generator)  # (B, K)
             k = torch.arange(K, device=device)
             in_range = (s - k >= 0) & (s - k < n_frames)  # the delay pattern's special cells stay special
