@@ -265,6 +265,8 @@ def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig
     fr = model.frame_rate
     window = max(1, int(round(model.params.base.clip_seconds * fr)))
     prompt = max(0, int(round(cfg.prompt_seconds * fr)))
+    if not 0.0 <= cfg.plausibility <= 1.0:
+        raise GenerateError(f"generate.plausibility {cfg.plausibility:g} must be in [0, 1] (0 = every token)")
     if window - prompt < fr:
         raise GenerateError(f"generate.prompt_seconds {cfg.prompt_seconds:g} must leave at least 1 s of the model's "
                             f"{window / fr:g} s window")

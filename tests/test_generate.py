@@ -204,6 +204,8 @@ def test_bad_inputs_one_line_each_and_the_batch_goes_on(project, tmp_path, capsy
     blocker.write_text("x")
     assert run(project, str(good), "-o", str(blocker / "o.mp4")) == 1
     assert "not a writable folder" in capsys.readouterr().err
+    assert run(project, str(good), "-o", str(tmp_path / "p.mp4"), "--plausibility", "2") == 1
+    assert "generate.plausibility 2 must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_stage_writes_every_system_and_the_manifest(project):

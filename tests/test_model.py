@@ -157,6 +157,8 @@ def test_plausibility_samples_only_tokens_the_conditional_model_finds_likely():
     kept = model.generate(batch, 9, guidance=3.0, temperature=2.0, generator=torch.Generator().manual_seed(0),
                           plausibility=0.9)  # an untrained model's distribution is flat: ratios from ~0.6
     assert worst_ratio(free) < 0.9 <= worst_ratio(kept) + 1e-5
+    with pytest.raises(ValueError, match="plausibility must be in"):
+        model.generate(batch, 3, plausibility=1.5)
 
 
 def test_token_noise_replaces_the_decoders_input_tokens_in_training_only():

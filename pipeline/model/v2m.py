@@ -322,6 +322,9 @@ class V2M(nn.Module):
         B = batch["clip"].shape[0]
         K, device = self.cfg.decoder.num_codebooks, batch["clip"].device
         P = 0 if prompt is None else prompt.shape[-1]
+        if not 0.0 <= plausibility <= 1.0:
+            raise ValueError(f"plausibility must be in [0, 1] (a fraction of the first choice's probability), "
+                             f"got {plausibility:g}")
         if P > n_frames or (prompt is not None and tuple(prompt.shape[:2]) != (B, K)):
             raise ValueError(f"prompt must be (B={B}, K={K}, P <= {n_frames}), got {tuple(prompt.shape)}")
         cfg_on = guidance != 1.0
