@@ -211,16 +211,17 @@ def model_config(cfg: TrainConfig, system: str, codec: dict, clip_dim: int, flow
         fusion["flow_time"] = cfg.flow_time
     if cfg.flow_norm:
         fusion["flow_norm"] = cfg.flow_norm
-    for key in ("interpolate", "harmony_track"):
-        if getattr(cfg, key) not in ("", "on", "off"):
-            raise SystemExit(f"train.{key}: {getattr(cfg, key)!r} is not one of '', on, off")
-    extra = {} if not cfg.interpolate else {"interpolate": {"on": True, "off": False}[cfg.interpolate]}
+    extra = {}
+    for key in ("interpolate", "harmony_track"):  # "" = the preset's
+        value = getattr(cfg, key)
+        if value not in ("", "on", "off"):
+            raise SystemExit(f"train.{key}: {value!r} is not one of '', on, off")
+        if value:
+            extra[key] = value == "on"
     if cfg.harmony >= 0:
         extra["harmony"] = cfg.harmony
     if cfg.harmony_knn >= 0:
         extra["harmony_knn"] = cfg.harmony_knn
-    if cfg.harmony_track:
-        extra["harmony_track"] = {"on": True, "off": False}[cfg.harmony_track]
     return load_preset(cfg.preset, decoder=decoder, fusion=fusion, frame_rate=codec["frame_rate"], **extra)
 
 
@@ -319,6 +320,8 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
     torch.set_num_threads(min(cfg.torch_threads, per_process) if cfg.torch_threads else per_process)
     if cfg.select not in ("val_beat_f1", "last"):
         raise SystemExit(f"train.select: {cfg.select!r} is not one of val_beat_f1, last")
+    if not 0.0 <= cfg.plausibility <= 1.0:  # else the first validation, ckpt_every steps in, would stop on it
+        raise SystemExit(f"train.plausibility {cfg.plausibility:g} must be in [0, 1] (0 = every token)")
     if cfg.batch_size % world:
         raise SystemExit(f"train: batch_size {cfg.batch_size} is not divisible by the {world} processes")
 

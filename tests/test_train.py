@@ -239,6 +239,13 @@ def test_val_beat_f1_generates_and_decodes(data, tmp_path, monkeypatch):
     assert 0.0 <= metrics["val_beat_f1"] <= 1.0
 
 
+def test_out_of_range_plausibility_stops_before_training(data, tmp_path):
+    params = write_params(tmp_path / "params.yaml", plausibility=2.0)
+    with pytest.raises(SystemExit, match=r"train.plausibility 2 must be in \[0, 1\]"):
+        train.main(argv(data, params, tmp_path))
+    assert not (tmp_path / "model" / "last.pt").exists()  # not a step was taken
+
+
 def test_select_keeps_the_checkpoint_with_the_best_val_beat_f1(data, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "load_codec", lambda params, name: ClickCodec())
     params = write_params(tmp_path / "params.yaml", max_steps=12, ckpt_every=2, beat_clips=2, select="val_beat_f1")
