@@ -241,6 +241,9 @@ class GenerateConfig:
     # with guidance, sample only tokens whose conditional probability is >= plausibility x that of the conditional
     # model's most likely token (README "Guidance: the onsets between the beats"); 0 = every token
     plausibility: float = 0.03
+    # models with a harmony track: + harmony_bias x (correlation of each token's chroma with the retrieved harmony
+    # at that frame) on the final logits (README "Harmony bias: tokens that sound the chord"); 0 = none
+    harmony_bias: float = 8.0
     prompt_seconds: float = 4.0  # past the window, each window starts with this much of the music before it
     crossfade_seconds: float = 0.5  # window audio is crossfaded over this much of the shared (prompt) tokens
     use_cache: bool = True  # KV cache (False recomputes the prefix every step: for benchmarks and tests)

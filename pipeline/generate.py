@@ -58,6 +58,14 @@ from pipeline.media import MediaError, load_audio, probe, run_ffmpeg, write_wav
 from pipeline.shards import FAILED, OK, atomic_path, load_features, report_rows, stable_hash, write_manifest
 
 log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning that a batch of videos would otherwise repeat for every one."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm")
 # video codecs each container takes by stream copy; None = any. Others are re-encoded (and the log says so).
@@ -267,6 +275,12 @@ def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig
     prompt = max(0, int(round(cfg.prompt_seconds * fr)))
     if not 0.0 <= cfg.plausibility <= 1.0:
         raise GenerateError(f"generate.plausibility {cfg.plausibility:g} must be in [0, 1] (0 = every token)")
+    if cfg.harmony_bias < 0:
+        raise GenerateError(f"generate.harmony_bias {cfg.harmony_bias:g} must be >= 0 (0 = none)")
+    bias = cfg.harmony_bias if model.net.has_token_chroma() else 0.0
+    if cfg.harmony_bias and not bias:
+        _warn_once(f"generate.harmony_bias {cfg.harmony_bias:g} not applied: the model has no token chroma table "
+                   "(trained without harmony_track, or before the table existed: retrain to use it)")
     if window - prompt < fr:
         raise GenerateError(f"generate.prompt_seconds {cfg.prompt_seconds:g} must leave at least 1 s of the model's "
                             f"{window / fr:g} s window")
@@ -278,7 +292,7 @@ def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig
         batch = window_batch(feats, start / fr, n / fr, text, model.device)
         given = codes[None, :, start : start + prompt] if i else None
         out = model.net.generate(batch, n, cfg.guidance, cfg.temperature, cfg.top_k, gen, cfg.use_cache, given,
-                                 cfg.plausibility)
+                                 cfg.plausibility, bias)
         codes = torch.cat([codes[:, :start], out[0]], dim=1)
     return codes.cpu().numpy(), starts, prompt if len(starts) > 1 else 0
 
@@ -566,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, help="sampling temperature; 0 = greedy")
     parser.add_argument("--plausibility", type=float, help="with guidance, sample only tokens at least this fraction "
                         "as likely as the conditional model's first choice; 0 = all")
+    parser.add_argument("--harmony-bias", type=float, help="weight of the tokens' agreement with the retrieved "
+                        "harmony (models with a harmony track); 0 = none")
     parser.add_argument("--prompt-seconds", type=float, help="context carried into each next window")
     parser.add_argument("--no-cache", action="store_true", help="no KV cache (slow; for comparison)")
     parser.add_argument("--keep-audio", action="store_true", help="mix the original soundtrack under the music")
@@ -581,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.inputs or args.out is None:
         parser.error("give one or more videos and -o OUT (or --stage)")
     overrides = {k: v for k, v in {"guidance": args.cfg, "top_k": args.top_k, "temperature": args.temperature,
-                                   "plausibility": args.plausibility,
+                                   "plausibility": args.plausibility, "harmony_bias": args.harmony_bias,
                                    "prompt_seconds": args.prompt_seconds, "mix_db": args.mix_db}.items()
                  if v is not None}
     if args.no_cache:

@@ -159,14 +159,15 @@ def onset_frames(items: list[dict], n_frames: int, frame_rate: float) -> torch.T
     return torch.from_numpy(out)
 
 
-def add_harmony(items: list[dict], music_dir: Path) -> None:
+def add_harmony(items: list[dict], music_dir: Path, frame_rate: float | None = None) -> None:
     """Set item["harmony"], the pitch-class profile [12] of the item's music (`rhythm.chroma_profile`): the harmony
     head's target, or what the kNN bank returns; and item["harmony_track"] [Tc, 12], the chroma of the half second
-    around each CLIP row's time (`rhythm.chroma_track`), for `harmony_track`. The music is the separate stage's
-    (music_dir/manifest.parquet, the audio the tokens were made from); an item whose music is missing or silent
-    stops training with the path and the reason."""
+    around each CLIP row's time (`rhythm.chroma_track`), for `harmony_track`. With `frame_rate` (the codec's), also
+    item["frame_chroma"] [T, 12], the chroma at each token frame (`rhythm.frame_chroma`), for the token chroma table.
+    The music is the separate stage's (music_dir/manifest.parquet, the audio the tokens were made from); an item
+    whose music is missing or silent stops training with the path and the reason."""
     from pipeline.media import load_audio
-    from pipeline.metrics.rhythm import SAMPLE_RATE, chroma_track
+    from pipeline.metrics.rhythm import FRAME_CHROMA_SR, SAMPLE_RATE, chroma_track, frame_chroma
 
     manifest = Path(music_dir) / "manifest.parquet"
     if not manifest.exists():
@@ -180,6 +181,8 @@ def add_harmony(items: list[dict], music_dir: Path) -> None:
                 raise FileNotFoundError(f"{it['id']} is not in {manifest}")
             times = np.arange(it["clip"].shape[0]) / it["clip_fps"]
             it["harmony"], it["harmony_track"] = chroma_track(*load_audio(path, SAMPLE_RATE), times)
+            if frame_rate:
+                it["frame_chroma"] = frame_chroma(*load_audio(path, FRAME_CHROMA_SR), frame_rate, it["codes"].shape[1])
         except (OSError, ValueError, RuntimeError) as exc:
             raise SystemExit(f"train: harmony profile of {it['id']} ({path}): {exc}") from None
 
@@ -331,7 +334,7 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
     mcfg = model_config(cfg, system, codec, items[0]["clip"].shape[1], items[0]["flow"].shape[1],
                         params.embed.flow.grid ** 2)
     if mcfg.harmony or mcfg.harmony_knn:
-        add_harmony(train_items, Path(params.tokenize.music_dir))
+        add_harmony(train_items, Path(params.tokenize.music_dir), mcfg.frame_rate if mcfg.harmony_track else None)
     if mcfg.harmony_knn:
         rows = sum(len(it["clip"]) for it in train_items) if mcfg.harmony_track else len(train_items)
         mcfg = dataclasses.replace(mcfg, harmony_bank=rows)
@@ -344,6 +347,8 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
         chroma = np.concatenate([it["harmony_track"] for it in train_items])
         clips = np.repeat(np.arange(len(train_items)), [len(it["clip"]) for it in train_items])
         model.set_harmony_bank(*(torch.from_numpy(x).to(device) for x in (keys, chroma, clips)))
+        model.set_token_chroma([torch.from_numpy(it["codes"]) for it in train_items],
+                               [torch.from_numpy(it["frame_chroma"]) for it in train_items])
     elif mcfg.harmony_knn:
         model.set_harmony_bank(torch.from_numpy(np.stack([it["clip"].mean(0) for it in train_items])).to(device),
                                torch.from_numpy(np.stack([it["harmony"] for it in train_items])).to(device))

@@ -3,7 +3,8 @@ from the scene to the key").
 
     python scripts/score_checkpoint.py MODEL [--params params.yaml] [--split val] [SETTINGS_JSON ...]
 
-SETTINGS_JSON is e.g. '{}' (the defaults: CFG 3, temperature 0.8, top-k 0, plausibility 0.03, seed 0) or
+SETTINGS_JSON is e.g. '{}' (the defaults: CFG 3, temperature 0.8, top-k 0, plausibility 0.03,
+harmony bias 8 (none for a model without a token chroma table), seed 0) or
 '{"temperature": 0.4, "seed": 1}'. Each setting generates every clip of the split in one batch (cached features, no
 video decoding), decodes with the tokenize stage's codec, writes the wavs to a scratch folder and scores them with the
 evaluate stage's per-clip scorer (`metrics.cli.score_pair`): beat F1, tempo accuracy and key accuracy against the
@@ -44,7 +45,8 @@ def score(model: V2M, items: list[dict], rows: pd.DataFrame, codec, setting: dic
     generator = torch.Generator().manual_seed(int(setting.get("seed", 0)))
     codes = model.generate(batch, items[0]["codes"].shape[1], setting.get("guidance", 3.0),
                            setting.get("temperature", 0.8), setting.get("top_k", 0), generator,
-                           plausibility=setting.get("plausibility", 0.03))
+                           plausibility=setting.get("plausibility", 0.03),
+                           harmony_bias=setting.get("harmony_bias", 8.0) if model.has_token_chroma() else 0.0)
     values, chromas = {m: [] for m in METRICS}, []
     for it, c in zip(items, codes, strict=True):
         row = rows.loc[it["id"]]

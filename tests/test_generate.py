@@ -206,6 +206,19 @@ def test_bad_inputs_one_line_each_and_the_batch_goes_on(project, tmp_path, capsy
     assert "not a writable folder" in capsys.readouterr().err
     assert run(project, str(good), "-o", str(tmp_path / "p.mp4"), "--plausibility", "2") == 1
     assert "generate.plausibility 2 must be in [0, 1]" in capsys.readouterr().err
+    assert run(project, str(good), "-o", str(tmp_path / "b.mp4"), "--harmony-bias", "-1") == 1
+    assert "generate.harmony_bias -1 must be >= 0" in capsys.readouterr().err
+
+
+def test_harmony_bias_on_a_model_without_the_table_is_a_logged_skip(project, tmp_path, caplog):
+    """The debug preset has no harmony track, so no token chroma table: the default harmony_bias is not applied, and
+    the log says so once for a whole batch, naming the setting."""
+    videos = [make_video(tmp_path / f"v{i}.mp4", seconds=2.0) for i in range(2)]
+    generate._WARNED.clear()
+    with caplog.at_level("WARNING", logger="pipeline.generate"):
+        assert run(project, *map(str, videos), "-o", str(tmp_path / "out")) == 0
+    said = [r.getMessage() for r in caplog.records if "harmony_bias" in r.getMessage()]
+    assert len(said) == 1 and "not applied: the model has no token chroma table" in said[0]
 
 
 def test_stage_writes_every_system_and_the_manifest(project):

@@ -161,6 +161,49 @@ def test_plausibility_samples_only_tokens_the_conditional_model_finds_likely():
         model.generate(batch, 3, plausibility=1.5)
 
 
+def test_token_chroma_table_and_harmony_bias_make_tokens_follow_the_retrieved_chord():
+    """set_token_chroma averages the music's chroma per token and codebook; with a large harmony_bias every sampled
+    token is one whose chroma matches the retrieved chord of its frame's time (here pitch class 0 for the first
+    second, then 2); harmony_bias 0 is plain sampling; a checkpoint without the table loads with an empty one."""
+    model = debug_model(harmony_knn=1, harmony_bank=4, harmony_track=True)
+    keys, chroma = torch.eye(4, 8), torch.eye(4, 12)
+    model.set_harmony_bank(keys, chroma, torch.tensor([0, 0, 1, 1]))
+    assert not model.has_token_chroma()
+    # training music: token v (both codebooks) always sounds pitch class v % 12; tokens 12.. never appear
+    codes = torch.arange(12).repeat(2, 3)  # (K, 36)
+    frames = torch.eye(12).repeat(3, 1)  # (36, 12)
+    model.set_token_chroma([codes, codes[:, :5]], [frames, frames[:5]])
+    assert model.has_token_chroma()
+    assert torch.allclose(model.token_chroma[:, :12], torch.eye(12).expand(K, -1, -1))
+    assert torch.equal(model.token_chroma[:, 12:], torch.zeros(K, CARD - 12, 12))
+    batch = make_batch(B=2, clip_len=(4, 4))
+    batch = {k: v for k, v in batch.items() if k not in ("codes", "code_mask")}
+    batch["clip"] = torch.zeros(2, 4, 8)
+    batch["clip"][:, :2, 0], batch["clip"][:, 2:, 2] = 1.0, 1.0  # rows 0-1 (0-0.5 s) -> pc 0, rows 2-3 -> pc 2
+
+    def draw(bias):
+        return model.generate(batch, 12, guidance=3.0, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                              harmony_bias=bias)
+
+    plain, biased = draw(0.0), draw(200.0)
+    assert torch.equal(plain, model.generate(batch, 12, guidance=3.0, temperature=1.0,
+                                             generator=torch.Generator().manual_seed(0)))
+    seconds = torch.arange(12) / model.cfg.frame_rate  # frame f at f / 6 s; rows at 0, 0.5, 1, 1.5 s
+    early, late = seconds <= 0.5, seconds >= 1.0  # between 0.5 and 1 s the track blends the two chords
+    assert (biased[:, :, early] == 0).all() and (biased[:, :, late] == 2).all()
+    assert not ((plain[:, :, early] == 0).all() and (plain[:, :, late] == 2).all())
+    with pytest.raises(ValueError, match="harmony_bias must be >= 0"):
+        model.generate(batch, 3, harmony_bias=-1.0)
+    with pytest.raises(ValueError, match="needs a model with harmony_track"):
+        debug_model().generate(batch, 3, harmony_bias=1.0)
+    with pytest.raises(ValueError, match="values < 16"):
+        model.set_token_chroma([torch.full((K, 3), CARD)], [torch.eye(12)[:3]])
+    state = {k: v for k, v in model.state_dict().items() if k != "token_chroma"}
+    old = debug_model(harmony_knn=1, harmony_bank=4, harmony_track=True)
+    old.load_state_dict(state)
+    assert not old.has_token_chroma()
+
+
 def test_token_noise_replaces_the_decoders_input_tokens_in_training_only():
     batch = make_batch()
     other = dict(batch, codes=(batch["codes"] + 1) % CARD)

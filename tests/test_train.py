@@ -341,9 +341,9 @@ def test_harmony_knn_bank_holds_the_training_clips_and_their_music(data, tmp_pat
 def test_harmony_track_bank_holds_every_clip_row_and_the_chord_around_it(data, tmp_path):
     """train.harmony_track: the bank is every CLIP row of the training clips (normalised), each with the chroma of the
     music in the half second around its time and the index of its clip; the trained model's track for a training
-    clip never comes from that clip's own rows."""
+    clip never comes from that clip's own rows; the token chroma table is filled from the same music."""
     from pipeline.media import load_audio
-    from pipeline.metrics.rhythm import chroma_track
+    from pipeline.metrics.rhythm import chroma_track, frame_chroma
 
     music = make_music(tmp_path / "music", data)
     params = write_params(tmp_path / "params.yaml", music_dir=music, max_steps=4, ckpt_every=4, harmony_knn=1,
@@ -364,6 +364,16 @@ def test_harmony_track_bank_holds_every_clip_row_and_the_chord_around_it(data, t
     batch = train.collate(items[:1])
     own = model._knn_track(dict(batch, bank_index=torch.tensor([0])))
     assert not torch.allclose(own, model._knn_track(batch))  # without the exclusion its rows find themselves
+    # the token chroma table: per codebook and token, the mean chroma of the music at the frames it was written
+    total, count = np.zeros((K, CARD, 12)), np.zeros((K, CARD))
+    for it in items:
+        frames = frame_chroma(*load_audio(music / f"{it['id']}.wav", 32000), FRAME_RATE, it["codes"].shape[1])
+        for k in range(K):
+            np.add.at(total[k], it["codes"][k], frames)
+            np.add.at(count[k], it["codes"][k], 1)
+    assert model.has_token_chroma() and (count[0] == 0).any()  # some tokens are never written
+    np.testing.assert_allclose(model.token_chroma.numpy(), total / np.maximum(count, 1)[..., None], atol=1e-5)
+    np.testing.assert_allclose(model.token_chroma.numpy().sum(-1), (count > 0).astype(float), atol=1e-5)
 
 
 def test_harmony_without_the_music_says_so(data, tmp_path):

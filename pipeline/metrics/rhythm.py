@@ -194,6 +194,36 @@ def chroma_track(audio: np.ndarray, sample_rate: int, times: np.ndarray, window_
     return profile, rows
 
 
+FRAME_CHROMA_SR = 32_000  # the codecs' rate: the tokens' frames and this chroma's frames come from the same audio
+FRAME_CHROMA_N_FFT = 4096  # 128 ms at 32 kHz: half-tone resolution from ~250 Hz (the chords and the melody) up
+FRAME_CHROMA_HOP_S = 0.01
+
+
+def frame_chroma(audio: np.ndarray, sample_rate: int, frame_rate: float, n_frames: int) -> np.ndarray:
+    """The STFT chroma around the time of each codec frame: audio [N] or [C, N] at `sample_rate` (resampled to 32 kHz
+    when it is not), frame f centred at f / frame_rate s -> [n_frames, 12], each row summing to 1 (flat where there is
+    no energy or past the end). librosa `chroma_stft`, n_fft 4096, tuning 0, at 10 ms hops; frame f takes the hop
+    nearest its time. What `V2M.set_token_chroma` averages per token."""
+    import librosa
+
+    y = np.asarray(audio, dtype=np.float32)
+    y = y.mean(axis=0) if y.ndim == 2 else y
+    if sample_rate != FRAME_CHROMA_SR:
+        y = librosa.resample(y, orig_sr=sample_rate, target_sr=FRAME_CHROMA_SR, res_type="soxr_hq")
+    hop = int(round(FRAME_CHROMA_HOP_S * FRAME_CHROMA_SR))
+    if not y.size:
+        return np.full((n_frames, 12), 1.0 / 12, np.float32)
+    frames = librosa.feature.chroma_stft(y=y, sr=FRAME_CHROMA_SR, n_fft=FRAME_CHROMA_N_FFT, hop_length=hop,
+                                         tuning=0.0)  # (12, F), frame j centred at j * hop / sr
+    index = np.rint(np.arange(n_frames) / frame_rate / FRAME_CHROMA_HOP_S).astype(int)
+    out = np.full((n_frames, 12), 1.0 / 12, np.float32)
+    inside = index < frames.shape[1]
+    picked = frames[:, index[inside]].T  # (n, 12)
+    total = picked.sum(axis=1, keepdims=True)
+    out[inside] = np.where(total > 1e-9, picked / np.maximum(total, 1e-12), 1.0 / 12)
+    return out
+
+
 def key_accuracy(estimated: Key, reference: Key) -> float:
     """1.0 for the same tonic and mode, else 0.0."""
     return float(estimated.tonic == reference.tonic and estimated.mode == reference.mode)

@@ -142,6 +142,10 @@ class V2M(nn.Module):
             if cfg.harmony_track:  # bank row -> its training clip's index, so that a clip never retrieves itself
                 self.register_buffer("bank_clips", torch.zeros(cfg.harmony_bank, dtype=torch.long))
                 self.track_in = nn.Linear(N_CHROMA, d)
+                # the mean chroma of the music at the frames where each token was written, per codebook: what each
+                # token sounds like (set by train, `set_token_chroma`; all zero = unknown, `harmony_bias` is then 0)
+                self.register_buffer("token_chroma", torch.zeros(cfg.decoder.num_codebooks, cfg.decoder.codebook_size,
+                                                                 N_CHROMA))
         elif cfg.harmony:
             self.harmony_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, N_CHROMA))
         if cfg.harmony_knn or cfg.harmony:
@@ -172,6 +176,46 @@ class V2M(nn.Module):
             self.bank_clips.copy_(clips.long())
         self.bank_keys.copy_(F.normalize(clip_means.float(), dim=-1))
         self.bank_profiles.copy_(profiles.float())
+
+    def set_token_chroma(self, codes: list[torch.Tensor], chroma: list[torch.Tensor]) -> None:
+        """Fill `token_chroma` (K, V, 12) from training music: codes[i] (K, T_i) a clip's tokens and chroma[i]
+        (T_i, 12) the music's chroma at each of its frames (`rhythm.frame_chroma`, rows summing to 1). Row (k, v) is
+        the mean chroma over the frames where codebook k wrote token v; a token never written keeps a zero row."""
+        if not self.cfg.harmony_track:
+            raise ValueError("token chroma: only models with harmony_track have the table")
+        K, V = self.token_chroma.shape[:2]
+        total = torch.zeros(K, V, N_CHROMA, dtype=torch.float64)
+        count = torch.zeros(K, V, dtype=torch.float64)
+        for c, x in zip(codes, chroma, strict=True):
+            T = min(c.shape[-1], x.shape[0])
+            if c.shape[0] != K or (T and int(c[:, :T].max()) >= V):
+                raise ValueError(f"token chroma: codes must be ({K}, T) with values < {V}, got {tuple(c.shape)}")
+            for k in range(K):
+                total[k].index_add_(0, c[k, :T].long(), x[:T].double())
+                count[k].index_add_(0, c[k, :T].long(), torch.ones(T, dtype=torch.float64))
+        self.token_chroma.copy_((total / count.clamp(min=1)[..., None]).float())
+
+    def has_token_chroma(self) -> bool:
+        return self.cfg.harmony_track and bool(self.token_chroma.abs().sum() > 0)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's; a checkpoint written before the token chroma table existed loads with an empty table."""
+        if self.cfg.harmony_track and "token_chroma" not in state_dict:
+            state_dict = {**state_dict, "token_chroma": torch.zeros_like(self.token_chroma)}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _harmony_bias_rows(self, batch: dict, n_frames: int, weight: float) -> torch.Tensor:
+        """(B, n_frames, K, V): weight x the Pearson correlation, over the 12 pitch classes, between the retrieved
+        harmony track at each frame's time and each token's chroma (`token_chroma`, per codebook)."""
+        track = self._knn_track(batch)  # (B, Tc, 12)
+        seconds = (torch.arange(n_frames, device=track.device) / self.cfg.frame_rate)[None].expand(track.shape[0], -1)
+        rows = rows_at(track, batch["clip_mask"], batch["clip_fps"], seconds)  # (B, n_frames, 12)
+
+        def standard(x: torch.Tensor) -> torch.Tensor:
+            return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp(min=1e-6)
+
+        corr = torch.einsum("bfc,kvc->bfkv", standard(rows), standard(self.token_chroma)) / (N_CHROMA - 1)
+        return weight * corr
 
     def _retrieve(self, query: torch.Tensor, excluded: torch.Tensor | None) -> torch.Tensor:
         """Query rows (B, Q, Dc) -> (B, Q, 12): the softmax-weighted (at harmony_tau) mean profile of the harmony_knn
@@ -310,7 +354,8 @@ class V2M(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict, n_frames: int, guidance: float = 3.0, temperature: float = 1.0,
                  top_k: int = 0, generator: torch.Generator | None = None, use_cache: bool = True,
-                 prompt: torch.Tensor | None = None, plausibility: float = 0.0) -> torch.Tensor:
+                 prompt: torch.Tensor | None = None, plausibility: float = 0.0, harmony_bias: float = 0.0
+                 ) -> torch.Tensor:
         """Sample codes (B, K, n_frames) for the conditioning in `batch` (no "codes" needed), with classifier-free
         guidance (guidance 1 = conditional only, no doubled batch) and a KV cache (`use_cache=False` recomputes the
         whole prefix each step: slow, for tests). temperature 0 = greedy.
@@ -318,15 +363,24 @@ class V2M(nn.Module):
         `prompt` (B, K, P) codes, P <= n_frames: the first P frames are these (a continuation, e.g. the previous
         window's last frames of a long video) and the model writes the rest after them. With the delay pattern the
         prompt fills delayed steps 0 .. P-1 whole and the first cells of the next K - 1 steps; with the cache the
-        prompt's steps go through the decoder in one pass (prefill), so a prompt costs about one step."""
+        prompt's steps go through the decoder in one pass (prefill), so a prompt costs about one step.
+
+        `plausibility` (with guidance): only tokens whose conditional probability is at least this fraction of the
+        conditional model's first choice are sampled. `harmony_bias` (models with harmony_track and a token chroma
+        table): the final logits of the token for frame f get harmony_bias x the correlation between what the
+        token sounds like (`token_chroma`) and the retrieved harmony track at f's time (README, "Harmony bias")."""
         B = batch["clip"].shape[0]
         K, device = self.cfg.decoder.num_codebooks, batch["clip"].device
         P = 0 if prompt is None else prompt.shape[-1]
         if not 0.0 <= plausibility <= 1.0:
             raise ValueError(f"plausibility must be in [0, 1] (a fraction of the first choice's probability), "
                              f"got {plausibility:g}")
+        if harmony_bias < 0 or (harmony_bias > 0 and not self.cfg.harmony_track):
+            raise ValueError(f"harmony_bias must be >= 0 and needs a model with harmony_track, got {harmony_bias:g}"
+                             f" (harmony_track: {self.cfg.harmony_track})")
         if P > n_frames or (prompt is not None and tuple(prompt.shape[:2]) != (B, K)):
             raise ValueError(f"prompt must be (B={B}, K={K}, P <= {n_frames}), got {tuple(prompt.shape)}")
+        bias = self._harmony_bias_rows(batch, n_frames, harmony_bias) if harmony_bias > 0 else None
         cfg_on = guidance != 1.0
         if cfg_on:
             batch = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -357,8 +411,11 @@ class V2M(nn.Module):
                 if plausibility > 0:
                     floor = cond_logits.max(-1, keepdim=True).values + math.log(plausibility)
                     logits = logits.masked_fill(cond_logits < floor, float("-inf"))
-            nxt = _sample(logits, temperature, top_k, generator)  # (B, K)
             k = torch.arange(K, device=device)
+            if bias is not None:  # codebook k writes frame s - k at step s
+                frame = (s - k).clamp(0, n_frames - 1)
+                logits = logits + bias[:, frame, k]  # (B, K, V)
+            nxt = _sample(logits, temperature, top_k, generator)  # (B, K)
             in_range = (s - k >= 0) & (s - k < n_frames)  # the delay pattern's special cells stay special
             nxt = torch.where(in_range[None], nxt, torch.full_like(nxt, self.special))
             nxt = torch.cat([nxt, nxt]) if cfg_on else nxt

@@ -17,6 +17,7 @@ from pipeline.metrics.rhythm import (
     estimate_beats,
     estimate_key,
     estimate_onsets,
+    frame_chroma,
     key_accuracy,
     key_from_chroma,
     key_weighted_score,
@@ -145,6 +146,28 @@ def test_chroma_track_follows_the_chord_in_each_window():
     assert rows.shape == (3, 12) and rows.dtype == np.float32 and np.allclose(rows.sum(1), 1.0, atol=1e-5)
     assert set(np.argsort(rows[0])[-3:]) == {0, 4, 7} and set(np.argsort(rows[1])[-3:]) == {5, 9, 0}
     np.testing.assert_allclose(rows[2], np.full(12, 1 / 12), atol=1e-6)
+
+
+def test_frame_chroma_names_the_chord_at_each_token_frame():
+    """A C major triad then an F major one (22.05 kHz in, resampled to 32 kHz): at 25 frames a second each frame's
+    row peaks on the triad sounding then, rows sum to 1, and frames past the end or in silence are flat."""
+    def chord(notes):
+        return sum(_melody([n] * 6) for n in notes)
+
+    audio = np.concatenate([chord([60, 64, 67]), np.zeros(SR // 2, np.float32), chord([65, 69, 72])])
+    first, gap = len(chord([60])) / SR, 0.5
+    n = int((len(audio) / SR + 1.0) * 25)  # one second more than the audio
+    rows = frame_chroma(audio, SR, 25.0, n)
+    assert rows.shape == (n, 12) and rows.dtype == np.float32 and np.allclose(rows.sum(1), 1.0, atol=1e-5)
+    t = np.arange(n) / 25.0
+    c_frames = (t > 0.2) & (t < first - 0.2)
+    f_frames = (t > first + gap + 0.2) & (t < len(audio) / SR - 0.2)
+    assert all(set(np.argsort(r)[-3:]) == {0, 4, 7} for r in rows[c_frames])
+    assert all(set(np.argsort(r)[-3:]) == {5, 9, 0} for r in rows[f_frames])
+    flat = np.full(12, 1 / 12)
+    np.testing.assert_allclose(rows[t > len(audio) / SR + 0.2], np.broadcast_to(flat, rows[t > len(audio) / SR
+                                                                                            + 0.2].shape), atol=1e-6)
+    np.testing.assert_allclose(rows[np.argmin(np.abs(t - (first + gap / 2)))], flat, atol=1e-6)
 
 
 def test_silent_audio_has_no_key():
