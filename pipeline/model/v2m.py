@@ -24,7 +24,9 @@ correlations to the 24 major/minor key templates (`_harmony_features`). Two pred
   (`rhythm.chroma_track`); each row of a clip takes the mean chroma of its k nearest bank rows of other clips. Their
   mean over the clip is the profile above, and the rows themselves, standardised and embedded, are interpolated to
   every token step and added too: what sounds now, not only the key. On SynthV2M the objects' colour shows the chord
-  of each bar, and the nearest rows of other clips name the chord root for ~0.9 of rows.
+  of each bar, and the nearest rows of other clips name the chord root for ~0.9 of rows. Train also fills
+  `token_chroma` (K, V, 12), the mean chroma of the training music where each token was written; `generate(...,
+  harmony_bias=w)` adds w x the correlation of each token's row with the track at its frame's time to its logit.
 - `harmony > 0`: a small head on the pooled CLIP stream, trained against the true profile with a KL loss of that
   weight (0.45-0.65 key accuracy on val after the demo's 400 steps: too little data for it).
 In training a fraction `harmony_teacher` of items feed the decoder the true profile (it learns what a profile means
