@@ -164,7 +164,8 @@ def test_plausibility_samples_only_tokens_the_conditional_model_finds_likely():
 def test_token_chroma_table_and_harmony_bias_make_tokens_follow_the_retrieved_chord():
     """set_token_chroma averages the music's chroma per token and codebook; with a large harmony_bias every sampled
     token is one whose chroma matches the retrieved chord of its frame's time (here pitch class 0 for the first
-    second, then 2); harmony_bias 0 is plain sampling; a checkpoint without the table loads with an empty one."""
+    second, then 2); harmony_bias 0 is plain sampling; a checkpoint without the table loads with an empty one, or
+    keeps the table a model already has (train resuming)."""
     model = debug_model(harmony_knn=1, harmony_bank=4, harmony_track=True)
     keys, chroma = torch.eye(4, 8), torch.eye(4, 12)
     model.set_harmony_bank(keys, chroma, torch.tensor([0, 0, 1, 1]))
@@ -202,6 +203,8 @@ def test_token_chroma_table_and_harmony_bias_make_tokens_follow_the_retrieved_ch
     old = debug_model(harmony_knn=1, harmony_bank=4, harmony_track=True)
     old.load_state_dict(state)
     assert not old.has_token_chroma()
+    model.load_state_dict(state)  # resuming from such a checkpoint keeps the table just filled
+    assert model.has_token_chroma()
 
 
 def test_token_noise_replaces_the_decoders_input_tokens_in_training_only():

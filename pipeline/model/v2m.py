@@ -201,9 +201,10 @@ class V2M(nn.Module):
         return self.cfg.harmony_track and bool(self.token_chroma.abs().sum() > 0)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As nn.Module's; a checkpoint written before the token chroma table existed loads with an empty table."""
+        """As nn.Module's; a checkpoint written before the token chroma table existed keeps this model's table (empty
+        for a new model; the one train just filled when it resumes from such a checkpoint)."""
         if self.cfg.harmony_track and "token_chroma" not in state_dict:
-            state_dict = {**state_dict, "token_chroma": torch.zeros_like(self.token_chroma)}
+            state_dict = {**state_dict, "token_chroma": self.token_chroma.clone()}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _harmony_bias_rows(self, batch: dict, n_frames: int, weight: float) -> torch.Tensor:
