@@ -145,13 +145,19 @@ def _chord_pcs(key_pc: int, mode: str, degree: int) -> list[int]:
     return [(key_pc + scale[(degree + k) % 7]) % 12 for k in (0, 2, 4)]
 
 
+def _beat_chord(key_pc: int, mode: str, progression: tuple[int, ...], n: int) -> list[int]:
+    """Pitch classes (root, third, fifth) of the chord at beat n: one chord per bar of 4 beats, the progression
+    cycled."""
+    return _chord_pcs(key_pc, mode, progression[(n // 4) % len(progression)])
+
+
 def _compose_melody(rng, beats, period, duration, key_pc, mode, progression, density) -> tuple:
     """A random walk in the scale: a chord tone on each beat, scale steps on the subdivisions."""
     pitches = [m for m in range(64, 82) if (m - key_pc) % 12 in set(SCALES[mode])]  # E4 .. A5
     notes, index = [], len(pitches) // 2
     step = period / density
     for n, beat in enumerate(beats):
-        chord = _chord_pcs(key_pc, mode, progression[(n // 4) % len(progression)])
+        chord = _beat_chord(key_pc, mode, progression, n)
         for j in range(density):
             onset = beat + j * step
             if onset >= duration - 0.05:
@@ -201,12 +207,16 @@ def _sdf(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def chord_roots(spec: ClipSpec, progression: tuple[int, ...] | None = None) -> list[int]:
-    """Root pitch class of the chord sounding at each beat (one chord per bar of 4 beats, the progression cycled):
-    of the clip's progression, or of `progression` (scale degrees) in the clip's key."""
+def beat_chords(spec: ClipSpec, progression: tuple[int, ...] | None = None) -> list[list[int]]:
+    """Pitch classes (root, third, fifth) of the chord sounding at each beat (one chord per bar of 4 beats, the
+    progression cycled): of the clip's progression, or of `progression` (scale degrees) in the clip's key."""
     degrees = spec.progression if progression is None else progression
-    return [_chord_pcs(spec.key_pc, spec.mode, degrees[(n // 4) % len(degrees)])[0]
-            for n in range(len(spec.beat_times))]
+    return [_beat_chord(spec.key_pc, spec.mode, degrees, n) for n in range(len(spec.beat_times))]
+
+
+def chord_roots(spec: ClipSpec, progression: tuple[int, ...] | None = None) -> list[int]:
+    """Root pitch class of the chord sounding at each beat (`beat_chords`' first pitch class)."""
+    return [chord[0] for chord in beat_chords(spec, progression)]
 
 
 def beat_at(spec: ClipSpec, times: np.ndarray) -> np.ndarray:
@@ -347,20 +357,19 @@ def render_audio(spec: ClipSpec, sample_rate: int) -> np.ndarray:
 
     low_tonic = 28 + (spec.key_pc - 4) % 12  # E1 .. D#2, 41-78 Hz
     kick, period = _kick(sr, rng, _hz(low_tonic)), spec.period_s
-    roots = chord_roots(spec)
+    chords = beat_chords(spec)
     for n, beat in enumerate(spec.beat_times):
-        degree = spec.progression[(n // 4) % len(spec.progression)]
         add(beat, kick, 0.9)
         if n % 4 in (1, 3):
             add(beat, _snare(sr, rng, _hz(low_tonic + 24)), 0.45)
-        root = 36 + roots[n]
+        root = 36 + chords[n][0]
         bass_t = np.arange(int(0.9 * period * sr)) / sr
         f = _hz(root)
         bass = (np.sin(2 * np.pi * f * bass_t) + 0.4 * np.sin(4 * np.pi * f * bass_t)) * np.exp(-bass_t / 0.5)
         add(beat, bass * np.minimum(bass_t / 0.005, 1) * np.clip((bass_t[-1] - bass_t) / 0.02, 0, 1), 0.4)
         if n % 4 == 0:  # a chord on each bar, in the clip's instrument
             bar = 4 * period * 0.95
-            for pc in _chord_pcs(spec.key_pc, spec.mode, degree):
+            for pc in chords[n]:
                 add(beat, _tone(spec.instrument, 60 + pc, bar, sr, rng), 0.16)
     for onset, dur, midi in spec.melody:
         accent = 1.0 if any(abs(onset - b) < 1e-3 for b in spec.beat_times) else 0.75

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_params  # noqa: E402
 from pipeline.media import load_audio  # noqa: E402
 from pipeline.metrics import chroma  # noqa: E402
-from pipeline.synth import SCALES, _chord_pcs, beat_at, chord_roots, make_spec  # noqa: E402
+from pipeline.synth import SCALES, beat_at, beat_chords, make_spec  # noqa: E402
 
 CLASSES = ("root", "chord_tone", "scale", "outside_key")
 
@@ -54,10 +54,10 @@ def frame_classes(wav: Path, music: Path, spec) -> tuple[np.ndarray, np.ndarray]
     gen = chroma.fit_to_reference(load_audio(wav, chroma.SAMPLE_RATE)[0].reshape(-1), len(ref))
     n = int(np.ceil(len(ref) / chroma.HOP))
     t = np.arange(n) * chroma.HOP / chroma.SAMPLE_RATE
-    beat = beat_at(spec, t)
-    root = np.asarray(chord_roots(spec))[beat]
-    chord = [set(_chord_pcs(spec.key_pc, spec.mode, spec.progression[(max(b, 0) // 4) % len(spec.progression)]))
-             for b in beat]
+    per_beat = beat_chords(spec)
+    chords = [per_beat[b] for b in beat_at(spec, t)]  # the chord sounding in each frame
+    root = np.array([c[0] for c in chords])
+    chord = [set(c) for c in chords]
     scale = {(spec.key_pc + s) % 12 for s in SCALES[spec.mode]}
     return tuple(classify(chroma.chroma_onehot(x)[:n].argmax(1), root, chord, scale) for x in (gen, ref))
 

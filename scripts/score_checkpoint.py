@@ -3,8 +3,8 @@ from the scene to the key").
 
     python scripts/score_checkpoint.py MODEL [--params params.yaml] [--split val] [SETTINGS_JSON ...]
 
-SETTINGS_JSON is e.g. '{}' (the defaults: CFG 3, temperature 0.8, top-k 0, plausibility 0.03,
-harmony bias 8 (none for a model without a token chroma table), seed 0) or
+SETTINGS_JSON is e.g. '{}' (the params' `generate` section: CFG 3, temperature 0.8, top-k 0, plausibility 0.03,
+harmony bias 8 (none for a model without a token chroma table) in the embedded profile; seed 0) or
 '{"temperature": 0.4, "seed": 1}'. Each setting generates every clip of the split in one batch (cached features, no
 video decoding), decodes with the tokenize stage's codec, writes the wavs to a scratch folder and scores them with the
 evaluate stage's per-clip scorer (`metrics.cli.score_pair`): beat F1, tempo accuracy and key accuracy against the
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import train  # noqa: E402
-from pipeline.config import load_params  # noqa: E402
+from pipeline.config import GenerateConfig, load_params  # noqa: E402
 from pipeline.evaluate import clip_labels  # noqa: E402
 from pipeline.media import write_wav  # noqa: E402
 from pipeline.metrics import chroma  # noqa: E402
@@ -38,15 +38,18 @@ from pipeline.model import V2M, ModelConfig  # noqa: E402
 METRICS = ("beat_f1", "tempo_acc", "key_acc", "chroma", "av_align")
 
 
-def score(model: V2M, items: list[dict], rows: pd.DataFrame, codec, setting: dict, scratch: Path) -> dict:
-    """Generate the items under `setting`, write them as the generate stage does and score each with the evaluate
-    stage's per-clip scorer (`metrics.cli.score_pair`, labels from the ingest manifest)."""
+def score(model: V2M, items: list[dict], rows: pd.DataFrame, codec, setting: dict, scratch: Path,
+          defaults: GenerateConfig) -> dict:
+    """Generate the items under `setting` (what it leaves out: `defaults`, the params' generate section), write them
+    as the generate stage does and score each with the evaluate stage's per-clip scorer (`metrics.cli.score_pair`,
+    labels from the ingest manifest)."""
     batch = {k: v for k, v in train.collate(items).items() if k not in ("codes", "code_mask")}
     generator = torch.Generator().manual_seed(int(setting.get("seed", 0)))
-    codes = model.generate(batch, items[0]["codes"].shape[1], setting.get("guidance", 3.0),
-                           setting.get("temperature", 0.8), setting.get("top_k", 0), generator,
-                           plausibility=setting.get("plausibility", 0.03),
-                           harmony_bias=setting.get("harmony_bias", 8.0) if model.has_token_chroma() else 0.0)
+    codes = model.generate(batch, items[0]["codes"].shape[1], setting.get("guidance", defaults.guidance),
+                           setting.get("temperature", defaults.temperature), setting.get("top_k", defaults.top_k),
+                           generator, plausibility=setting.get("plausibility", defaults.plausibility),
+                           harmony_bias=setting.get("harmony_bias", defaults.harmony_bias)
+                           if model.has_token_chroma() else 0.0)
     values, chromas = {m: [] for m in METRICS}, []
     for it, c in zip(items, codes, strict=True):
         row = rows.loc[it["id"]]
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.keep) / str(n) if args.keep else Path(scratch)
             out.mkdir(parents=True, exist_ok=True)
             print(json.dumps({"model": args.model, "split": args.split, "clips": len(items), "settings": setting,
-                              **score(model, items, rows, codec, setting, out)}), flush=True)
+                              **score(model, items, rows, codec, setting, out, params.generate)}), flush=True)
     return 0
 
 
