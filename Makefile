@@ -12,10 +12,11 @@ BENCH_ARGS ?=
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv demo test test-all lint bench clean-data
+.PHONY: help venv demo seeds test test-all lint bench clean-data
 
 help:
 	@echo "make demo      create .venv, run the whole pipeline on the embedded SynthV2M profile (dvc repro)"
+	@echo "make seeds     after make demo: the seed study, both systems over train.seeds (reports/seeds.md, ~25 min)"
 	@echo "make test      create/update .venv and run the test suite (slow end-to-end tests excluded)"
 	@echo "make test-all  the whole suite, slow tests included"
 	@echo "make lint      ruff"
@@ -33,12 +34,16 @@ venv: $(STAMP)
 
 demo: venv
 	@test -d .dvc || { if git rev-parse --git-dir >/dev/null 2>&1; then dvc init -q; else dvc init -q --no-scm; fi; }
-	dvc repro
+	dvc repro train_report evaluate
 	@echo
 	@echo "== v2m demo: what was produced =="
 	@v2m summary
 	@echo
 	@v2m evaluate --print
+
+seeds: demo
+	dvc repro evaluate_seeds
+	@cat reports/seeds.md
 
 test: venv
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

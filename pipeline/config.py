@@ -201,6 +201,7 @@ class TrainConfig:
     harmony_track: str = ""  # "" = preset's | on | off: with harmony_knn, retrieve per CLIP row (what sounds when)
     harmony: float = -1.0  # else from a learned head with this loss weight; -1 = preset's, 0 = off (README "Harmony")
     tokens_dir: str = "data/tokens/melvq"  # the tokenize stage's FeatureStore of int16 [T, K] codes
+    seeds: tuple[int, ...] = (1, 2)  # the seed study (`dvc repro evaluate_seeds`): base.seed and these train again
     out_dir: str = "models"  # {out_dir}/{system}/v2m.pt (final) and last.pt (the resumable checkpoint)
     metrics_dir: str = "metrics/train"  # {system}.json, {system}_{loss,eval}.csv; merged into metrics/train.json
     max_steps: int = 600  # embedded: ~2.5 min a system here; val loss bottoms out at 600-750 (README "Harmony")

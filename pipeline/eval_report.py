@@ -290,3 +290,72 @@ def print_table(path: Path) -> int:
     print(text.splitlines()[0].lstrip("# "))
     print(text[start + len(TABLE_START) : end].strip() if start >= 0 < end else text)
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the seed study: the same systems trained under several seeds
+# ----------------------------------------------------------------------------------------------------------------------
+SEED_TARGETS = (  # (name, system, metric, at least); each must hold on every seed
+    ("full beat F1 >= 0.85", "full", "beat_f1", 0.85),
+    ("full tempo accuracy >= 0.9", "full", "tempo_acc", 0.9),
+    ("full key accuracy >= 0.85", "full", "key_acc", 0.85),
+)
+SEED_GAP = ("no_motion beat F1 >= 0.3 below full", "beat_f1", 0.3)
+
+
+def seed_summary(per_seed: dict[int, dict], embedding: str) -> dict:
+    """{seed: evaluate's {system: {metric: value}}} -> per system and metric the values per seed, their mean, sample
+    sd and worst (the lowest where higher is better), and every target checked on each seed."""
+    seeds = sorted(per_seed)
+    systems: dict[str, dict] = {}
+    for name in per_seed[seeds[0]]:
+        rows = {}
+        for stem, _, up in COLUMNS:
+            key = _key(stem, embedding)
+            values = {s: per_seed[s][name][key] for s in seeds if key in per_seed[s].get(name, {})}
+            if len(values) == len(seeds):
+                v = np.array(list(values.values()), float)
+                rows[key] = {"per_seed": values, "mean": round(float(v.mean()), 4),
+                             "sd": round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 4),
+                             "worst": round(float(v.min() if up else v.max()), 4)}
+        systems[name] = rows
+    targets = []
+    for title, system, metric, floor in SEED_TARGETS:
+        got = {s: per_seed[s][system][metric] for s in seeds}
+        targets.append({"target": title, "per_seed": got, "met": all(v >= floor for v in got.values())})
+    title, metric, gap = SEED_GAP
+    got = {s: round(per_seed[s]["full"][metric] - per_seed[s]["no_motion"][metric], 4) for s in seeds}
+    targets.append({"target": title, "per_seed": got, "met": all(v >= gap for v in got.values())})
+    return {"seeds": seeds, "embedding": embedding, "systems": systems, "targets": targets,
+            "all_met": all(t["met"] for t in targets)}
+
+
+def seed_table(summary: dict) -> str:
+    """Markdown: one row per system and metric (mean, sd, worst, each seed), then the targets seed by seed."""
+    seeds = summary["seeds"]
+    titles = {_key(stem, summary["embedding"]): (title, up) for stem, title, up in COLUMNS}
+    lines = ["| System | Metric | mean | sd | worst | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|" + "---|" * (5 + len(seeds))]
+    for name, rows in summary["systems"].items():
+        for key, row in rows.items():
+            title, up = titles[key]
+            cells = [NAMES.get(name, name), f"{title} {'↑' if up else '↓'}", _num(row["mean"]), _num(row["sd"]),
+                     _num(row["worst"])] + [_num(row["per_seed"][s]) for s in seeds]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| Target (on every seed) | " + " | ".join(f"seed {s}" for s in seeds) + " | met |",
+              "|---|" + "---|" * (len(seeds) + 1)]
+    for t in summary["targets"]:
+        lines.append(f"| {t['target']} | " + " | ".join(_num(t["per_seed"][s]) for s in seeds)
+                     + f" | {'yes' if t['met'] else '**no**'} |")
+    return "\n".join(lines)
+
+
+def write_seed_report(path: Path, summary: dict) -> None:
+    """reports/seeds.md: what the study is and its table."""
+    text = ("# The seed study: every science metric over training seeds\n\n"
+            f"The full system and the no_motion ablation trained under {len(summary['seeds'])} seeds "
+            f"({', '.join(map(str, summary['seeds']))}: `base.seed` and `train.seeds`), same data, same settings; each "
+            "seed's models generate the test split with the same sampling seed and are scored as in `reports/eval.md`. "
+            "Training is float math and differs in its last bits between machines; the claims must hold on every seed. "
+            "Written by `v2m evaluate --seeds` (`dvc repro evaluate_seeds`).\n\n" + seed_table(summary) + "\n")
+    atomic_write_text(path, text)

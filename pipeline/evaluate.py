@@ -33,7 +33,7 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from pipeline.config import EvaluateConfig, load_params
+from pipeline.config import EvaluateConfig, Params, load_params
 from pipeline.media import MediaError, load_audio
 from pipeline.metrics import av_align, chroma, fad, kld, rhythm
 from pipeline.metrics.cli import Labels, _default_cache, _parse_beats, score_pair
@@ -342,6 +342,36 @@ def _models(cfg: EvaluateConfig):
     return tagger, tagger.embedder, tagger
 
 
+def seed_study(params: Params, cfg: EvaluateConfig, seeds_dir: Path) -> int:
+    """Score the trained systems of every training seed on the same clips; write the mean / sd / worst table."""
+    from dataclasses import replace
+
+    from pipeline import eval_report
+
+    labels = read_labels(Path(cfg.ingest_dir))
+    classifier, embedder, tagger = _models(cfg)
+    systems = ("full", "no_motion")
+    per_seed: dict[int, dict] = {}
+    for seed in (params.base.seed, *params.train.seeds):
+        where = cfg.generated_dir if seed == params.base.seed else str(seeds_dir / str(seed))
+        seed_cfg = replace(cfg, generated_dir=where, systems=systems)
+        ids, missing, _ = select_clips(seed_cfg, labels)
+        if missing or not ids:
+            print(f"v2m evaluate --seeds: seed {seed}: nothing to score in {where} "
+                  f"({'; '.join(f'{s}: {w}' for s, w in missing.items()) or 'no clip'})", file=sys.stderr)
+            return 1
+        with threadpool_limits(limits=1):
+            scores, unscorable = score_all(seed_cfg, list(systems), ids, labels, classifier, embedder, tagger)
+            ids = [i for i in ids if i not in unscorable]
+            per_seed[seed] = summarise(scores, ids, cfg.embedding, 0, params.base.seed, cfg.key_method)
+        log.info("evaluate --seeds: seed %d: %d clips", seed, len(ids))
+    summary = eval_report.seed_summary(per_seed, cfg.embedding)
+    atomic_write_json(cfg.metrics_path, summary)
+    eval_report.write_seed_report(Path(cfg.report_path), summary)
+    print(eval_report.seed_table(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="v2m evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -350,11 +380,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", help="report to write, plots beside it (default: evaluate.report_path)")
     parser.add_argument("--fit-tagger", action="store_true", help="train the tagger (DVC stage tagger) and stop")
     parser.add_argument("--print", action="store_true", dest="print_table", help="print the report's table and stop")
+    parser.add_argument("--seeds", metavar="DIR", help="the seed study: base.seed's systems from --generated and "
+                        "--models, each of train.seeds' from DIR/{seed}; writes --metrics and --report")
+    parser.add_argument("--models", help="folder of {system}/v2m.pt (default: evaluate.models_dir)")
     args = parser.parse_args(argv)
     params = load_params(args.params, missing_ok=True)
     cfg = params.evaluate
     overrides = {k: v for k, v in (("generated_dir", args.generated), ("metrics_path", args.metrics),
-                                   ("report_path", args.report)) if v}
+                                   ("report_path", args.report), ("models_dir", args.models)) if v}
     if overrides:
         from dataclasses import replace
 
@@ -365,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         return eval_report.print_table(Path(cfg.report_path))
     if args.fit_tagger:
         return fit_tagger(params, cfg)
+    if args.seeds:
+        return seed_study(params, cfg, Path(args.seeds))
     if cfg.embedding not in EMBEDDINGS:  # before any work: one line naming the file and the setting
         print(f"v2m evaluate: {args.params}: evaluate.embedding must be {' or '.join(EMBEDDINGS)}, got "
               f"{cfg.embedding!r}; fix it there", file=sys.stderr)

@@ -54,7 +54,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import GenerateConfig, Params, load_params, params_from_dict, to_dict
-from pipeline.media import MediaError, load_audio, probe, run_ffmpeg, write_wav
+from pipeline.media import X264_ARGS, MediaError, load_audio, probe, run_ffmpeg, write_wav
 from pipeline.shards import FAILED, OK, atomic_path, load_features, report_rows, stable_hash, write_manifest
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm")
 # video codecs each container takes by stream copy; None = any. Others are re-encoded (and the log says so).
 COPYABLE = {".mp4": {"h264", "hevc", "av1", "vp9", "mpeg4"}, ".m4v": {"h264", "hevc", "mpeg4"},
             ".mov": {"h264", "hevc", "mpeg4", "prores", "mjpeg"}, ".webm": {"vp8", "vp9", "av1"}, ".mkv": None}
-STAGE_COLUMNS = ["system", "id", "status", "reason", "error", "wav_path", "mp4_path", "duration_s", "source_id",
-                 "seconds"]
+STAGE_COLUMNS = ["system", "id", "status", "reason", "error", "wav_path", "mp4_path", "duration_s", "source_id"]
 BASELINES = ("retrieval", "random")
 DECODE_MARGIN_S = 0.12  # decoded beyond each crossfade, so neither chunk's edge effects reach the mix
 DECODE_CHUNK_S = 30.0  # audio is decoded in chunks of at least this long (bounded memory; melvq is ~3x slower on 3 s)
@@ -360,7 +359,7 @@ def mux(video: Path, audio: np.ndarray, sample_rate: int, out: Path) -> str:
                 video_args = ["-c:v", "libvpx-vp9", "-b:v", "0", "-crf", "32", "-deadline", "realtime",
                               "-cpu-used", "8"]
             else:
-                video_args = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p"]
+                video_args = [*X264_ARGS, "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p"]
             args = ["-i", str(video), "-i", str(wav), "-map", "0:v:0", "-map", "1:a:0", *video_args, *audio_args,
                     "-map_metadata", "0"]
             args += ["-movflags", "+faststart"] if suffix in (".mp4", ".m4v", ".mov") else []
@@ -471,10 +470,13 @@ def run_files(inputs: list[Path], out: Path, model: Model, cfg: GenerateConfig, 
 # the stage
 # ----------------------------------------------------------------------------------------------------------------------
 
-def run_stage(params: Params, out_dir: Path | None = None) -> pd.DataFrame:
-    """The eval split through every system, the baselines and the reference -> out_dir/{system}/{id}.{wav,mp4}."""
+def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | None = None,
+              baselines: bool = True) -> pd.DataFrame:
+    """The eval split through every system (checkpoints models_dir/{system}/v2m.pt, default train.out_dir), then the
+    baselines and the reference unless `baselines` is False -> out_dir/{system}/{id}.{wav,mp4}."""
     cfg, seed = params.generate, params.base.seed
     out_dir = Path(out_dir or cfg.out_dir)
+    models_dir = Path(models_dir or params.train.out_dir)
     upstream = pd.read_parquet(Path(params.ingest.out_dir) / "manifest.parquet")
     upstream = upstream[upstream["status"] == OK]
     clip, flow = load_features(Path(params.embed.out_dir) / "clip"), load_features(Path(params.embed.out_dir) / "flow")
@@ -506,13 +508,13 @@ def run_stage(params: Params, out_dir: Path | None = None) -> pd.DataFrame:
             reason = getattr(exc, "reason", type(exc).__name__)
             rec.update(status=FAILED, reason=reason, error=str(exc)[:500], wav_path="", mp4_path="")
             log.error("generate %s/%s: %s", system, item_id, exc)
-        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        log.debug("generate %s/%s: %.2f s", system, item_id, time.perf_counter() - t0)  # not in the DVC output
         records.append(rec)
 
     models = {}
     for system in cfg.systems:
         try:
-            models[system] = load_model(Path(params.train.out_dir) / system / "v2m.pt", params)
+            models[system] = load_model(models_dir / system / "v2m.pt", params)
         except GenerateError as exc:
             for item_id in eval_ids:
                 records.append({"system": system, "id": item_id, "status": FAILED, "reason": "no_model",
@@ -530,6 +532,8 @@ def run_stage(params: Params, out_dir: Path | None = None) -> pd.DataFrame:
                 return wav, model.codec.sample_rate
             emit(system, item_id, make)
 
+    if not baselines:
+        eval_ids = []
     codec = next(iter(models.values())).codec if models else _stage_codec(params)
     means = {i: _unit(np.asarray(clip[i]).mean(0)) for i in train_ids + eval_ids}
     train_matrix = np.stack([means[i] for i in train_ids]) if train_ids else None
@@ -589,11 +593,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wav", action="store_true", help="write the music alone, as .wav")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--stage", action="store_true", help="run the DVC stage: the eval split, every system")
+    parser.add_argument("--models", type=Path, help="with --stage: folder of {system}/v2m.pt (default: train.out_dir)")
+    parser.add_argument("--no-baselines", action="store_true", help="with --stage: the trained systems only")
     args = parser.parse_args(argv)
     params = load_params(args.params, missing_ok=True)
     if args.stage:
-        return report_rows("generate", run_stage(params), params.generate.max_fail_ratio,
-                           label=lambda rec: f"{rec['system']}/{rec['id']}", suffix=f" -> {params.generate.out_dir}")
+        out_dir = args.out or Path(params.generate.out_dir)
+        frame = run_stage(params, out_dir, args.models, baselines=not args.no_baselines)
+        return report_rows("generate", frame, params.generate.max_fail_ratio,
+                           label=lambda rec: f"{rec['system']}/{rec['id']}", suffix=f" -> {out_dir}")
     if not args.inputs or args.out is None:
         parser.error("give one or more videos and -o OUT (or --stage)")
     overrides = {k: v for k, v in {"guidance": args.cfg, "top_k": args.top_k, "temperature": args.temperature,

@@ -10,6 +10,10 @@ reason (no_audio, silent_audio, too_short, start_past_end, corrupt, missing, bad
 reasons). Each finished id gets a small record in {out}/rows/ written after its media, so a rerun does no work for
 ids whose source and params are unchanged, and a killed run resumes where it stopped. The exit status is non-zero
 only when the failed fraction exceeds `ingest.max_fail_ratio`.
+
+The records hold nothing machine-local (DVC hashes them, and a teammate's rebuild must match): a source's size and
+mtime, used to skip re-hashing it, live in a side cache beside the out dir, `{out}/../.cache/{out name}/`, which
+neither DVC nor git tracks.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from tqdm import tqdm
 
 from pipeline import download
 from pipeline.config import BaseConfig, IngestConfig, load_params, to_dict
-from pipeline.media import MediaError, load_audio, probe, rms_db, run_ffmpeg, tool_versions, write_wav
+from pipeline.media import X264_ARGS, MediaError, load_audio, probe, rms_db, run_ffmpeg, tool_versions, write_wav
 from pipeline.shards import (
     FAILED,
     OK,
@@ -99,6 +103,21 @@ class Ingester:
     def record_path(self, item_id: str) -> Path:
         return self.out / "rows" / f"{item_id}.json"
 
+    def stat_path(self, item_id: str) -> Path:
+        """Side cache of the source's [size, mtime_ns] when it was hashed: machine-local, so not in the record."""
+        return self.out.parent / ".cache" / self.out.name / f"{item_id}.stat.json"
+
+    def _remember_stat(self, item_id: str, src: Path) -> None:
+        stat = src.stat()
+        atomic_write_json(self.stat_path(item_id), [stat.st_size, stat.st_mtime_ns])
+
+    def _same_stat(self, item_id: str, src: Path) -> bool:
+        try:
+            stat = src.stat()
+            return json.loads(self.stat_path(item_id).read_text()) == [stat.st_size, stat.st_mtime_ns]
+        except (OSError, ValueError):
+            return False
+
     def resolve(self, source: str) -> Path:
         """Local sources: as given (relative to the working directory), else relative to the manifest's folder."""
         path = Path(source).expanduser()
@@ -121,12 +140,12 @@ class Ingester:
             return None
         if not download.is_url(row["source"]):
             src = self.resolve(row["source"])
-            stat = src.stat() if src.exists() else None
-            if stat is None:
+            if not src.exists():
                 return rec if rec.get("reason") == "missing" else None
-            if [stat.st_size, stat.st_mtime_ns] != rec.get("_source_stat"):
+            if not self._same_stat(row["id"], src):
                 if sha256_file(src) != rec.get("source_sha256"):
                     return None
+                self._remember_stat(row["id"], src)
         if rec["status"] == OK and not (Path(rec["clip_path"]).exists() and Path(rec["audio_path"]).exists()):
             return None
         return rec
@@ -165,8 +184,8 @@ class Ingester:
             src = self.resolve(row["source"])
             if not src.exists():
                 raise Skip(FAILED, "missing", f"{src}: no such file")
-        stat = src.stat()
-        rec.update(source_sha256=sha256_file(src), _source_stat=[stat.st_size, stat.st_mtime_ns])
+        rec.update(source_sha256=sha256_file(src))
+        self._remember_stat(row["id"], src)
         info = probe(src)
         rec.update(source_duration_s=round(info.duration_s, 4), has_audio=info.has_audio)
         if not info.has_video:
@@ -210,7 +229,7 @@ class Ingester:
                  f"fps={base.fps}:start_time=0,setsar=1,format=yuv420p")
         audio_filter = f"aresample={base.sample_rate}:resampler=soxr,apad"
         args = ["-ss", f"{start_s:.6f}", "-i", str(src), "-map", "0:v:0", "-vf", scale, "-frames:v", str(n_frames),
-                "-c:v", "libx264", "-preset", cfg.video_preset, "-crf", str(cfg.video_crf), "-movflags", "+faststart"]
+                *X264_ARGS, "-preset", cfg.video_preset, "-crf", str(cfg.video_crf), "-movflags", "+faststart"]
         if has_audio:
             args += ["-map", "0:a:0", "-af", audio_filter, "-ac", str(cfg.audio_channels), "-c:a", "aac",
                      "-b:a", "128k", "-t", f"{duration:.6f}", str(clip),

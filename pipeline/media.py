@@ -74,6 +74,9 @@ def ffmpeg_exe() -> str:
 
 
 _LINK_LOCK = threading.Lock()
+# x264's bitstream depends on its thread count, and its default follows the machine's cores: a fixed count gives the
+# same bytes on any machine (docs/reproducibility.md). Stages run two items at a time, so two threads fill 2-4 cores.
+X264_ARGS = ("-c:v", "libx264", "-threads:v", "2")
 
 
 @lru_cache(maxsize=1)
@@ -282,7 +285,7 @@ def encode_video(
             wav = Path(scratch) / "audio.wav"
             write_wav(wav, audio, sample_rate)
             args += ["-i", str(wav), "-c:a", "aac", "-b:a", audio_bitrate]
-        args += ["-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p"]
+        args += [*X264_ARGS, "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p"]
         args += ["-movflags", "+faststart", "-shortest" if audio is not None else "-an", str(tmp)]
         cmd = [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", *args]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -496,11 +496,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", help="ingest manifest with split/caption/beat_times (default: ingest's)")
     parser.add_argument("--out", help="model folder (default: train.out_dir/SYSTEM)")
     parser.add_argument("--metrics", help="metrics folder (default: train.metrics_dir)")
+    parser.add_argument("--seed", type=int, help="training seed (default: base.seed); the seed study trains each of "
+                        "train.seeds this way")
     parser.add_argument("--report", metavar="JSON", help="only merge the metrics folder's systems into JSON")
     parser.add_argument("--export", metavar="PT", help="with --report: copy the full system's v2m.pt to PT (the "
                         "default model of `v2m generate`, models/v2m.pt)")
     args = parser.parse_args(argv)
     params = load_params(args.params, missing_ok=True)
+    if args.seed is not None:
+        params = dataclasses.replace(params, base=dataclasses.replace(params.base, seed=args.seed))
     cfg = params.train
     metrics_dir = Path(args.metrics or cfg.metrics_dir)
     if args.report:

@@ -17,6 +17,13 @@ Decode: codes [K, T] -> audio [T * hop].
 Fit: per residual stage, k-means (Lloyd; seeded random distinct frames as the start; a fixed number of iterations)
 on up to `fit_frames` frames sampled from the train split; the same seed and music give the same bytes.
 
+Same bytes on any machine (docs/reproducibility.md). Token frames are computed in float64 (deterministic STFT and
+a sparse mel product, no BLAS) and rounded to a grid of GRID = 2^-14; every vector-quantiser step then works on
+whole multiples of GRID held in float64: squared distances, centroid sums and residuals are integers below 2^53, so
+they are exact whatever the BLAS kernel, thread count or summation order, and argmin (first index on a tie) cannot
+flip between machines. The float64 rounding noise left before the grid (1e-16 relative, e.g. SIMD vs libm `pow`)
+moves a grid point with a probability of about 1e-12 per value.
+
 Why (measured on SynthV2M and real music, README "Tokenize" has the table): HTK mel with 128 bands keeps the pitch
 that chroma needs (80 bands lose it below ~400 Hz); quantising power^0.3 beats dB (dB spends the codebooks on inaudible
 detail) and beats power^0.2; the gate lifts onset F1 by ~0.03-0.08; analysing at the token rate and interpolating keeps
@@ -49,6 +56,9 @@ FGLA_MOMENTUM = 0.99
 # and a loaded state takes them from the current params rather than from the saved file.
 DECODE_ONLY = ("subframes", "gate_sigmas", "nnls_iters", "griffin_lim_iters")
 MAX_FRAME_RATE, MAX_CODEBOOKS, MAX_CODEBOOK_SIZE = 50.0, 4, 1024
+GRID = 2.0**-14  # token frames are whole multiples of this (compressed mel units): see "Same bytes on any machine"
+MAX_FEATURE = 32.0  # token frames are clipped here (a full-scale sine's band is ~1): keeps every VQ sum exact
+EXACT = 2.0**53  # integers below this are exact in float64
 
 
 def from_config(cfg: TokenizeConfig, seed: int = 0) -> MelVQ:
@@ -68,11 +78,15 @@ class MelVQ(Codec):
         self.sample_rate, self.frame_rate = cfg.sample_rate, float(cfg.frame_rate)
         self.num_codebooks, self.codebook_size = cfg.num_codebooks, cfg.codebook_size
         self.stft_hop = self.hop_length // cfg.subframes
+        from scipy import sparse
+
         with warnings.catch_warnings():  # the lowest HTK bands are narrower than an FFT bin; they stay (near) empty
             warnings.simplefilter("ignore", UserWarning)
-            self.mel_basis = librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=0.0,
-                                                 fmax=cfg.fmax, htk=True, norm=None).astype(np.float32)  # (D, F)
-        self.window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(cfg.n_fft) / cfg.n_fft)).astype(np.float32)
+            basis = librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=0.0,
+                                        fmax=cfg.fmax, htk=True, norm=None, dtype=np.float64)  # (D, F)
+        self.mel_basis = basis  # decoding (NNLS), in float64 like the analysis
+        self.mel_sparse = sparse.csr_matrix(basis)  # analysis: a fixed-order sum, the same bits on any CPU
+        self.window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(cfg.n_fft) / cfg.n_fft)  # float64
         self.ref_power = float(self.window.sum() / 2) ** 2  # |X|^2 of a full-scale sine at a bin centre
         self.floor = float((10 ** (cfg.floor_db / 10)) ** cfg.compression)  # in compressed units
         self.codebooks: np.ndarray | None = None  # (K, codebook_size, D) float32
@@ -101,14 +115,15 @@ class MelVQ(Codec):
     def features(self, wav: np.ndarray) -> np.ndarray:
         """Audio [N] or [C, N] -> compressed mel token frames [T, D] float32, T = ceil(N / hop); frame t is centred
         at sample t * hop (an analysis STFT at the token rate: sampling keeps attacks sharper than averaging the
-        `subframes` synthesis frames, beat F1 on real music 0.72 -> 0.91 without VQ)."""
-        y = to_mono(wav)
+        `subframes` synthesis frames). Whole multiples of GRID, computed in float64 without BLAS (module docstring)."""
+        y = to_mono(wav).astype(np.float64)
         n_tokens = self.num_frames(len(y))
         if n_tokens == 0:
             return np.zeros((0, self.cfg.n_mels), np.float32)
-        power = np.abs(self._stft(y, self.hop_length)) ** 2  # (F, 1 + N // hop), 1 + N // hop >= T
-        mel = np.maximum(self.mel_basis @ power / self.ref_power, 10 ** (self.cfg.floor_db / 10))
-        return (mel[:, :n_tokens] ** self.cfg.compression).T.astype(np.float32)  # (T, D)
+        spec = self._stft(y, self.hop_length)[:, :n_tokens]  # (F, T) complex128; 1 + N // hop >= T
+        power = spec.real**2 + spec.imag**2  # not np.abs: its SIMD and libm paths differ in the last bit
+        mel = np.maximum(np.asarray(self.mel_sparse @ power) / self.ref_power, 10 ** (self.cfg.floor_db / 10))
+        return to_grid(mel**self.cfg.compression).T.astype(np.float32)  # (T, D)
 
     def synthesize(self, frames: np.ndarray) -> np.ndarray:
         """Compressed mel token frames [T, D] -> audio [T * hop] float32."""
@@ -116,7 +131,7 @@ class MelVQ(Codec):
         length = n_tokens * self.hop_length
         if n_tokens == 0:
             return np.zeros(0, np.float32)
-        comp = np.asarray(frames, np.float32).T  # (D, T)
+        comp = np.asarray(frames, np.float64).T  # (D, T); float64 throughout, so the audio is the same on any CPU
         # The gate acts on token frames, before the interpolation: gating interpolated frames would switch bands on
         # and off between tokens, which the onset detector reads as onsets.
         gate = self.gate
@@ -125,10 +140,10 @@ class MelVQ(Codec):
         pos = np.minimum(np.arange(n_tokens * s + 1) / s, n_tokens - 1)
         lo = np.floor(pos).astype(int)
         hi = np.minimum(lo + 1, n_tokens - 1)
-        frac = (pos - lo).astype(np.float32)
+        frac = pos - lo
         comp = comp[:, lo] * (1 - frac) + comp[:, hi] * frac  # (D, T*s + 1)
         mel = np.where(comp <= self.floor, 0.0, np.maximum(comp, 0) ** (1 / self.cfg.compression)) * self.ref_power
-        magnitude = np.sqrt(nnls_mel_to_linear(self.mel_basis, mel.astype(np.float32), self.cfg.nnls_iters))
+        magnitude = np.sqrt(nnls_mel_to_linear(self.mel_basis, mel, self.cfg.nnls_iters))
         phase = spsi_phase(magnitude, self.stft_hop, self.cfg.n_fft)
         return self._griffin_lim(magnitude, phase, length)
 
@@ -173,15 +188,15 @@ class MelVQ(Codec):
         if len(data) < cfg.codebook_size:
             log.warning("melvq: only %d frames to fit %d-entry codebooks; entries will repeat", len(data),
                         cfg.codebook_size)
-        residual = data.copy()
+        residual = data.astype(np.float64) / GRID  # whole numbers: every step below is exact
         books, distortion = [], []
         for _ in range(cfg.num_codebooks):
             book = kmeans(residual, cfg.codebook_size, cfg.kmeans_iters, rng)
             residual -= book[nearest(residual, book)]
-            books.append(book)
-            distortion.append(float(np.mean(residual.astype(np.float64) ** 2)))
-        self.codebooks = np.stack(books).astype(np.float32)
-        self.residual_std = residual.std(axis=0).astype(np.float32)
+            books.append(book * GRID)
+            distortion.append(float(np.mean((residual * GRID) ** 2)))
+        self.codebooks = np.stack(books).astype(np.float32)  # whole multiples of GRID below 2^24 GRID: exact
+        self.residual_std = (residual * GRID).std(axis=0).astype(np.float32)
         self.fit_info = {"items": n_items, "frames": int(len(data)), "seed": self.seed,
                          "mse_per_stage": [round(d, 8) for d in distortion]}
         return dict(self.fit_info)
@@ -252,17 +267,32 @@ def _check(cfg: MelVQConfig) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- vector quantiser
+def to_grid(x: np.ndarray) -> np.ndarray:
+    """Round float64 values to the nearest whole multiple of GRID in [0, MAX_FEATURE] (float64)."""
+    return np.rint(np.clip(x, 0.0, MAX_FEATURE) / GRID) * GRID
+
+
 def nearest(x: np.ndarray, book: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    """Index of the nearest codebook entry (squared Euclidean) for each row of x [N, D] -> [N] int64."""
+    """Index of the nearest codebook entry (squared Euclidean; the first on a tie) for each row of x [N, D] -> [N].
+
+    x and book hold whole numbers (float64): ||c||^2 - 2 x.c is then an exact integer, so the choice is the same on
+    any machine whatever BLAS does; values too large for that raise rather than give machine-dependent codes.
+    """
+    x, book = np.asarray(x, np.float64), np.asarray(book, np.float64)
+    bound = x.shape[1] * (np.abs(x).max(initial=0) + np.abs(book).max(initial=0)) ** 2
+    if bound >= EXACT or not (np.array_equal(x, np.rint(x)) and np.array_equal(book, np.rint(book))):
+        raise ValueError("melvq.nearest needs whole-number frames and entries whose squared distances stay < 2^53")
     out = np.empty(len(x), np.int64)
-    norms = np.einsum("kd,kd->k", book, book)
+    norms = np.einsum("kd,kd->k", book, book)  # exact: whole numbers below 2^53
     for start in range(0, len(x), chunk):
         out[start : start + chunk] = np.argmin(norms[None, :] - 2.0 * (x[start : start + chunk] @ book.T), axis=1)
     return out
 
 
 def kmeans(x: np.ndarray, k: int, iters: int, rng: np.random.Generator) -> np.ndarray:
-    """Lloyd's k-means on x [N, D] float32 -> centroids [k, D]; an emptied cluster takes the worst-fitted point."""
+    """Lloyd's k-means on whole-number frames x [N, D] (float64) -> whole-number centroids [k, D] (float64); a
+    centroid is its cluster's mean rounded to a whole number, so sums, distances and choices are exact; an emptied
+    cluster takes the worst-fitted point."""
     from scipy import sparse
 
     n = len(x)
@@ -270,22 +300,23 @@ def kmeans(x: np.ndarray, k: int, iters: int, rng: np.random.Generator) -> np.nd
     for _ in range(iters):
         assign = nearest(x, centroids)
         counts = np.bincount(assign, minlength=k)
-        onehot = sparse.csr_matrix((np.ones(n, np.float32), (assign, np.arange(n))), shape=(k, n))
-        sums = np.asarray(onehot @ x)
+        onehot = sparse.csr_matrix((np.ones(n), (assign, np.arange(n))), shape=(k, n))
+        sums = np.asarray(onehot @ x)  # exact: whole numbers below 2^53
         filled = counts > 0
-        centroids[filled] = sums[filled] / counts[filled, None]
+        centroids[filled] = np.rint(sums[filled] / counts[filled, None])
         if not filled.all():
             error = np.einsum("nd,nd->n", x - centroids[assign], x - centroids[assign])
             worst = np.argsort(-error, kind="stable")
             centroids[~filled] = x[np.resize(worst, int((~filled).sum()))]  # cycles when there are fewer points
-    return centroids.astype(np.float32)
+    return centroids
 
 
 def rvq_encode(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
-    """Residual VQ: frames [T, D] -> codes [K, T] int64."""
-    residual = np.array(x, dtype=np.float32, copy=True)
-    codes = np.empty((len(codebooks), len(x)), np.int64)
-    for k, book in enumerate(codebooks):
+    """Residual VQ: frames [T, D] -> codes [K, T] int64 (frames and entries on the GRID; exact, see nearest)."""
+    residual = to_grid(np.asarray(x, np.float64)) / GRID
+    books = np.rint(np.asarray(codebooks, np.float64) / GRID)
+    codes = np.empty((len(books), len(x)), np.int64)
+    for k, book in enumerate(books):
         codes[k] = nearest(residual, book)
         residual -= book[codes[k]]
     return codes
@@ -320,7 +351,7 @@ def spsi_phase(magnitude: np.ndarray, hop: int, n_fft: int) -> np.ndarray:
     sinusoid there, phi - pi (k - b0) (adjacent bins of a main lobe differ by pi).
     """
     n_bins, n_frames = magnitude.shape
-    phase = np.zeros((n_bins, n_frames), np.float32)
+    phase = np.zeros((n_bins, n_frames))
     accum = np.zeros(n_bins)
     bins = np.arange(n_bins)
     for t in range(n_frames):

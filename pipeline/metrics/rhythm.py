@@ -52,8 +52,8 @@ class Key:
 def _mono(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     import librosa
 
-    y = np.asarray(audio, dtype=np.float32)
-    if y.ndim == 2:
+    y = np.asarray(audio, dtype=np.float64)  # librosa's mel products then run in float64: peak picking cannot flip
+    if y.ndim == 2:  # with the BLAS kernel or thread count (docs/reproducibility.md)
         y = y.mean(axis=0)
     if sample_rate != SAMPLE_RATE:
         y = librosa.resample(y, orig_sr=sample_rate, target_sr=SAMPLE_RATE, res_type="soxr_hq")
@@ -206,7 +206,7 @@ def frame_chroma(audio: np.ndarray, sample_rate: int, frame_rate: float, n_frame
     nearest its time. What `V2M.set_token_chroma` averages per token."""
     import librosa
 
-    y = np.asarray(audio, dtype=np.float32)
+    y = np.asarray(audio, dtype=np.float64)  # float64, as in _mono
     y = y.mean(axis=0) if y.ndim == 2 else y
     if sample_rate != FRAME_CHROMA_SR:
         y = librosa.resample(y, orig_sr=sample_rate, target_sr=FRAME_CHROMA_SR, res_type="soxr_hq")
