@@ -148,6 +148,25 @@ def test_melvq_fit_is_deterministic_and_saved_state_reloads(tmp_path):
         MelVQ().encode(wav)
 
 
+def test_melvq_quantiser_works_on_whole_numbers_so_no_blas_can_flip_a_choice():
+    """Frames and entries are whole multiples of GRID, so distances are exact integers: a tie goes to the first entry
+    (here two entries at exactly the same distance), and a fraction is refused rather than rounded silently."""
+    from pipeline.codecs.melvq import GRID, nearest
+
+    codec = fitted_melvq(dataclasses.replace(MelVQConfig(), codebook_size=16, kmeans_iters=3), n_train=3)
+    frames = codec.features(synth_clip(41)[0]).astype(np.float64)
+    assert np.array_equal(frames / GRID, np.rint(frames / GRID)) and frames.min() > 0
+    assert np.array_equal(codec.codebooks / GRID, np.rint(codec.codebooks.astype(np.float64) / GRID))
+    book = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    points = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [1.0, 1.0]])
+    assert nearest(points, book).tolist() == [0, 0, 1, 3]  # (1,0) is 1 from entries 0, 1 and 3: the first wins
+    big = 2.0**40 * np.ones((1, 4))
+    with pytest.raises(ValueError, match="2\\^53"):
+        nearest(big, np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="whole-number"):
+        nearest(points + 0.5, book)
+
+
 def test_melvq_round_trip_meets_the_floors_on_synthv2m():
     """Fit the default melvq on 96 SynthV2M clips (6 s), score 12 held-out clips with the project's metrics.
 

@@ -28,7 +28,11 @@ from pipeline.shards import atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when preprocessing or pooling changes, so cached features are recomputed
+VERSION = 2  # bump when preprocessing or pooling changes, so cached features are recomputed
+# On a CPU the model runs in float64 and its embeddings are rounded to whole multiples of this: float32 kernels differ
+# in their last bits between AVX2 and AVX-512 machines, float64 ones by ~1e-16, far below the grid, so every x86-64
+# CPU with AVX2 writes the same bytes (docs/reproducibility.md). 2^-20 is ~1e-6 of a unit-norm embedding's length.
+FEATURE_GRID = 2.0**-20
 TINY_CONFIGS = {
     "v2m-tiny-vit": {
         "embed_dim": 256,
@@ -142,7 +146,8 @@ class ClipEncoder:
                 raise RuntimeError(f"embed.clip.pretrained {cfg.pretrained!r}: cannot load weights for {cfg.model} "
                                    f"({exc}). Give a local file path, or a tag already in the HF cache "
                                    "($HF_HOME/hub).") from None
-        self.model = model.eval()
+        self.dtype = torch.float64 if torch.device(device).type == "cpu" else torch.float32
+        self.model = model.eval().to(self.dtype)
         self.preprocess = preprocess
         self.dim = int(self.model.visual.output_dim)
 
@@ -155,5 +160,6 @@ class ClipEncoder:
             for start in range(0, len(frames), self.cfg.batch_size):
                 batch = torch.stack([self.preprocess(Image.fromarray(f)) for f in frames[start:start +
                                                                                        self.cfg.batch_size]])
-                out.append(self.model.encode_image(batch.to(self.device), normalize=True).float().cpu().numpy())
-        return np.concatenate(out).astype(np.float32)  # (T, D)
+                emb = self.model.encode_image(batch.to(self.device, self.dtype), normalize=True)
+                out.append(emb.cpu().double().numpy())
+        return (np.rint(np.concatenate(out) / FEATURE_GRID) * FEATURE_GRID).astype(np.float32)  # (T, D)
