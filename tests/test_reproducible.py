@@ -68,6 +68,37 @@ def test_codec_fit_tokens_and_round_trip_are_the_same_bytes_under_any_blas(tmp_p
         assert not differ, f"{variant} vs {first_variant}: {differ}"
 
 
+CLIP_PROBE = """
+import hashlib, sys
+from pipeline.config import ClipEncoderConfig
+from pipeline.encoders import sample_frames
+from pipeline.encoders.clip import ClipEncoder, init_seeded
+cfg = ClipEncoderConfig()
+init_seeded(cfg, 0, sys.argv[2])
+frames = sample_frames(sys.argv[1], 2.0)[0]
+print(hashlib.sha256(ClipEncoder(cfg, sys.argv[2])(frames).tobytes()).hexdigest())
+"""
+
+
+def test_clip_features_are_the_same_bytes_on_avx2_and_avx512_kernels(tmp_path):
+    """torch picks its CPU kernels by instruction set (ATEN_CPU_CAPABILITY forces one): in float32 the embeddings of
+    an AVX2 and an AVX-512 machine differ in their last bits; the float64 model rounded to FEATURE_GRID does not."""
+    import torch
+
+    clip = make_video(tmp_path / "clip.mp4", seconds=2.0, size="160x120")
+    capabilities = [{}, {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "2"}]
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":  # this CPU has no AVX-512: compare AVX2 with itself
+        capabilities[0] = {"OMP_NUM_THREADS": "1"}
+    digests = set()
+    for variant in capabilities:
+        env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS")} | variant
+        proc = subprocess.run([sys.executable, "-c", CLIP_PROBE, str(clip), str(tmp_path / "enc")], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        digests.add(proc.stdout.strip().splitlines()[-1])
+    assert len(digests) == 1, digests
+
+
 def test_ingest_outputs_hold_nothing_of_the_machine(tmp_path):
     """Two checkouts (other paths, other mtimes, other BLAS) ingest the same video to the same bytes; the source's
     mtime, used to skip re-hashing, is in the side cache, outside the DVC output."""
