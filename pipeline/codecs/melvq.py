@@ -17,7 +17,7 @@ Decode: codes [K, T] -> audio [T * hop].
 Fit: per residual stage, k-means (Lloyd; seeded random distinct frames as the start; a fixed number of iterations)
 on up to `fit_frames` frames sampled from the train split; the same seed and music give the same bytes.
 
-Why (measured on SynthV2M and real music, README "Tokenize" has the table): HTK mel with 128 bands keeps the pitch
+Why (measured on SynthV2M and real music, docs/studies/codec.md has the table): HTK mel with 128 bands keeps the pitch
 that chroma needs (80 bands lose it below ~400 Hz); quantising power^0.3 beats dB (dB spends the codebooks on inaudible
 detail) and beats power^0.2; the gate lifts onset F1 by ~0.03-0.08; analysing at the token rate and interpolating keeps
 attacks sharper than averaging the synthesis frames (beat F1 on real music without VQ 0.72 -> 0.91); SPSI beats a
