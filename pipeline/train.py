@@ -319,7 +319,7 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    per_process = max(1, (os.cpu_count() or 1) // world)  # more threads than cores was 7x slower (README)
+    per_process = max(1, (os.cpu_count() or 1) // world)  # more threads than cores was 7x slower (docs/timings.md)
     torch.set_num_threads(min(cfg.torch_threads, per_process) if cfg.torch_threads else per_process)
     if cfg.select not in ("val_beat_f1", "last"):
         raise SystemExit(f"train.select: {cfg.select!r} is not one of val_beat_f1, last")
