@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="model folder (default: train.out_dir/SYSTEM)")
     parser.add_argument("--metrics", help="metrics folder (default: train.metrics_dir)")
     parser.add_argument("--seed", type=int, help="training seed (default: base.seed); the seed study trains each of "
-                        "train.seeds this way")
+                        "seed_study.seeds this way")
     parser.add_argument("--report", metavar="JSON", help="only merge the metrics folder's systems into JSON")
     parser.add_argument("--export", metavar="PT", help="with --report: copy the full system's v2m.pt to PT (the "
                         "default model of `v2m generate`, models/v2m.pt)")

@@ -167,18 +167,13 @@ def closure(stage: str, module: str) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 def stages() -> dict[str, dict]:
-    """dvc.yaml's stages with foreach expanded (name@item, ${item} substituted in cmd and deps)."""
-    out = {}
-    for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
-        if "foreach" not in stage:
-            out[name] = stage
-            continue
-        items = stage["foreach"]
-        assert isinstance(items, list), f"{name}: foreach over a {type(items).__name__} is not handled by this test"
-        for item in items:
-            text = yaml.safe_dump(stage["do"]).replace("${item}", str(item))
-            out[f"{name}@{item}"] = yaml.safe_load(text)
-    return out
+    """dvc.yaml's stages as DVC resolves them (foreach and matrix expanded, ${...} from params.yaml substituted):
+    {name: {"cmd": str, "deps": [path as written]}}."""
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        return {stage.addressing: {"cmd": stage.cmd, "deps": [str(d.def_path) for d in stage.deps]}
+                for stage in repo.index.stages if stage.cmd}
 
 
 STAGES = stages()
