@@ -5,10 +5,10 @@
 Inputs are real SynthV2M clips made with the embedded profile (256x256 rendered, ingested to 224x224, 24 fps, 8 s).
 For each encoder, "video_s_per_wall_s" is seconds of video through the stage's whole per-clip path (decode, sample at
 the default fps, encode, reduce) per wall-clock second, in one process with `embed.torch_threads` threads (1: the
-stage scales out with processes, see README). "incremental_ratio" is the wall time of `embed.run` after adding 1 video
-to `--videos` already embedded, divided by the wall time of the full run over those videos (both streams, encoder
-loading and the manifest included; the full run starts from an empty feature folder). The production encoders
-(ViT-B-32, ptlflow) run with random weights: same compute as the pretrained ones, timings only.
+stage scales out with processes: docs/timings.md). "incremental_ratio" is the wall time of `embed.run` after
+adding 1 video to `--videos` already embedded, divided by the wall time of the full run over those videos (both
+streams, encoder loading and the manifest included; the full run starts from an empty feature folder). The
+production encoders (ViT-B-32, ptlflow) run with random weights: same compute as the pretrained ones, timings only.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ RESULTS = HERE / "results"
 README = HERE / "README.md"
 START, END = "<!-- summary: written by benchmarks/run_all.py -->", "<!-- end of summary -->"
 NEEDS_INPUT = {  # script -> why `make bench` does not run it
-    "train_alignment": "a study on a scratch pipeline run (--root); see README, 'Does motion reach the beats?'",
+    "train_alignment": "a study on a scratch pipeline run (--root); see docs/studies/motion.md",
 }
 SELF = {"run_all"}
 # `python benchmarks/X.py` puts benchmarks/ first on sys.path, where tokenize.py shadows the standard library's module

@@ -11,7 +11,8 @@ passes over the clips. Results go to benchmarks/results/tokenize.json, merged by
 
 `--quality` also scores the round trip with the tokenize stage's own scoring (pipeline/codecs/roundtrip.py): on
 `--quality-clips` held-out SynthV2M clips (indices 2000+, never in the fit) against their labelled beats, and on the
-real music in ../shared/data/music (first 20 s of each). That is how the melvq settings in the README were chosen.
+real music in ../shared/data/music (first 20 s of each). That is how the melvq settings were chosen
+(docs/studies/codec.md).
 """
 
 from __future__ import annotations

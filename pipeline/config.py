@@ -36,7 +36,7 @@ class BaseConfig:
 class SynthConfig:
     out_dir: str = "data/raw/synth"
     manifest: str = "data/manifests/synth.csv"
-    n_train: int = 320  # 160 placed beats less well once harmony was on (README "Harmony: from the scene to the key")
+    n_train: int = 320  # why 320 and not 160: docs/studies/harmony.md
     n_val: int = 20
     n_test: int = 20
     width: int = 256
@@ -93,7 +93,7 @@ class SeparateConfig:
     overlap: float = 0.25  # overlap of consecutive chunks
     shifts: int = 1  # random time-shift averaging passes (seeded per id); 0 = one plain pass
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
-    torch_threads: int = 1  # torch intra-op threads per process; 0 = cores / processes (see README: more is slower)
+    torch_threads: int = 1  # torch intra-op threads per process; 0 = cores / processes (docs/timings.md)
     max_fail_ratio: float = 0.1  # exit non-zero when more than this fraction of rows failed
 
 
@@ -122,7 +122,7 @@ class EmbedConfig:
     encoders_dir: str = "models/encoders"  # the seeded encoder weights (DVC stage `encoders`)
     num_shards: int = 16  # shards per stream; shard = stable hash of id mod num_shards
     clip_fps: float = 2.0  # CLIP embeddings per second of video
-    flow_fps: float = 24.0  # flow descriptors per second of video (24 = every frame pair: beats placed far better)
+    flow_fps: float = 24.0  # flow descriptors per second of video (24 = every frame pair; docs/studies/motion.md)
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
     torch_threads: int = 1  # torch/OpenCV threads per process; 0 = cores / processes on the node
     max_fail_ratio: float = 0.1  # exit non-zero when more than this fraction of rows failed
@@ -138,11 +138,11 @@ class MelVQConfig:
 
     sample_rate: int = 32000  # the codec's audio rate (music is resampled to it)
     frame_rate: float = 25.0  # token frames per second (<= 50); sample_rate / frame_rate must be whole samples
-    num_codebooks: int = 2  # K residual codebooks (<= 4); 2 x 256 at 25 Hz: see README "Tokenize" for the choice
+    num_codebooks: int = 2  # K residual codebooks (<= 4); why 2 x 256 at 25 Hz: docs/studies/codec.md
     codebook_size: int = 256  # entries per codebook (<= 1024)
     n_fft: int = 2048  # STFT window, for analysis (hop = one token) and synthesis (hop = one token / subframes)
     subframes: int = 2  # synthesis STFT frames per token (decode interpolates between tokens); 2 at 25 Hz = 50 Hz
-    n_mels: int = 128  # HTK mel bands (80 is too coarse for pitch below ~400 Hz)
+    n_mels: int = 128  # HTK mel bands (80 is too coarse for pitch: pipeline/codecs/melvq.py)
     fmax: float = 16000.0
     compression: float = 0.3  # mel power ** compression is what is quantised
     floor_db: float = -60.0  # power floor relative to a full-scale sine
@@ -151,7 +151,7 @@ class MelVQConfig:
     fit_max_items: int = 2000  # at most this many train clips are read for the fit (a seeded subset)
     kmeans_iters: int = 20  # Lloyd iterations per codebook
     nnls_iters: int = 30  # multiplicative-update iterations of the mel -> linear inversion
-    griffin_lim_iters: int = 16  # fast Griffin-Lim iterations after the phase-locked (SPSI) start; 8-64 score alike
+    griffin_lim_iters: int = 16  # fast Griffin-Lim iterations after the SPSI start (docs/studies/codec.md)
 
 
 @dataclass(frozen=True)
@@ -199,12 +199,11 @@ class TrainConfig:
     flow_pool: bool = False  # average the flow descriptor over its embed.flow.grid cells (less to memorise)
     harmony_knn: int = -1  # the music's pitch-class profile from the k nearest training clips; -1 = preset's, 0 = off
     harmony_track: str = ""  # "" = preset's | on | off: with harmony_knn, retrieve per CLIP row (what sounds when)
-    harmony: float = -1.0  # else from a learned head with this loss weight; -1 = preset's, 0 = off (README "Harmony")
+    harmony: float = -1.0  # else a learned head with this loss weight; -1 = preset's, 0 = off (docs/studies/harmony.md)
     tokens_dir: str = "data/tokens/melvq"  # the tokenize stage's FeatureStore of int16 [T, K] codes
-    seeds: tuple[int, ...] = (1, 2)  # the seed study (`dvc repro evaluate_seeds`): base.seed and these train again
     out_dir: str = "models"  # {out_dir}/{system}/v2m.pt (final) and last.pt (the resumable checkpoint)
     metrics_dir: str = "metrics/train"  # {system}.json, {system}_{loss,eval}.csv; merged into metrics/train.json
-    max_steps: int = 600  # embedded: ~2.5 min a system here; val loss bottoms out at 600-750 (README "Harmony")
+    max_steps: int = 600  # why 600: docs/studies/harmony.md; how long: docs/timings.md
     batch_size: int = 8  # global, split across DDP processes; 8 clips of 8 s at 50 Hz x 2 codebooks = 6,400 tokens
     lr: float = 3e-3  # peak AdamW learning rate, after linear warmup, then cosine to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
@@ -218,10 +217,10 @@ class TrainConfig:
     beat_clips: int = 8  # validation clips generated and decoded at every checkpoint for val_beat_f1 (0 = none)
     guidance: float = 3.0  # classifier-free guidance of those generations
     top_k: int = 0  # sampling: 0 = full distribution
-    temperature: float = 0.8  # 0.8 placed beats better than 1.0 (val_beat_f1 0.92 vs 0.86, README)
+    temperature: float = 0.8  # sampling temperature of those generations (why 0.8: docs/studies/motion.md)
     plausibility: float = 0.03  # guided sampling only among plausible tokens (GenerateConfig.plausibility)
-    # torch threads per process, at most cores / processes (oversubscription was 7x slower); 0 = cores / processes.
-    # 2: the 2 cores of the demo machine (600 steps in the time 1 thread took for ~420)
+    # torch threads per process, at most cores / processes (more is slower); 0 = cores / processes.
+    # 2: the 2 cores of the demo machine (docs/timings.md, "Threads")
     torch_threads: int = 2
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
@@ -237,19 +236,19 @@ class GenerateConfig:
     max_clips: int = 0  # 0 = every clip of the split; else the first ids in sorted order
     model: str = "models/v2m.pt"  # `v2m generate`'s default checkpoint (models/full/v2m.pt when it is missing)
     guidance: float = 3.0  # classifier-free guidance
-    temperature: float = 0.8  # sampling temperature; 0 = greedy (0.8 placed beats best, README "Does motion...")
+    temperature: float = 0.8  # sampling temperature; 0 = greedy (why 0.8: docs/studies/motion.md)
     top_k: int = 0  # 0 = the full distribution
     # with guidance, sample only tokens whose conditional probability is >= plausibility x that of the conditional
-    # model's most likely token (README "Guidance: the onsets between the beats"); 0 = every token
+    # model's most likely token (docs/studies/guidance.md); 0 = every token
     plausibility: float = 0.03
     # models with a harmony track: + harmony_bias x (correlation of each token's chroma with the retrieved harmony
-    # at that frame) on the final logits (README "Harmony bias: tokens that sound the chord"); 0 = none
+    # at that frame) on the final logits (docs/studies/harmony-bias.md); 0 = none
     harmony_bias: float = 8.0
     prompt_seconds: float = 4.0  # past the window, each window starts with this much of the music before it
     crossfade_seconds: float = 0.5  # window audio is crossfaded over this much of the shared (prompt) tokens
     use_cache: bool = True  # KV cache (False recomputes the prefix every step: for benchmarks and tests)
     mix_db: float = -12.0  # --keep-audio: level of the original soundtrack relative to the music
-    torch_threads: int = 1  # torch/OpenCV threads (see README: more than the free cores is slower)
+    torch_threads: int = 1  # torch/OpenCV threads (more than the free cores is slower: docs/timings.md)
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
     max_fail_ratio: float = 0.1  # the stage exits non-zero when more than this fraction of rows failed
 
@@ -277,7 +276,7 @@ class TaggerConfig:
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 1e-3
-    threads: int = 1  # torch threads; 2 on a busy 2-core machine was 3x the CPU time for the same fit
+    threads: int = 1  # torch threads (why 1: docs/timings.md, "Threads")
 
 
 @dataclass(frozen=True)
@@ -305,6 +304,14 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class SeedStudyConfig:
+    """The seed study (`make seeds`): both systems trained again under each seed; docs/reproducibility.md."""
+
+    seeds: tuple[int, ...] = (1, 2)  # training seeds besides base.seed (the demo's models); a section of its own so
+    # that adding a seed reruns only that seed's stages
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseConfig = field(default_factory=BaseConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -315,6 +322,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    seed_study: SeedStudyConfig = field(default_factory=SeedStudyConfig)
 
 
 def _type_name(tp: Any) -> str:

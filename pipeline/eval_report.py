@@ -354,7 +354,7 @@ def write_seed_report(path: Path, summary: dict) -> None:
     """reports/seeds.md: what the study is and its table."""
     text = ("# The seed study: every science metric over training seeds\n\n"
             f"The full system and the no_motion ablation trained under {len(summary['seeds'])} seeds "
-            f"({', '.join(map(str, summary['seeds']))}: `base.seed` and `train.seeds`), same data, same settings; each "
+            f"({', '.join(map(str, summary['seeds']))}: `base.seed` and `seed_study.seeds`), same data, same settings; each "
             "seed's models generate the test split with the same sampling seed and are scored as in `reports/eval.md`. "
             "Training is float math and differs in its last bits between machines; the claims must hold on every seed. "
             "Written by `v2m evaluate --seeds` (`dvc repro evaluate_seeds`).\n\n" + seed_table(summary) + "\n")

@@ -352,7 +352,7 @@ def seed_study(params: Params, cfg: EvaluateConfig, seeds_dir: Path) -> int:
     classifier, embedder, tagger = _models(cfg)
     systems = ("full", "no_motion")
     per_seed: dict[int, dict] = {}
-    for seed in (params.base.seed, *params.train.seeds):
+    for seed in (params.base.seed, *params.seed_study.seeds):
         where = cfg.generated_dir if seed == params.base.seed else str(seeds_dir / str(seed))
         seed_cfg = replace(cfg, generated_dir=where, systems=systems)
         ids, missing, _ = select_clips(seed_cfg, labels)
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fit-tagger", action="store_true", help="train the tagger (DVC stage tagger) and stop")
     parser.add_argument("--print", action="store_true", dest="print_table", help="print the report's table and stop")
     parser.add_argument("--seeds", metavar="DIR", help="the seed study: base.seed's systems from --generated and "
-                        "--models, each of train.seeds' from DIR/{seed}; writes --metrics and --report")
+                        "--models, each of seed_study.seeds' from DIR/{seed}; writes --metrics and --report")
     parser.add_argument("--models", help="folder of {system}/v2m.pt (default: evaluate.models_dir)")
     args = parser.parse_args(argv)
     params = load_params(args.params, missing_ok=True)

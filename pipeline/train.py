@@ -319,7 +319,7 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    per_process = max(1, (os.cpu_count() or 1) // world)  # more threads than cores was 7x slower (README)
+    per_process = max(1, (os.cpu_count() or 1) // world)  # more threads than cores was 7x slower (docs/timings.md)
     torch.set_num_threads(min(cfg.torch_threads, per_process) if cfg.torch_threads else per_process)
     if cfg.select not in ("val_beat_f1", "last"):
         raise SystemExit(f"train.select: {cfg.select!r} is not one of val_beat_f1, last")
@@ -358,7 +358,8 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
     fingerprint = params_hash({"train": {k: v for k, v in to_dict(cfg).items() if k not in VALIDATION_ONLY},
                                "seed": seed, "model": mcfg.to_dict(), "system": system,
                                "ids": [it["id"] for it in train_items], "world": world})
-    step, history, evals, seconds = 0, [], [], 0.0
+    step, history, evals = 0, [], []
+    seconds, tokens_per_s = 0.0, 0.0  # logged only: machine-local facts stay out of DVC outputs
     best = {"step": None, "val_beat_f1": -1.0}  # the selected checkpoint (train.select: val_beat_f1) so far
     last, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if last.exists():
@@ -369,7 +370,7 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
             if ema is not None:
                 ema.load_state_dict(ckpt["ema"])
             torch.set_rng_state(ckpt["rng"])
-            step, history, evals, seconds = ckpt["step"], ckpt["history"], ckpt["evals"], ckpt["train_seconds"]
+            step, history, evals = ckpt["step"], ckpt["history"], ckpt["evals"]
             best = ckpt.get("best", best)
             log.info("%s: resuming from step %d (%s)", system, step, last)
         else:
@@ -388,7 +389,7 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
                                    "system": system, "step": step, "model": model.state_dict(),
                                    "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema else None,
                                    "rng": torch.get_rng_state(), "history": history, "evals": evals,
-                                   "train_seconds": seconds, "codec": codec, "best": best})
+                                   "codec": codec, "best": best})
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {system}", unit="step", disable=None if rank == 0
                else True)
@@ -427,7 +428,6 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             history.append({"step": step, "train_loss": round(loss.item(), 5), "lr": lr_at(step - 1, cfg),
-                            "tokens_per_s": round(tokens_per_s, 1),
                             **({"harmony_loss": round(aux["harmony"].item(), 5)} if "harmony" in aux else {})})
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             if rank == 0:
@@ -454,7 +454,8 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
             log.info("%s: v2m.pt is step %d of %d (best val_beat_f1 %.3f; train.select)", system, best["step"],
                      step, best["val_beat_f1"])
     result = {**{k: v for k, v in chosen.items() if k != "step"}, "steps": step,
-              "selected_step": chosen.get("step", step), "train_seconds": round(seconds, 1)}
+              "selected_step": chosen.get("step", step)}
+    log.info("%s: %d steps, %.1f s in this run (%.0f tokens/s at its last step)", system, step, seconds, tokens_per_s)
     if rank == 0:
         # what inference needs to rebuild the inputs exactly as in training: the encoders' and codec's params
         save_checkpoint(out_dir / "v2m.pt", {"config": mcfg.to_dict(), "system": system,
@@ -497,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="model folder (default: train.out_dir/SYSTEM)")
     parser.add_argument("--metrics", help="metrics folder (default: train.metrics_dir)")
     parser.add_argument("--seed", type=int, help="training seed (default: base.seed); the seed study trains each of "
-                        "train.seeds this way")
+                        "seed_study.seeds this way")
     parser.add_argument("--report", metavar="JSON", help="only merge the metrics folder's systems into JSON")
     parser.add_argument("--export", metavar="PT", help="with --report: copy the full system's v2m.pt to PT (the "
                         "default model of `v2m generate`, models/v2m.pt)")

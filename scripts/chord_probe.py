@@ -1,4 +1,5 @@
-"""Can the chord be read from our CLIP features? The check behind `harmony_track` (README, "Harmony over time").
+"""Can the chord be read from our CLIP features? The check behind `harmony_track`
+(docs/studies/harmony.md, "Harmony over time").
 
     python scripts/chord_probe.py [--params params.yaml] [--clips 150] [--out reports/chord_probe.json]
 

@@ -13,9 +13,9 @@ then, the chord's other two tones, the rest of the key's scale, or none of these
     {"dir": ..., "clips": 20, "frames": 1260, "root": 0.742, "chord_tone": 0.159, "scale": 0.066,
      "outside_key": 0.033, "ground_truth": {"root": 0.772, ...}}
 
-This is how the README's "Harmony bias" section found that the decoder, not the retrieved harmony, was what kept
-chroma low: with the previous default the root was on top on 0.62 of the test frames and a note outside the key on
-0.11, where the ground truth has 0.77 and 0.005.
+This is how the harmony bias study (docs/studies/harmony-bias.md) found that the decoder, not the retrieved
+harmony, was what kept chroma low: with the previous default the root was on top on 0.62 of the test frames and a
+note outside the key on 0.11, where the ground truth has 0.77 and 0.005.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Score a trained checkpoint on one split under several sampling settings: the studies' tool (README, "Harmony:
-from the scene to the key").
+"""Score a trained checkpoint on one split under several sampling settings: the studies' tool (docs/studies/: harmony,
+guidance, harmony bias).
 
     python scripts/score_checkpoint.py MODEL [--params params.yaml] [--split val] [SETTINGS_JSON ...]
 

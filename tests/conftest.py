@@ -19,7 +19,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def shared_data() -> Path:
     """../shared/data beside the clone (CI has it too). Tests that need it are skipped, with a reason, without it."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real media not found at {SHARED_DATA} (see README, 'Test data')")
+        pytest.skip(f"real media not found at {SHARED_DATA} (see docs/testing.md, 'Test data')")
     return SHARED_DATA
 
 

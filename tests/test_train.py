@@ -113,12 +113,13 @@ def test_main_writes_model_metrics_and_plots(data, tmp_path):
     for system in train.SYSTEMS:
         assert train.main(argv(data, params, tmp_path, system) + ["--out", str(tmp_path / system)]) == 0
     metrics = json.loads((tmp_path / "metrics" / "full.json").read_text())["full"]
-    assert metrics["steps"] == 20 and {"val_loss", "onset_val_loss", "val_beat_f1", "train_seconds"} <= set(metrics)
+    assert metrics["steps"] == 20 and {"val_loss", "onset_val_loss", "val_beat_f1"} <= set(metrics)
+    assert "train_seconds" not in metrics  # a timing is machine-local: never in a DVC output
     ckpt = torch.load(tmp_path / "full" / "v2m.pt", weights_only=False)
     assert ckpt["step"] == 20 and ckpt["config"]["fusion"]["use_motion"]
     assert not torch.load(tmp_path / "no_motion" / "v2m.pt", weights_only=False)["config"]["fusion"]["use_motion"]
     loss = pd.read_csv(tmp_path / "metrics" / "full_loss.csv")
-    assert list(loss["step"]) == list(range(1, 21)) and {"train_loss", "tokens_per_s"} <= set(loss.columns)
+    assert list(loss["step"]) == list(range(1, 21)) and "train_loss" in loss.columns and "tokens_per_s" not in loss.columns
     assert train.main(["--params", str(params), "--metrics", str(tmp_path / "metrics"), "--report",
                        str(tmp_path / "train.json")]) == 0
     merged = json.loads((tmp_path / "train.json").read_text())

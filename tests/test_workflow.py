@@ -4,7 +4,7 @@ Teammate A runs the pipeline and `dvc push`es to a local-directory remote; teamm
 `dvc repro` reruns nothing; B changes `train.lr` and only train and the stages after it rerun, on the pulled
 features. The default suite runs this up to `train_report` (~1 min of compute on 2 cores); the slow suite runs it on
 the whole pipeline, whatever stages dvc.yaml has by then. `dvc exp run -S` and `dvc exp show` (a queued sweep: slow)
-on A's repo. The README's scale-out commands (torchrun with 2 CPU processes, scripts/torchrun_stage.sh,
+on A's repo. The scale-out commands of docs/team-workflow.md (torchrun with 2 CPU processes, scripts/torchrun_stage.sh,
 scripts/slurm/v2m.sbatch with stand-in srun and scontrol, then `dvc commit`) on the pipeline's own outputs (slow).
 """
 
@@ -225,7 +225,7 @@ def test_exp_queue_sweep_runs_every_value(team):
 
 
 def torchrun(cwd: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node N ...` as the README documents it (one node, CPU: gloo)."""
+    """`torchrun --standalone --nproc_per_node N ...` as docs/team-workflow.md documents it (one node, CPU: gloo)."""
     if not TORCHRUN.exists():
         pytest.skip("torchrun not installed beside this python")
     return sh(cwd, str(TORCHRUN), "--standalone", "--nproc_per_node", str(nproc), *args)
@@ -270,8 +270,9 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_scale_out_commands_then_dvc_commit(team, tmp_path):
-    """README "Scale-out": each stage's command under torchrun (raw, through scripts/torchrun_stage.sh, through
-    scripts/slurm/v2m.sbatch with stand-in srun/scontrol), `dvc commit`, and `dvc repro` goes on after them."""
+    """docs/team-workflow.md, "Scale-out": each stage's command under torchrun (raw, through
+    scripts/torchrun_stage.sh, through scripts/slurm/v2m.sbatch with stand-in srun/scontrol), `dvc commit`, and
+    `dvc repro` goes on after them."""
     if not TORCHRUN.exists():
         pytest.skip("torchrun not installed beside this python")
     repo = tmp_path / "repo"

@@ -24,7 +24,7 @@ they are exact whatever the BLAS kernel, thread count or summation order, and ar
 flip between machines. The float64 rounding noise left before the grid (1e-16 relative, e.g. SIMD vs libm `pow`)
 moves a grid point with a probability of about 1e-12 per value.
 
-Why (measured on SynthV2M and real music, README "Tokenize" has the table): HTK mel with 128 bands keeps the pitch
+Why (measured on SynthV2M and real music, docs/studies/codec.md has the table): HTK mel with 128 bands keeps the pitch
 that chroma needs (80 bands lose it below ~400 Hz); quantising power^0.3 beats dB (dB spends the codebooks on inaudible
 detail) and beats power^0.2; the gate lifts onset F1 by ~0.03-0.08; analysing at the token rate and interpolating keeps
 attacks sharper than averaging the synthesis frames (beat F1 on real music without VQ 0.72 -> 0.91); SPSI beats a

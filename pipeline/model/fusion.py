@@ -7,8 +7,8 @@ temporal cross-attention (`CrossBlock`), in which time is the only thing that li
 
 Direction (`FusionConfig.direction`):
 - `flow_to_clip`: flow rows (fine, 24 fps) query the CLIP rows (coarse, 2 fps): every motion event learns what scene it
-  happens in, and the fine time grid, which beats need, is kept. The default, chosen by that argument: the three
-  directions have not been compared on SynthV2M yet (see README, "Train").
+  happens in, and the fine time grid, which beats need, is kept. The default, chosen by that argument; the three
+  directions compared on SynthV2M: docs/studies/motion.md.
 - `clip_to_flow`: CLIP rows query flow: the scene rows summarise the motion around them (coarse in time).
 - `both`: the two, one after the other.
 - `none`: no cross-attention; the streams are only projected and concatenated.
@@ -52,7 +52,7 @@ class FusionConfig:
     max_period_s: float = 200.0  # longest period (longer than any clip)
     # where flow row k (the motion between frames k-1 and k) sits in time: end = k / fps (causal: the context at t
     # holds motion up to t) | centre = (k - 0.5) / fps. At 8 fps centre aligned worse (val_beat_f1 0.45/0.49/0.73 vs
-    # 0.57/0.67/0.76 at steps 100/200/300, README "Does motion reach the beats?"); at 24 fps they are 21 ms apart.
+    # 0.57/0.67/0.76 at steps 100/200/300, docs/studies/motion.md); at 24 fps they are 21 ms apart.
     flow_time: str = "end"
     # how a flow row is scaled before its projection: layer = LayerNorm over the row, which divides out the row's
     # overall speed (on SynthV2M the hop speed is the note density: 1 note a beat came out as 2.5 onsets a beat) |

@@ -10,7 +10,7 @@ How the video enters the decoder (audiocraft's fuser split):
   having to learn where to look.
 
 Harmony: key is a property of the whole clip, and an autoregressive decoder mostly copies it from the tokens it has
-already written, so from the video alone it learned little of it (README, "Harmony: from the scene to the key"). So
+already written, so from the video alone it learned little of it (docs/studies/harmony.md). So
 the music's pitch-class profile (the time-averaged chroma, 12 values summing to 1, `rhythm.chroma_profile`) is
 predicted from what the scene looks like and added to the decoder input at every step, embedded together with its
 correlations to the 24 major/minor key templates (`_harmony_features`). Two predictors:
@@ -371,7 +371,8 @@ class V2M(nn.Module):
         `plausibility` (with guidance): only tokens whose conditional probability is at least this fraction of the
         conditional model's first choice are sampled. `harmony_bias` (models with harmony_track and a token chroma
         table): the final logits of the token for frame f get harmony_bias x the correlation between what the
-        token sounds like (`token_chroma`) and the retrieved harmony track at f's time (README, "Harmony bias")."""
+        token sounds like (`token_chroma`) and the retrieved harmony track at f's time
+        (docs/studies/harmony-bias.md)."""
         B = batch["clip"].shape[0]
         K, device = self.cfg.decoder.num_codebooks, batch["clip"].device
         P = 0 if prompt is None else prompt.shape[-1]
