@@ -193,3 +193,62 @@ def test_evaluate_without_a_tagger_or_with_a_bad_setting_says_what_to_do(stage, 
         lines = [line for line in err.splitlines() if line.startswith("v2m evaluate:")]  # logging may add others
         assert len(lines) == 1 and wanted in lines[0] and "Traceback" not in err, err
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_seed_summary_gives_mean_sd_worst_and_checks_every_target_on_every_seed():
+    from pipeline import eval_report
+
+    def seed(beat, tempo, key, fad, beat_nm):
+        return {"full": {"beat_f1": beat, "tempo_acc": tempo, "key_acc": key, "fad_tagger": fad},
+                "no_motion": {"beat_f1": beat_nm, "tempo_acc": 0.1, "key_acc": key, "fad_tagger": fad}}
+
+    summary = eval_report.seed_summary({0: seed(0.9, 1.0, 0.9, 70.0, 0.1), 1: seed(0.86, 0.95, 0.85, 80.0, 0.2),
+                                        2: seed(0.95, 0.9, 0.8, 60.0, 0.7)}, "tagger")
+    beat = summary["systems"]["full"]["beat_f1"]
+    assert beat["per_seed"] == {0: 0.9, 1: 0.86, 2: 0.95} and beat["mean"] == 0.9033 and beat["worst"] == 0.86
+    assert beat["sd"] == round(float(np.std([0.9, 0.86, 0.95], ddof=1)), 4)
+    assert summary["systems"]["full"]["fad_tagger"]["worst"] == 80.0  # lower is better: the worst is the highest
+    met = {t["target"]: t["met"] for t in summary["targets"]}
+    assert met == {"full beat F1 >= 0.85": True, "full tempo accuracy >= 0.9": True,
+                   "full key accuracy >= 0.85": False,  # seed 2's 0.8
+                   "no_motion beat F1 >= 0.3 below full": False}  # seed 2's gap 0.25
+    assert not summary["all_met"]
+    table = eval_report.seed_table(summary)
+    assert "| full key accuracy >= 0.85 | 0.900 | 0.850 | 0.800 | **no** |" in table
+
+
+def test_evaluate_seeds_scores_each_training_seed(fitted, stage, tmp_path, capsys):
+    """`v2m evaluate --seeds DIR`: base.seed's systems from the generated dir, seed 1's from DIR/1."""
+    from pipeline import evaluate
+    from pipeline.config import SeedStudyConfig
+
+    root, ids, params, cfg = stage
+    fitted[0].save(root / "models/tagger/tagger.pt")
+    gen, seeds = tmp_path / "generated", tmp_path / "seeds"
+    rows = []
+    for i in ids[:3]:
+        reference = root / "generated/reference" / f"{i}.wav"
+        for folder, system, source in ((gen, "full", root / "generated/full" / f"{i}.wav"),
+                                       (gen, "no_motion", root / "generated/random" / f"{i}.wav"),
+                                       (seeds / "1", "full", reference), (seeds / "1", "no_motion", reference)):
+            (folder / system).mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, folder / system / f"{i}.wav")
+            rows.append({"folder": folder, "system": system, "id": i, "status": "ok", "reason": "", "error": ""})
+    for folder in (gen, seeds / "1"):
+        pd.DataFrame([{k: v for k, v in r.items() if k != "folder"} for r in rows if r["folder"] == folder]) \
+            .to_csv(folder / "manifest.csv", index=False)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(to_dict(replace(params, evaluate=replace(cfg, generated_dir=str(gen)),
+                                                   seed_study=SeedStudyConfig(seeds=(1,))))))
+    out = ["--metrics", str(tmp_path / "seeds.json"), "--report", str(tmp_path / "seeds.md")]
+    assert evaluate.main(["--params", str(path), "--seeds", str(seeds), *out]) == 0
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1] and set(summary["systems"]) == {"full", "no_motion"}
+    chroma = summary["systems"]["full"]["chroma"]["per_seed"]
+    assert chroma["1"] > 0.99 and chroma["0"] < chroma["1"]  # seed 1's "full" is the reference itself
+    assert len(summary["targets"]) == 4 and summary["all_met"] == all(t["met"] for t in summary["targets"])
+    assert "# The seed study" in (tmp_path / "seeds.md").read_text()
+
+    shutil.rmtree(seeds / "1")
+    assert evaluate.main(["--params", str(path), "--seeds", str(seeds), *out]) == 1
+    assert f"seed 1: nothing to score in {seeds / '1'}" in capsys.readouterr().err

@@ -266,3 +266,19 @@ def test_score_checkpoint_script_scores_a_split(project, capsys):
     assert script.main([str(project["model"]), '{"seed": 3}', "--params", str(project["params"]), "--split", "test",
                         "--keep", str(keep)]) == 0
     assert len(list((keep / "0").glob("*.wav"))) == 2  # --keep: the generated wavs, one folder per setting
+
+
+def test_stage_for_the_seed_study_takes_a_models_folder_and_skips_the_baselines(project, tmp_path):
+    """`v2m generate --stage --no-baselines --models DIR --out OUT` (the generate_seed stages): the trained systems of
+    DIR only, and no timing in the manifest (a DVC output holds no machine-local fact)."""
+    models = tmp_path / "models"
+    (models / "full").mkdir(parents=True)
+    shutil.copy(project["model"], models / "full" / "v2m.pt")
+    out = tmp_path / "generated"
+    generate.main(["--stage", "--no-baselines", "--models", str(models), "--out", str(out), "--params",
+                   str(project["params"])])
+    frame = pd.read_csv(out / "manifest.csv")
+    assert set(frame["system"]) == {"full", "no_motion"} and "seconds" not in frame.columns
+    assert (frame[frame["system"] == "full"]["status"] == "ok").all()
+    assert set(frame[frame["system"] == "no_motion"]["reason"]) == {"no_model"}  # no checkpoint in DIR
+    assert sorted(p.name for p in out.iterdir()) == ["full", "manifest.csv"]

@@ -392,3 +392,24 @@ def test_on_off_settings_name_the_key_when_wrong():
     for key in ("interpolate", "harmony_track"):
         with pytest.raises(SystemExit, match=f"train.{key}: 'maybe'"):
             train.model_config(TrainConfig(preset="debug", **{key: "maybe"}), "full", codec, 8, 6)
+
+
+def test_seed_option_trains_as_base_seed_would(data, tmp_path):
+    """`v2m train --seed S` (the seed study) gives the weights that base.seed: S gives, and other weights than S=0."""
+    import dataclasses
+
+    from pipeline.config import load_params
+
+    def weights(params: Path, out: Path, *extra: str) -> dict:
+        assert train.main(argv(data, params, out) + list(extra)) == 0
+        return torch.load(out / "model" / "v2m.pt", weights_only=False)["model"]
+
+    params = write_params(tmp_path / "params.yaml", max_steps=10, ckpt_every=10)
+    seeded = tmp_path / "seeded.yaml"
+    loaded = load_params(params)
+    seeded.write_text(yaml.safe_dump(to_dict(dataclasses.replace(loaded, base=dataclasses.replace(loaded.base, seed=3))),
+                                     sort_keys=False))
+    by_option, by_params = weights(params, tmp_path / "a", "--seed", "3"), weights(seeded, tmp_path / "b")
+    default = weights(params, tmp_path / "c")
+    assert all(torch.equal(by_option[k], by_params[k]) for k in by_option)
+    assert not all(torch.equal(by_option[k], default[k]) for k in by_option)
