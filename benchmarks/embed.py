@@ -31,8 +31,9 @@ import pandas as pd
 
 from pipeline import embed, ingest, synth
 from pipeline.config import deep_merge, params_from_dict, to_dict
-from pipeline.encoders import set_threads
 from pipeline.encoders.clip import ClipEncoder
+from pipeline.encoders.streams import Encoders
+from pipeline.runtime import set_threads
 from pipeline.shards import Item, write_manifest
 
 EMBEDDED = {"clip:v2m-tiny-vit": {}, "flow:opencv_dis": {}}
@@ -67,7 +68,7 @@ def random_clip_encoder(cfg) -> ClipEncoder:
 
 def throughput(params, clips: pd.DataFrame, stream: str, min_wall_s: float) -> float:
     """Video seconds per wall second of one stream's compute function over the clips (cycled, after a warm-up)."""
-    encoders = embed.Encoders(params.embed, "cpu")
+    encoders = Encoders(params.embed, "cpu")
     if stream == "clip" and params.embed.clip.model != "v2m-tiny-vit":
         encoders._clip = random_clip_encoder(params.embed.clip)
     compute = getattr(encoders, stream)

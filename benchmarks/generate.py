@@ -37,7 +37,7 @@ RESULTS = REPO / "benchmarks" / "results" / "generate.json"
 
 def rtf_tokens(model, seconds: float, use_cache: bool, repeats: int = 1) -> float:
     """Seconds of music per wall second of `generate_codes` on random video features."""
-    from pipeline import generate
+    from pipeline import inference
 
     rng = np.random.default_rng(0)
     dc, df = model.net.cfg.fusion.clip_dim, model.net.cfg.fusion.flow_dim
@@ -45,11 +45,11 @@ def rtf_tokens(model, seconds: float, use_cache: bool, repeats: int = 1) -> floa
              "flow": rng.normal(size=(int(seconds * 8) + 1, df)).astype(np.float32), "flow_fps": 8.0}
     cfg = dataclasses.replace(model.params.generate, use_cache=use_cache)
     n = int(round(seconds * model.frame_rate))
-    generate.generate_codes(model, feats, min(n, 20), cfg, 0, None, progress=False)  # warm-up
+    inference.generate_codes(model, feats, min(n, 20), cfg, 0, None, progress=False)  # warm-up
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        generate.generate_codes(model, feats, n, cfg, 0, None, progress=False)
+        inference.generate_codes(model, feats, n, cfg, 0, None, progress=False)
         if model.device.type == "cuda":
             import torch
 
@@ -62,7 +62,7 @@ def random_model(preset: str, device: str):
     """A Model with random weights of `preset` (no codec): for timing the token generation only."""
     import torch
 
-    from pipeline import generate
+    from pipeline import inference
     from pipeline.config import Params
     from pipeline.model import create_model, load_preset
 
@@ -72,13 +72,13 @@ def random_model(preset: str, device: str):
                       fusion={"clip_dim": 512 if preset == "musicgen-small" else 256, "flow_dim": 160},
                       frame_rate=fr, pretrained="")
     net = create_model(cfg).to(device).eval()
-    return generate.Model(Path(f"<random {preset}>"), net, "full", Params(), None, torch.device(device))
+    return inference.Model(Path(f"<random {preset}>"), net, "full", Params(), None, torch.device(device))
 
 
 def speed(args) -> dict:
     import torch
 
-    from pipeline import generate
+    from pipeline import inference
     from pipeline.config import load_params
 
     torch.set_num_threads(args.threads)
@@ -86,7 +86,7 @@ def speed(args) -> dict:
         model = random_model(args.preset, args.device)
         name = args.preset
     else:
-        model = generate.load_model(args.model, load_params(REPO / "params.yaml"))
+        model = inference.load_model(args.model, load_params(REPO / "params.yaml"))
         name = "embedded"
     out = {"preset": name, "device": str(model.device), "threads": args.threads, "seconds": args.seconds,
            "window_s": model.params.base.clip_seconds, "prompt_s": model.params.generate.prompt_seconds,
@@ -97,7 +97,7 @@ def speed(args) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             src = Path(args.video)
             t0 = time.perf_counter()
-            res = generate.generate_one(model, src, Path(tmp) / f"out{src.suffix}", model.params.generate, 0, None,
+            res = inference.generate_one(model, src, Path(tmp) / f"out{src.suffix}", model.params.generate, 0, None,
                                         progress=False)
             out["end_to_end"] = {"video": src.name, "seconds": round(res["duration_in_s"], 2),
                                  "wall_s": round(time.perf_counter() - t0, 2),
@@ -114,21 +114,21 @@ def _packets(path: Path) -> list[tuple]:
 
 
 def real_videos(folder: Path, out_dir: Path, model_path: Path) -> list[dict]:
-    from pipeline import generate
+    from pipeline import inference
     from pipeline.config import load_params
-    from pipeline.media import load_audio, probe
+    from pipeline.media import load_audio, probe, video_duration
     from pipeline.metrics.av_align import av_align, video_peaks
 
-    model = generate.load_model(model_path, load_params(REPO / "params.yaml"))
+    model = inference.load_model(model_path, load_params(REPO / "params.yaml"))
     rows = []
-    videos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in generate.VIDEO_SUFFIXES)
+    videos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in inference.VIDEO_SUFFIXES)
     out_dir.mkdir(parents=True, exist_ok=True)
     for src in videos:
         dest = out_dir / src.name
-        res = generate.generate_one(model, src, dest, model.params.generate, 0, None, progress=False)
+        res = inference.generate_one(model, src, dest, model.params.generate, 0, None, progress=False)
         info_in, info_out = probe(src), probe(dest)
-        v_in, fps = generate.video_duration(src)
-        v_out, _ = generate.video_duration(dest)
+        v_in, fps = video_duration(src)
+        v_out, _ = video_duration(dest)
         peaks = video_peaks(src)
         music, sr = load_audio(dest, 22050)
         row = {"video": f"{src.parent.name}/{src.name}", "size": f"{info_in.display_width}x{info_in.display_height}",
@@ -154,13 +154,13 @@ def seam_study(model_path: Path, clips: int, seconds: float, prompts: list[float
     the middle of the windows."""
     import librosa
 
-    from pipeline import generate
+    from pipeline import inference
     from pipeline.config import BaseConfig, SynthConfig, load_params
     from pipeline.media import encode_video
     from pipeline.metrics.rhythm import beat_f1, estimate_beats
     from pipeline.synth import make_spec, render_audio, render_frames
 
-    model = generate.load_model(model_path, load_params(REPO / "params.yaml"))
+    model = inference.load_model(model_path, load_params(REPO / "params.yaml"))
     base = BaseConfig(clip_seconds=seconds)
     sr, fr = model.codec.sample_rate, model.frame_rate
     window = int(round(model.params.base.clip_seconds * fr))
@@ -178,13 +178,13 @@ def seam_study(model_path: Path, clips: int, seconds: float, prompts: list[float
             spec = make_spec(7, 10_000 + i, SynthConfig(), base)
             video = Path(tmp) / f"{spec.id}.mp4"
             encode_video(video, render_frames(spec, 24, 256, 256), 24, render_audio(spec, sr)[None], sr)
-            feats = generate.video_features(model, video, Path(tmp))
+            feats = inference.video_features(model, video, Path(tmp))
             n = model.codec.num_frames(int(round(feats["duration_s"] * sr)))
             for prompt_s in prompts:
                 cfg = dataclasses.replace(model.params.generate, prompt_seconds=prompt_s)
                 for seed in range(seeds):
-                    codes, starts, prompt = generate.generate_codes(model, feats, n, cfg, seed, None, False)
-                    wav = generate.decode_windows(model.codec, codes, starts, prompt, n * model.codec.hop_length,
+                    codes, starts, prompt = inference.generate_codes(model, feats, n, cfg, seed, None, False)
+                    wav = inference.decode_windows(model.codec, codes, starts, prompt, n * model.codec.hop_length,
                                                   cfg.crossfade_seconds)
                     row = scores[str(prompt_s)]
                     row["beat_f1"].append(beat_f1(estimate_beats(wav, sr)[1], np.asarray(spec.beat_times)))

@@ -111,6 +111,7 @@ def main() -> int:
 
     from pipeline import train
     from pipeline.config import load_params
+    from pipeline.dataset import load_dataset
     from pipeline.metrics.rhythm import beat_f1, estimate_beats
 
     torch.set_num_threads(1)
@@ -127,8 +128,8 @@ def main() -> int:
         codec_obj = pickle.loads(cache.read_bytes())
         decode = lambda c: (codec_obj.decode(c), SR)  # noqa: E731
     real = None if args.tokens is None else train.load_codec(load_params(root / "params.yaml"), tokens.name)
-    items, codec = train.load_dataset(root / "data/features", tokens, root / "data/ingest/manifest.parquet",
-                                      None if real is None else real.describe())
+    items, codec = load_dataset(root / "data/features", tokens, root / "data/ingest/manifest.parquet",
+                                None if real is None else real.describe())
     if args.tokens is not None:
         decode = None if real is None else (lambda c: (real.decode(c.numpy()), real.sample_rate))
     params = load_params(root / "params.yaml")

@@ -1,7 +1,8 @@
 """embed: data/ingest/clips -> data/features/{clip,flow}/ shards + data/features/manifest.parquet. Params: base, embed.
 
 Two streams per clip, on one time axis (row k = time k / fps): CLIP image embeddings at `embed.clip_fps`
-(pipeline/encoders/clip.py) and a compact optical-flow descriptor at `embed.flow_fps` (pipeline/encoders/flow.py).
+(pipeline/encoders/clip.py) and a compact optical-flow descriptor at `embed.flow_fps` (pipeline/encoders/flow.py),
+both through `pipeline.encoders.streams.Encoders` (which generation uses too, so any video gets the same features).
 Each stream is a `pipeline.shards.FeatureStore`: {stream}/{shard:05d}.npy + .index.parquet + .done.json (last),
 shard = stable hash of id mod `embed.num_shards`; read them with `pipeline.shards.load_features(root, ids)`.
 
@@ -10,10 +11,11 @@ source SHA-256, params hash and path), or its stream's encoder hash changed (the
 hash, per stream: changing `embed.flow_fps` recomputes flow only). Shards whose items are unchanged are not
 rewritten; a shard without its done file (a killed run) is rebuilt. Encoders are loaded only when there is work.
 
-Scale-out: rank and world size come from torchrun (RANK / WORLD_SIZE) or SLURM (SLURM_PROCID / SLURM_NTASKS); rank r
-writes the shards s with s % world == r, so N processes write exactly the shards one process writes. Rank 0 waits for
-the others (a gloo barrier when MASTER_ADDR is set, as under torchrun; else rank marker files in {out}/.ranks/ keyed by
-the SLURM job step), then writes the manifest from the shards' done files, and `embed.report_path`.
+Scale-out (pipeline/runtime.py): rank and world size come from torchrun (RANK / WORLD_SIZE) or SLURM (SLURM_PROCID /
+SLURM_NTASKS); rank r writes the shards s with s % world == r, so N processes write exactly the shards one process
+writes. Rank 0 waits for the others (a gloo barrier when MASTER_ADDR is set, as under torchrun; else rank marker files
+in {out}/.ranks/ keyed by the SLURM job step), then writes the manifest from the shards' done files, and
+`embed.report_path`.
 
 Ids not ok upstream are skipped(upstream_<status>); an undecodable clip is failed(corrupt) and the rest go on; the exit
 status is non-zero only when the failed fraction exceeds `embed.max_fail_ratio`. `v2m embed --init-encoders` writes
@@ -25,31 +27,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline import ingest
 from pipeline.config import BaseConfig, EmbedConfig, Params, load_params, to_dict
 from pipeline.encoders import clip as clip_enc
 from pipeline.encoders import flow as flow_enc
-from pipeline.encoders import resolve_device, sample_frames, set_threads
-from pipeline.media import MediaError
+from pipeline.encoders.streams import Encoders
+from pipeline.manifest import INGEST_COLUMNS, label_columns, read_upstream, skipped_upstream, upstream_hash
+from pipeline.runtime import dist_env, resolve_device, set_threads, wait_for_ranks
 from pipeline.shards import (
     FAILED,
     OK,
-    SKIPPED,
     FeatureStore,
     Item,
     atomic_write_json,
-    dist_env,
     params_hash,
-    read_manifest,
     report_rows,
     stable_hash,
     write_manifest,
@@ -60,17 +56,6 @@ log = logging.getLogger(__name__)
 STREAMS = ("clip", "flow")
 COLUMNS = ["id", "split", "status", "reason", "error", "shard", "duration_s", "clip_n_frames", "clip_fps",
            "flow_n_frames", "flow_fps", "source_hash"]
-BARRIER_TIMEOUT = timedelta(hours=12)  # ranks can finish far apart on skewed shards
-
-
-def upstream_hash(row: dict) -> str:
-    """Identity of an ingested clip: its source file and the ingest params that made it (no need to hash the clip)."""
-    return stable_hash(json.dumps([row.get("source_sha256"), row.get("params_hash"), row.get("clip_path")]))
-
-
-def label_columns(frame: pd.DataFrame) -> list[str]:
-    """Pass-through columns of the ingest manifest (caption, tempo_bpm, beat_times, ... for SynthV2M)."""
-    return [c for c in frame.columns if c not in ingest.COLUMNS]
 
 
 def encoder_hashes(base: BaseConfig, cfg: EmbedConfig) -> dict[str, str]:
@@ -87,44 +72,6 @@ def encoder_hashes(base: BaseConfig, cfg: EmbedConfig) -> dict[str, str]:
     }
 
 
-class Encoders:
-    """The two compute functions FeatureStore calls; each encoder is built on its first use."""
-
-    def __init__(self, cfg: EmbedConfig, device: str):
-        self.cfg, self.device = cfg, device
-        self._clip: clip_enc.ClipEncoder | None = None
-        self._flow: flow_enc.FlowEncoder | None = None
-
-    def clip(self, item: Item) -> tuple[np.ndarray, dict]:
-        _check_exists(item.payload)
-        if self._clip is None:
-            self._clip = _load("clip", clip_enc.ClipEncoder, self.cfg.clip, self.cfg.encoders_dir, self.device)
-        frames, native_fps, n = sample_frames(item.payload, self.cfg.clip_fps)
-        return self._clip(frames), {"fps": self.cfg.clip_fps, "duration_s": round(n / native_fps, 6)}  # (T, Dc)
-
-    def flow(self, item: Item) -> tuple[np.ndarray, dict]:
-        _check_exists(item.payload)
-        if self._flow is None:
-            self._flow = _load("flow", flow_enc.FlowEncoder, self.cfg.flow, self.device)
-        frames, native_fps, n = sample_frames(item.payload, self.cfg.flow_fps, gray=self._flow.gray)
-        return self._flow(frames, self.cfg.flow_fps), {"fps": self.cfg.flow_fps,
-                                                       "duration_s": round(n / native_fps, 6)}  # (T, Df)
-
-
-def _load(stream: str, cls, *args):
-    """Build an encoder. A failure is a configuration problem, not one clip's, so it stops the stage (FeatureStore
-    does not catch SystemExit, and it writes a shard only whole, so every shard on disk stays complete)."""
-    try:
-        return cls(*args)
-    except Exception as exc:  # noqa: BLE001 - re-raised as the stage's error, with the stream named
-        raise SystemExit(f"embed: cannot load the {stream} encoder: {type(exc).__name__}: {exc}") from exc
-
-
-def _check_exists(path: str) -> None:
-    if not Path(path).is_file():
-        raise MediaError(path, "no such clip", "missing")
-
-
 def run(params: Params, ingest_manifest: Path, out_dir: Path, rank: int = 0, world: int = 1) -> dict:
     """Bring this rank's shards up to date; rank 0 then writes the manifest and the report.
 
@@ -134,10 +81,7 @@ def run(params: Params, ingest_manifest: Path, out_dir: Path, rank: int = 0, wor
     base, cfg = params.base, params.embed
     threads = set_threads(cfg.torch_threads)
     log.info("embed: rank %d of %d, %d torch thread(s)", rank, world, threads)
-    try:
-        upstream = read_manifest(ingest_manifest)
-    except FileNotFoundError:
-        raise SystemExit(f"embed: {ingest_manifest}: no such manifest (run `v2m ingest` first)") from None
+    upstream = read_upstream(ingest_manifest, "embed", "ingest")
     try:
         hashes = encoder_hashes(base, cfg)
     except (FileNotFoundError, ValueError) as exc:
@@ -146,7 +90,7 @@ def run(params: Params, ingest_manifest: Path, out_dir: Path, rank: int = 0, wor
         log.warning("embed: the CLIP stream uses a SEEDED RANDOM %s (%s/clip): features carry colour and layout, "
                     "not learned semantics", cfg.clip.model, cfg.encoders_dir)
     ok = upstream[upstream["status"] == OK]
-    items = [Item(r["id"], upstream_hash(r), r["clip_path"]) for r in ok.to_dict("records")]
+    items = [Item(r["id"], upstream_hash(r, "clip_path"), r["clip_path"]) for r in ok.to_dict("records")]
     encoders = Encoders(cfg, resolve_device(cfg.device))
     result: dict = {"rows": {}, "computed": {}, "manifest": None}
     for stream in STREAMS:
@@ -155,43 +99,12 @@ def run(params: Params, ingest_manifest: Path, out_dir: Path, rank: int = 0, wor
                             progress=f"embed {stream}" + (f" [rank {rank}/{world}]" if world > 1 else ""))
         result["rows"][stream] = rows
         result["computed"][stream] = sorted(r["id"] for r in rows if r["computed"])
-    wait_for_ranks(out_dir, rank, world, stable_hash(json.dumps([hashes, [(i.id, i.source_hash) for i in items]])))
+    wait_for_ranks(out_dir, rank, world, stable_hash(json.dumps([hashes, [(i.id, i.source_hash) for i in items]])),
+                   "embed")
     if rank == 0:
         result["manifest"] = write_embed_manifest(upstream, out_dir, cfg)
         write_report(result["manifest"], out_dir, cfg, hashes, Path(cfg.report_path))
     return result
-
-
-def wait_for_ranks(out_dir: Path, rank: int, world: int, token: str) -> None:
-    """Return on rank 0 once every rank has finished its shards; other ranks return at once (after the barrier)."""
-    if world == 1:
-        return
-    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=BARRIER_TIMEOUT)
-        dist.barrier()
-        dist.destroy_process_group()
-        return
-    # no rendezvous (e.g. plain `srun python -m pipeline.embed`): marker files, keyed by the job step and the inputs
-    token = stable_hash(f"{os.environ.get('SLURM_JOB_ID', '')}.{os.environ.get('SLURM_STEP_ID', '')}:{token}")
-    markers = out_dir / ".ranks"
-    atomic_write_json(markers / f"{rank:05d}.json", {"token": token, "world": world})
-    if rank != 0:
-        return
-    deadline = time.monotonic() + BARRIER_TIMEOUT.total_seconds()
-    while time.monotonic() < deadline:
-        tokens = []
-        for r in range(world):
-            try:
-                tokens.append(json.loads((markers / f"{r:05d}.json").read_text())["token"])
-            except (OSError, ValueError, KeyError):
-                tokens.append(None)
-        if all(t == token for t in tokens):
-            return
-        time.sleep(2.0)
-    raise SystemExit(f"embed: rank 0 waited {BARRIER_TIMEOUT} for the other ranks' markers in {markers}")
 
 
 def write_embed_manifest(upstream: pd.DataFrame, out_dir: Path, cfg: EmbedConfig) -> pd.DataFrame:
@@ -200,14 +113,14 @@ def write_embed_manifest(upstream: pd.DataFrame, out_dir: Path, cfg: EmbedConfig
     by_stream = {s: {r["id"]: r for shard in range(cfg.num_shards) for r in (st.done(shard) or {}).get("rows", [])}
                  for s, st in stores.items()}
     meta = {s: st.metadata().set_index("id") for s, st in stores.items()}
-    labels = label_columns(upstream)
+    labels = label_columns(upstream, INGEST_COLUMNS)
     rows = []
     for row in upstream.to_dict("records"):
         rec = {"id": row["id"], "split": row["split"], "status": OK, "reason": "", "error": ""}
         if row["status"] != OK:
-            rec.update(status=SKIPPED, reason=f"upstream_{row['status']}", error=f"ingest: {row['reason']}")
+            rec.update(skipped_upstream(row, "ingest"))
         else:
-            rec.update(source_hash=upstream_hash(row), duration_s=row.get("duration_s"))
+            rec.update(source_hash=upstream_hash(row, "clip_path"), duration_s=row.get("duration_s"))
             for stream in STREAMS:
                 got = by_stream[stream].get(row["id"])
                 if got is None or (got["status"] == OK and row["id"] not in meta[stream].index):

@@ -169,9 +169,9 @@ def _plot_clip(path_align: Path, path_chroma: Path, cfg, clip: str, systems: lis
     fig, axes = plt.subplots(rows, 1, figsize=(10, 1.9 * rows), sharex=True, squeeze=False)
     ax = axes[0][0]
     if video.exists():
-        from pipeline.metrics.cli import _default_cache
+        from pipeline.metrics.score import default_flow_cache
 
-        peaks = av_align.video_peaks(video, Path(cfg.flow_cache) if cfg.flow_cache else _default_cache())
+        peaks = av_align.video_peaks(video, Path(cfg.flow_cache) if cfg.flow_cache else default_flow_cache())
         t = np.arange(len(peaks.magnitudes)) / peaks.fps
         ax.plot(t, peaks.magnitudes, color="black", lw=1)
         ax.plot(peaks.peaks, np.interp(peaks.peaks, t, peaks.magnitudes), "v", color="tab:red", ms=5,
@@ -221,11 +221,11 @@ def write_report(path: Path, report: dict, cfg, ids: list[str]) -> None:
     clip = ids[0]
     import pandas as pd
 
-    from pipeline.metrics.cli import _parse_beats
+    from pipeline.metrics.score import parse_beats
 
     row = pd.read_parquet(Path(cfg.ingest_dir) / "manifest.parquet").set_index("id").loc[clip]
     _plot_clip(plots["alignment"], plots["chroma"], cfg, clip, list(report["systems"]),
-               _parse_beats(row.get("beat_times")))
+               parse_beats(row.get("beat_times")))
     emb = report["embedding"]
     lines = [f"# Evaluation: Table 1 for our systems ({report['n_clips']} {report['split']} clips)", ""]
     lines += ["Written by `v2m evaluate` (DVC stage `evaluate`); the numbers are in `metrics/eval.json`.", ""]
@@ -354,7 +354,8 @@ def write_seed_report(path: Path, summary: dict) -> None:
     """reports/seeds.md: what the study is and its table."""
     text = ("# The seed study: every science metric over training seeds\n\n"
             f"The full system and the no_motion ablation trained under {len(summary['seeds'])} seeds "
-            f"({', '.join(map(str, summary['seeds']))}: `base.seed` and `seed_study.seeds`), same data, same settings; each "
+            f"({', '.join(map(str, summary['seeds']))}: `base.seed` and `seed_study.seeds`), same data, same "
+            "settings; each "
             "seed's models generate the test split with the same sampling seed and are scored as in `reports/eval.md`. "
             "Training is float math and differs in its last bits between machines; the claims must hold on every seed. "
             "Written by `v2m evaluate --seeds` (`dvc repro evaluate_seeds`).\n\n" + seed_table(summary) + "\n")

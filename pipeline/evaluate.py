@@ -36,7 +36,7 @@ from tqdm import tqdm
 from pipeline.config import EvaluateConfig, Params, load_params
 from pipeline.media import MediaError, load_audio
 from pipeline.metrics import av_align, chroma, fad, kld, rhythm
-from pipeline.metrics.cli import Labels, _default_cache, _parse_beats, score_pair
+from pipeline.metrics.score import clip_labels, default_flow_cache, score_pair
 from pipeline.metrics.tagger import Tagger
 from pipeline.shards import atomic_write_json
 
@@ -57,14 +57,6 @@ def read_labels(ingest_dir: Path) -> pd.DataFrame:
     """The ok rows of the ingest manifest, indexed by id (split and SynthV2M label columns where present)."""
     frame = pd.read_parquet(ingest_dir / "manifest.parquet")
     return frame[frame["status"] == "ok"].set_index("id", drop=False)
-
-
-def clip_labels(row: dict) -> Labels:
-    """The scoring labels (tempo, beats, key) of one ingest manifest row."""
-    tempo, key = row.get("tempo_bpm"), str(row.get("key") or "")
-    return Labels(tempo_bpm=float(tempo) if tempo not in (None, "") and not pd.isna(tempo) else None,
-                  beats=_parse_beats(row.get("beat_times")),
-                  key=rhythm.parse_key(key, str(row.get("mode") or "major")) if key else None)
 
 
 def _mono(path: Path, sample_rate: int) -> np.ndarray:
@@ -152,7 +144,7 @@ def score_all(cfg: EvaluateConfig, systems: list[str], ids: list[str], labels: p
     "emb": {id: (generated, reference)}}}, {id: problems}) for the ids that every system could be scored on: a clip
     whose audio cannot be scored (unreadable, silent, too short) for any system is dropped for all and is a problem."""
     gen_dir, music, clips = Path(cfg.generated_dir), Path(cfg.music_dir), Path(cfg.ingest_dir) / "clips"
-    cache = Path(cfg.flow_cache) if cfg.flow_cache else _default_cache()
+    cache = Path(cfg.flow_cache) if cfg.flow_cache else default_flow_cache()
     videos = {i: clips / f"{i}.mp4" for i in ids if (clips / f"{i}.mp4").exists()}
     tasks = [(s, i, gen_dir / s / f"{i}.wav", music / f"{i}.wav", videos.get(i),
               clip_labels(labels.loc[i].to_dict()), cache) for s in systems for i in ids]

@@ -3,7 +3,8 @@
 For every input row: fetch the source (yt-dlp for URLs, see pipeline/download.py), probe it, cut `base.clip_seconds`
 from `start_s` by re-encoding (exact duration, not keyframe-snapped), at constant `base.fps`, scaled so the short side
 is `ingest.short_side`, rotation applied; the audio is downmixed by FFmpeg's standard matrix (a 5.1 centre channel is
-kept) and resampled to `base.sample_rate`. One decode writes both outputs.
+kept) and resampled to `base.sample_rate`. One decode writes both outputs (`pipeline.media.normalise_video`, which
+generation uses too).
 
 Bad input never stops the batch: every input ends in exactly one manifest row, status ok / skipped / failed with a
 reason (no_audio, silent_audio, too_short, start_past_end, corrupt, missing, bad_row, duplicate_id, the download
@@ -33,7 +34,17 @@ from tqdm import tqdm
 
 from pipeline import download
 from pipeline.config import BaseConfig, IngestConfig, load_params, to_dict
-from pipeline.media import X264_ARGS, MediaError, load_audio, probe, rms_db, run_ffmpeg, tool_versions, write_wav
+from pipeline.manifest import INGEST_COLUMNS, label_columns, prune
+from pipeline.media import (
+    MediaError,
+    load_audio,
+    normalise_video,
+    probe,
+    rms_db,
+    stored_frame_count,
+    tool_versions,
+    write_wav,
+)
 from pipeline.shards import (
     FAILED,
     OK,
@@ -50,11 +61,6 @@ from pipeline.shards import (
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("id", "source")
-COLUMNS = [
-    "id", "split", "status", "reason", "error", "source", "start_s", "clip_path", "audio_path", "duration_s",
-    "n_frames", "fps", "width", "height", "has_audio", "audio_rms_db", "silent", "source_duration_s",
-    "source_sha256", "attempts", "params_hash", "tool_versions",
-]
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}$")
 RETRY_ON_RERUN = download.TRANSIENT_REASONS | {"error"}
 
@@ -202,9 +208,10 @@ class Ingester:
         clip_path = self.out / "clips" / f"{row['id']}.mp4"
         audio_path = self.out / "audio" / f"{row['id']}.wav"
         with atomic_path(clip_path) as tmp_clip, atomic_path(audio_path) as tmp_wav:
-            self._transcode(src, start_s, duration, n_frames, info.has_audio, tmp_clip, tmp_wav)
+            normalise_video(src, tmp_clip, n_frames, base.fps, cfg.short_side, cfg.video_crf, cfg.video_preset, start_s,
+                            tmp_wav if info.has_audio else None, base.sample_rate, cfg.audio_channels)
             out = probe(tmp_clip)
-            got = _frame_count(tmp_clip)
+            got = stored_frame_count(tmp_clip)
             if got < n_frames - 1:
                 raise MediaError(src, f"decoded only {got / base.fps:.2f} s of the expected {duration:.2f} s "
                                  "(truncated or damaged file)")
@@ -221,40 +228,12 @@ class Ingester:
                     duration_s=round(got / base.fps, 6), n_frames=got, fps=base.fps, width=out.display_width,
                     height=out.display_height, audio_rms_db=round(level, 2), silent=bool(level < cfg.silence_db))
 
-    def _transcode(self, src: Path, start_s: float, duration: float, n_frames: int, has_audio: bool,
-                   clip: Path, wav: Path) -> None:
-        """One ffmpeg run: exact-length constant-fps H.264 clip (+ AAC) and a PCM wav at the target rate."""
-        base, cfg, side = self.base, self.cfg, self.cfg.short_side
-        scale = (f"scale=w='if(lte(iw,ih),{side},-2)':h='if(lte(iw,ih),-2,{side})':flags=bicubic,"
-                 f"fps={base.fps}:start_time=0,setsar=1,format=yuv420p")
-        audio_filter = f"aresample={base.sample_rate}:resampler=soxr,apad"
-        args = ["-ss", f"{start_s:.6f}", "-i", str(src), "-map", "0:v:0", "-vf", scale, "-frames:v", str(n_frames),
-                *X264_ARGS, "-preset", cfg.video_preset, "-crf", str(cfg.video_crf), "-movflags", "+faststart"]
-        if has_audio:
-            args += ["-map", "0:a:0", "-af", audio_filter, "-ac", str(cfg.audio_channels), "-c:a", "aac",
-                     "-b:a", "128k", "-t", f"{duration:.6f}", str(clip),
-                     "-map", "0:a:0", "-af", audio_filter, "-ac", str(cfg.audio_channels),
-                     "-ar", str(base.sample_rate), "-c:a", "pcm_s16le", "-t", f"{duration:.6f}", str(wav)]
-        else:
-            args += ["-an", str(clip)]
-        run_ffmpeg(args, src)
-
 
 def _exact_length(audio: np.ndarray, n_samples: int) -> np.ndarray:
     """Trim or zero-pad [C, N] audio to exactly n_samples, so audio and video durations agree to the sample."""
     if audio.shape[1] >= n_samples:
         return audio[:, :n_samples]
     return np.pad(audio, ((0, 0), (0, n_samples - audio.shape[1])))
-
-
-def _frame_count(path: Path) -> int:
-    import av
-
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        if stream.frames:
-            return int(stream.frames)
-        return sum(1 for _ in container.demux(stream) if _.size)
 
 
 def validate_rows(frame: pd.DataFrame) -> list[tuple[dict, dict | None]]:
@@ -288,7 +267,7 @@ def validate_rows(frame: pd.DataFrame) -> list[tuple[dict, dict | None]]:
 def run(manifest: Path, out_dir: Path, base: BaseConfig, cfg: IngestConfig) -> tuple[pd.DataFrame, int]:
     """Ingest every row of `manifest`; returns (the written manifest frame, number of items actually processed)."""
     frame = read_input_manifest(manifest)
-    extra = [c for c in frame.columns if c not in COLUMNS]
+    extra = label_columns(frame, INGEST_COLUMNS)
     ingester = Ingester(base, cfg, out_dir, manifest.parent)
     pairs = validate_rows(frame)
     todo = [row for row, failure in pairs if failure is None]
@@ -308,21 +287,11 @@ def run(manifest: Path, out_dir: Path, base: BaseConfig, cfg: IngestConfig) -> t
                      "split": row["split"]})
     processed = sum(1 for r in results.values() if not r.get("_reused"))
     log.debug("%d of %d items reused from an earlier run", len(results) - processed, len(results))
-    _prune(out_dir, {r["id"] for r, f in pairs if f is None})
-    written = write_manifest(out_dir / "manifest.parquet", rows, columns=COLUMNS + extra)
-    return written, processed
-
-
-def _prune(out_dir: Path, keep: set[str]) -> None:
-    """Remove outputs of ids no longer in the manifest, so the folder is a function of its inputs."""
-    removed = 0
-    for sub, pattern in (("clips", "*.mp4"), ("audio", "*.wav"), ("rows", "*.json")):
-        for path in (out_dir / sub).glob(pattern):
-            if path.stem not in keep:
-                path.unlink()
-                removed += 1
-    if removed:
+    keep = {r["id"] for r, f in pairs if f is None}
+    if removed := prune(out_dir, ("clips/*.mp4", "audio/*.wav", "rows/*.json"), keep):
         log.info("removed %d outputs of ids no longer in the manifest", removed)
+    written = write_manifest(out_dir / "manifest.parquet", rows, columns=INGEST_COLUMNS + extra)
+    return written, processed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -256,6 +256,65 @@ def iter_frames(path: str | Path, gray: bool = False) -> Iterator[np.ndarray]:
         raise MediaError(path, f"video cannot be decoded ({exc.strerror or exc})") from None
 
 
+def normalise_video(src: str | Path, clip: str | Path, n_frames: int, fps: float, short_side: int, crf: int,
+                    preset: str, start_s: float = 0.0, wav: str | Path | None = None, sample_rate: int = 0,
+                    channels: int = 0) -> None:
+    """Cut and normalise a video as ingest does, in one ffmpeg run: `n_frames` frames from `start_s` (re-encoded, so
+    exact, not keyframe-snapped) at constant `fps`, scaled (bicubic) so the short side is `short_side`, rotation
+    applied, square pixels, yuv420p, H.264 (X264_ARGS, `preset`, `crf`) in `clip`.
+
+    With `wav`, the first audio stream too, resampled (soxr) to `sample_rate`, downmixed by FFmpeg's standard matrix to
+    `channels` and padded with silence to n_frames / fps seconds: AAC in `clip` and 16-bit PCM in `wav`. Without it
+    the clip has no audio. Raises `MediaError` (reason ``corrupt``) naming `src` when ffmpeg fails.
+    """
+    duration = n_frames / fps
+    scale = (f"scale=w='if(lte(iw,ih),{short_side},-2)':h='if(lte(iw,ih),-2,{short_side})':flags=bicubic,"
+             f"fps={fps}:start_time=0,setsar=1,format=yuv420p")
+    audio_filter = f"aresample={sample_rate}:resampler=soxr,apad"
+    args = ["-ss", f"{start_s:.6f}", "-i", str(src), "-map", "0:v:0", "-vf", scale, "-frames:v", str(n_frames),
+            *X264_ARGS, "-preset", preset, "-crf", str(crf), "-movflags", "+faststart"]
+    if wav is not None:
+        args += ["-map", "0:a:0", "-af", audio_filter, "-ac", str(channels), "-c:a", "aac",
+                 "-b:a", "128k", "-t", f"{duration:.6f}", str(clip),
+                 "-map", "0:a:0", "-af", audio_filter, "-ac", str(channels),
+                 "-ar", str(sample_rate), "-c:a", "pcm_s16le", "-t", f"{duration:.6f}", str(wav)]
+    else:
+        args += ["-an", str(clip)]
+    run_ffmpeg(args, src)
+
+
+def stored_frame_count(path: str | Path) -> int:
+    """Video frames of the first video stream as stored: the container's count, else the packets holding data (no
+    decoding; `count_frames` decodes)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        if stream.frames:
+            return int(stream.frames)
+        return sum(1 for _ in container.demux(stream) if _.size)
+
+
+def video_duration(path: str | Path) -> tuple[float, float]:
+    """(duration, fps) of the first video stream, from its packets' timestamps (no decoding). Raises `MediaError` when
+    the stream has no packets or stops well before the duration its header promises."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 25)
+        first, end = None, 0.0
+        for packet in container.demux(stream):
+            if packet.pts is None:
+                continue
+            t0 = float(packet.pts * packet.time_base)
+            first = t0 if first is None else min(first, t0)
+            end = max(end, t0 + float((packet.duration or 0) * packet.time_base or 1 / fps))
+        promised = float(stream.duration * stream.time_base) if stream.duration else 0.0
+    if first is None:
+        raise MediaError(path, "no video packets (empty or damaged video stream)")
+    if promised and end - first < promised - 2 / fps:
+        raise MediaError(path, f"its video stream stops at {end - first:.2f} s of the {promised:.2f} s its header "
+                         "promises (truncated or damaged file)")
+    return end - first, fps
+
+
 def count_frames(path: str | Path) -> int:
     """Number of decodable video frames (decodes the stream; exact, unlike container metadata)."""
     with av.open(str(path)) as container:

@@ -34,10 +34,18 @@ import soundfile as sf
 from scipy.signal import resample_poly
 from tqdm import tqdm
 
-from pipeline import ingest
 from pipeline.config import BaseConfig, SeparateConfig, load_params
-from pipeline.encoders import resolve_device, set_threads
+from pipeline.manifest import (
+    INGEST_COLUMNS,
+    SEPARATE_COLUMNS,
+    label_columns,
+    prune,
+    read_upstream,
+    skipped_upstream,
+    upstream_hash,
+)
 from pipeline.media import write_wav
+from pipeline.runtime import resolve_device, set_threads
 from pipeline.shards import (
     FAILED,
     OK,
@@ -46,7 +54,6 @@ from pipeline.shards import (
     atomic_write_json,
     clean_stale_temps,
     params_hash,
-    read_manifest,
     report_rows,
     sha256_file,
     stable_hash,
@@ -56,8 +63,6 @@ from pipeline.shards import (
 log = logging.getLogger(__name__)
 
 VERSION = 1  # bump when the processing changes, so every id is separated again
-COLUMNS = ["id", "split", "status", "reason", "error", "music_path", "duration_s", "sample_rate", "channels",
-           "device", "segment_s", "source_hash", "params_hash"]
 RETRY_ON_RERUN = {"oom", "error"}
 
 
@@ -321,23 +326,10 @@ class Separator:
                     channels=mix.shape[0], device=device, segment_s=round(segment, 4))
 
 
-def upstream_hash(row: dict) -> str:
-    """Identity of an ingested item: its source file and the ingest params that made it."""
-    return stable_hash(json.dumps([row.get("source_sha256"), row.get("params_hash"), row.get("audio_path")]))
-
-
-def label_columns(frame: pd.DataFrame) -> list[str]:
-    """Pass-through columns of the ingest manifest (caption, tempo_bpm, beat_times, ... for SynthV2M)."""
-    return [c for c in frame.columns if c not in ingest.COLUMNS]
-
-
 def run(ingest_manifest: Path, out_dir: Path, base: BaseConfig, cfg: SeparateConfig) -> tuple[pd.DataFrame, int]:
     """Separate every ok row of `ingest_manifest`; returns (the written manifest, number of ids actually processed)."""
-    try:
-        upstream = read_manifest(ingest_manifest)
-    except FileNotFoundError:
-        raise SystemExit(f"separate: {ingest_manifest}: no such manifest (run `v2m ingest` first)") from None
-    labels = label_columns(upstream)
+    upstream = read_upstream(ingest_manifest, "separate", "ingest")
+    labels = label_columns(upstream, INGEST_COLUMNS)
     set_threads(cfg.torch_threads)
     separator = Separator(base, cfg, out_dir)
     rows, processed = [], 0
@@ -346,28 +338,20 @@ def run(ingest_manifest: Path, out_dir: Path, base: BaseConfig, cfg: SeparateCon
     for row in upstream.to_dict("records"):
         rec: dict = {"id": row["id"], "split": row["split"]}
         if row["status"] != OK:
-            rec.update(status=SKIPPED, reason=f"upstream_{row['status']}", error=f"ingest: {row['reason']}")
+            rec.update(skipped_upstream(row, "ingest"))
         elif not row.get("audio_path"):
             rec.update(status=SKIPPED, reason="no_audio", error=f"{row['id']}: ingested without audio")
             bar.update()
         else:
-            source_hash = upstream_hash(row)
+            source_hash = upstream_hash(row, "audio_path")
             rec = separator.previous(row["id"], source_hash)
             if rec is None:
                 rec, processed = separator.process(row, source_hash), processed + 1
             bar.update()
         rows.append({**{c: row.get(c) for c in labels}, **rec, "split": row["split"]})  # a reused record's may be stale
     bar.close()
-    _prune(out_dir, {r["id"] for r in rows if r["status"] != SKIPPED})
-    return write_manifest(out_dir / "manifest.parquet", rows, columns=COLUMNS + labels), processed
-
-
-def _prune(out_dir: Path, keep: set[str]) -> None:
-    """Remove outputs of ids no longer in the upstream manifest, so the folder is a function of its inputs."""
-    for pattern in ("*.wav", "rows/*.json"):
-        for path in out_dir.glob(pattern):
-            if path.stem not in keep:
-                path.unlink()
+    prune(out_dir, ("*.wav", "rows/*.json"), {r["id"] for r in rows if r["status"] != SKIPPED})
+    return write_manifest(out_dir / "manifest.parquet", rows, columns=SEPARATE_COLUMNS + labels), processed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    """torch.save, atomically and byte-reproducibly: saved to a file, torch names the zip's root folder after the
+    (random) temp file, so two saves of the same object differed in their bytes; through memory it is "archive"."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -168,17 +180,6 @@ def report_rows(stage: str, frame: pd.DataFrame, max_fail_ratio: float,
 # Shared by every stage that caches per-item arrays (embed, tokenize), so incremental reruns and scale-out behave
 # the same everywhere.
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def dist_env() -> tuple[int, int]:
-    """(rank, world size) from torchrun (RANK / WORLD_SIZE) or SLURM (SLURM_PROCID / SLURM_NTASKS); (0, 1) alone."""
-    for rank_key, world_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if rank_key in os.environ and world_key in os.environ:
-            rank, world = int(os.environ[rank_key]), int(os.environ[world_key])
-            if not 0 <= rank < world:
-                raise ValueError(f"{rank_key}={rank} is not in [0, {world_key}={world})")
-            return rank, world
-    return 0, 1
 
 
 @dataclass(frozen=True)

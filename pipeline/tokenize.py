@@ -27,7 +27,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,9 +38,9 @@ from tqdm import tqdm
 from pipeline import codecs
 from pipeline.codecs import roundtrip
 from pipeline.config import BaseConfig, TokenizeConfig, load_params
-from pipeline.embed import wait_for_ranks
+from pipeline.manifest import SEPARATE_COLUMNS, label_columns, read_upstream, skipped_upstream
 from pipeline.media import MediaError, load_audio, rms_db
-from pipeline.separate import COLUMNS as SEPARATE_COLUMNS
+from pipeline.runtime import cores_per_process, dist_env, local_world_size, wait_for_ranks
 from pipeline.shards import (
     FAILED,
     OK,
@@ -50,8 +49,6 @@ from pipeline.shards import (
     Item,
     atomic_write_bytes,
     atomic_write_json,
-    dist_env,
-    read_manifest,
     report_rows,
     sha256_file,
     shard_of,
@@ -68,7 +65,7 @@ FIT_POLL_S = 5.0
 
 def threads_for(cfg: TokenizeConfig) -> int:
     """`tokenize.threads`, or (0) the cores divided by the processes on this node."""
-    return cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return cfg.threads or cores_per_process(local_world_size())
 
 
 def music_hash(path: str) -> str:
@@ -165,12 +162,12 @@ def write_tokens_manifest(upstream: pd.DataFrame, store: FeatureStore, path: Pat
     """One row per upstream id, from every shard's done file (so it covers all ranks' work)."""
     got = {r["id"]: r for s in range(store.num_shards) for r in (store.done(s) or {}).get("rows", [])}
     meta = store.metadata().set_index("id")
-    labels = [c for c in upstream.columns if c not in SEPARATE_COLUMNS]
+    labels = label_columns(upstream, SEPARATE_COLUMNS)
     rows = []
     for row in upstream.to_dict("records"):
         rec = {"id": row["id"], "split": row["split"], "status": OK, "reason": "", "error": ""}
         if row["status"] != OK:
-            rec.update(status=SKIPPED, reason=f"upstream_{row['status']}", error=f"separate: {row['reason']}")
+            rec.update(skipped_upstream(row, "separate"))
         else:
             done = got.get(row["id"]) or {"status": FAILED, "reason": "missing", "error": "no tokens after the run",
                                           "shard": -1}
@@ -198,10 +195,7 @@ def run(base: BaseConfig, cfg: TokenizeConfig, rank: int = 0, world: int = 1) ->
     "metrics": the codec metrics (rank 0) or None}.
     """
     manifest_path = Path(cfg.music_dir) / "manifest.parquet"
-    try:
-        upstream = read_manifest(manifest_path)
-    except FileNotFoundError:
-        raise SystemExit(f"tokenize: {manifest_path}: no such manifest (run `v2m separate` first)") from None
+    upstream = read_upstream(manifest_path, "tokenize", "separate")
     missing = {"id", "split", "status", "reason", "music_path"} - set(upstream.columns)
     if missing:
         raise SystemExit(f"tokenize: {manifest_path}: missing column(s) {', '.join(sorted(missing))}")
@@ -219,7 +213,7 @@ def run(base: BaseConfig, cfg: TokenizeConfig, rank: int = 0, world: int = 1) ->
                         progress=f"tokenize {codec.name}" + (f" [rank {rank}/{world}]" if world > 1 else ""))
     result = {"codec": codec, "rows": rows, "computed": sorted(r["id"] for r in rows if r["computed"]),
               "manifest": None, "metrics": None}
-    wait_for_ranks(out, rank, world, stable_hash(json.dumps([encoder_hash, sorted(ok["id"])])))
+    wait_for_ranks(out, rank, world, stable_hash(json.dumps([encoder_hash, sorted(ok["id"])])), "tokenize")
     if rank != 0:
         return result
     state_dir = str(Path(cfg.model_dir) / codec.name) if codec.needs_fit else ""

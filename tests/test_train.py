@@ -24,6 +24,7 @@ import yaml
 
 from pipeline import train
 from pipeline.config import BaseConfig, SynthConfig, params_from_dict, to_dict
+from pipeline.dataset import collate, load_dataset
 from pipeline.shards import FeatureStore, Item
 from pipeline.synth import make_spec
 
@@ -90,7 +91,7 @@ def data(tmp_path_factory) -> dict:
 
 
 def test_dataset_reads_stores_by_id(data):
-    items, codec = train.load_dataset(data["features"], data["tokens"], data["manifest"])
+    items, codec = load_dataset(data["features"], data["tokens"], data["manifest"])
     assert len(items) == 8 and [it["split"] for it in items].count("val") == 2
     assert codec == {"frame_rate": FRAME_RATE, "num_codebooks": K, "codebook_size": CARD, "name": "tokens"}
     it = items[0]
@@ -119,7 +120,8 @@ def test_main_writes_model_metrics_and_plots(data, tmp_path):
     assert ckpt["step"] == 20 and ckpt["config"]["fusion"]["use_motion"]
     assert not torch.load(tmp_path / "no_motion" / "v2m.pt", weights_only=False)["config"]["fusion"]["use_motion"]
     loss = pd.read_csv(tmp_path / "metrics" / "full_loss.csv")
-    assert list(loss["step"]) == list(range(1, 21)) and "train_loss" in loss.columns and "tokens_per_s" not in loss.columns
+    assert list(loss["step"]) == list(range(1, 21)) and "train_loss" in loss.columns
+    assert "tokens_per_s" not in loss.columns
     assert train.main(["--params", str(params), "--metrics", str(tmp_path / "metrics"), "--report",
                        str(tmp_path / "train.json")]) == 0
     merged = json.loads((tmp_path / "train.json").read_text())
@@ -210,8 +212,10 @@ def test_text_conditioning_trains(data, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_caption_embeddings_use_the_bundled_minilm():
-    vectors = train.caption_embeddings([{"id": "a", "caption": "a bright piano in C major"},
-                                        {"id": "b", "caption": "a dark organ in A minor"}])
+    from pipeline.encoders.text import caption_embeddings
+
+    vectors = caption_embeddings([{"id": "a", "caption": "a bright piano in C major"},
+                                  {"id": "b", "caption": "a dark organ in A minor"}])
     assert vectors["a"].shape == (384,) and not np.allclose(vectors["a"], vectors["b"])
 
 
@@ -311,10 +315,10 @@ def test_harmony_head_learns_each_clips_profile_from_the_music(data, tmp_path):
     assert loss.iloc[-5:].mean() < 0.5 * loss.iloc[:5].mean()
     model, ckpt = _trained(tmp_path)
     assert ckpt["config"]["harmony"] == 5.0
-    items, _ = train.load_dataset(data["features"], data["tokens"], data["manifest"])
+    items, _ = load_dataset(data["features"], data["tokens"], data["manifest"])
     items = [it for it in items if it["split"] == "train"]
     with torch.no_grad():
-        logp = model.condition(train.collate(items)).harmony_logits.log_softmax(-1).numpy()
+        logp = model.condition(collate(items)).harmony_logits.log_softmax(-1).numpy()
     truth = _profiles(music, [it["id"] for it in items])
     cross = -(truth[:, None] * logp[None]).sum(-1)  # (truth i, prediction j) cross-entropy
     assert np.mean(np.diag(cross)) < np.mean(cross[~np.eye(len(items), dtype=bool)])
@@ -329,7 +333,7 @@ def test_harmony_knn_bank_holds_the_training_clips_and_their_music(data, tmp_pat
     model, ckpt = _trained(tmp_path)
     assert ckpt["config"]["harmony_knn"] == 2 and ckpt["config"]["harmony_bank"] == 6
     assert not any(k.startswith("harmony_head") for k in ckpt["model"])
-    items, _ = train.load_dataset(data["features"], data["tokens"], data["manifest"])
+    items, _ = load_dataset(data["features"], data["tokens"], data["manifest"])
     items = [it for it in items if it["split"] == "train"]
     means = np.stack([it["clip"].mean(0) for it in items])
     np.testing.assert_allclose(model.bank_keys.numpy(), means / np.linalg.norm(means, axis=1, keepdims=True),
@@ -351,7 +355,7 @@ def test_harmony_track_bank_holds_every_clip_row_and_the_chord_around_it(data, t
                           harmony_track="on")
     assert train.main(argv(data, params, tmp_path)) == 0
     model, ckpt = _trained(tmp_path)
-    items, _ = train.load_dataset(data["features"], data["tokens"], data["manifest"])
+    items, _ = load_dataset(data["features"], data["tokens"], data["manifest"])
     items = [it for it in items if it["split"] == "train"]
     rows = np.concatenate([it["clip"] for it in items])
     assert ckpt["config"]["harmony_track"] is True and ckpt["config"]["harmony_bank"] == len(rows)
@@ -362,7 +366,7 @@ def test_harmony_track_bank_holds_every_clip_row_and_the_chord_around_it(data, t
     expected = chroma_track(*load_audio(music / f"{first['id']}.wav", 16000),
                             np.arange(len(first["clip"])) / first["clip_fps"])[1]
     np.testing.assert_allclose(model.bank_profiles.numpy()[: len(first["clip"])], expected, atol=1e-5)
-    batch = train.collate(items[:1])
+    batch = collate(items[:1])
     own = model._knn_track(dict(batch, bank_index=torch.tensor([0])))
     assert not torch.allclose(own, model._knn_track(batch))  # without the exclusion its rows find themselves
     # the token chroma table: per codebook and token, the mean chroma of the music at the frames it was written
@@ -407,8 +411,8 @@ def test_seed_option_trains_as_base_seed_would(data, tmp_path):
     params = write_params(tmp_path / "params.yaml", max_steps=10, ckpt_every=10)
     seeded = tmp_path / "seeded.yaml"
     loaded = load_params(params)
-    seeded.write_text(yaml.safe_dump(to_dict(dataclasses.replace(loaded, base=dataclasses.replace(loaded.base, seed=3))),
-                                     sort_keys=False))
+    loaded = dataclasses.replace(loaded, base=dataclasses.replace(loaded.base, seed=3))
+    seeded.write_text(yaml.safe_dump(to_dict(loaded), sort_keys=False))
     by_option, by_params = weights(params, tmp_path / "a", "--seed", "3"), weights(seeded, tmp_path / "b")
     default = weights(params, tmp_path / "c")
     assert all(torch.equal(by_option[k], by_params[k]) for k in by_option)

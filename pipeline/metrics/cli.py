@@ -18,28 +18,26 @@ onsets estimated from the reference audio. kld needs a classifier (`--passt`), f
 
 AV-Align's optical flow is nearly all the cost; each video's flow trajectory is cached by content (default
 `$V2M_CACHE_DIR/av_align_flow`, else `~/.cache/v2m/av_align_flow`), so scoring more systems against the same videos
-is fast. `--jobs N` scores files in N processes.
+is fast. `--jobs N` scores files in N processes. Each pair is scored by `pipeline.metrics.score.score_pair`, the
+same function the evaluate stage uses.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 from tqdm import tqdm
 
-from pipeline.media import MediaError, load_audio, rms_db
-from pipeline.metrics import av_align, chroma, fad, kld, rhythm
+from pipeline.metrics import chroma, fad, kld, rhythm
 from pipeline.metrics.models import MissingModelError, load_passt, load_vggish
+from pipeline.metrics.score import Labels, PairResult, default_flow_cache, mono_at, parse_beats, read_audio, score_pair
 from pipeline.shards import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -48,22 +46,6 @@ AUDIO_EXTS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aac", ".mp4", 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".m4v", ".avi")
 METRICS = ("chroma", "av_align", "beat_f1", "onset_f1", "tempo_acc", "tempo_double", "tempo_half", "key_acc",
            "kld_pq", "kld_qp", "fad")
-SILENCE_DB = -60.0
-
-
-@dataclass
-class Labels:
-    tempo_bpm: float | None = None
-    beats: np.ndarray | None = None
-    key: rhythm.Key | None = None
-
-
-@dataclass
-class PairResult:
-    stem: str
-    values: dict = field(default_factory=dict)
-    chroma: chroma.ChromaScore | None = None
-    problems: list[str] = field(default_factory=list)
 
 
 def index_folder(folder: Path, exts: tuple[str, ...]) -> dict[str, Path]:
@@ -76,14 +58,6 @@ def index_folder(folder: Path, exts: tuple[str, ...]) -> dict[str, Path]:
             if path.stem not in found or rank[ext] < rank[found[path.stem].suffix.lower()]:
                 found[path.stem] = path
     return found
-
-
-def _parse_beats(text) -> np.ndarray | None:
-    if text is None or (isinstance(text, float) and math.isnan(text)) or not str(text).strip():
-        return None
-    text = str(text).strip()
-    values = json.loads(text) if text.startswith("[") else [t for t in text.split(";") if t.strip()]
-    return np.asarray(sorted(float(v) for v in values), dtype=np.float64)
 
 
 def read_labels(path: Path) -> dict[str, Labels]:
@@ -100,90 +74,12 @@ def read_labels(path: Path) -> dict[str, Labels]:
         try:
             labels[row["id"]] = Labels(
                 tempo_bpm=float(tempo) if tempo else None,
-                beats=_parse_beats(row.get("beat_times")),
+                beats=parse_beats(row.get("beat_times")),
                 key=rhythm.parse_key(key, row.get("mode", "").strip() or "major") if key else None,
             )
         except ValueError as exc:  # json.JSONDecodeError is a ValueError too
             raise ValueError(f"{path}: id {row['id']!r}: bad label ({exc})") from None
     return labels
-
-
-def _load(path: Path) -> tuple[np.ndarray, int]:
-    try:
-        audio, sr = load_audio(path, mono=False)
-    except sf.SoundFileError as exc:  # load_audio reads .wav with soundfile directly
-        raise MediaError(path, f"audio cannot be decoded ({exc})") from None
-    if audio.shape[-1] == 0:
-        raise MediaError(path, "no audio samples", "empty")
-    return audio, sr
-
-
-def _mono_at(audio: np.ndarray, sr: int, target: int) -> np.ndarray:
-    import librosa
-
-    y = audio.mean(axis=0)  # audiocraft's convert_audio and librosa.to_mono both average the channels
-    return y if sr == target else librosa.resample(y, orig_sr=sr, target_sr=target, res_type="soxr_hq")
-
-
-def score_pair(stem: str, generated: Path, reference: Path, video: Path | None, labels: Labels | None,
-               wanted: frozenset[str], flow_cache: Path | None = None) -> PairResult:
-    """All per-clip metrics that need no pretrained model, for one stem."""
-    result = PairResult(stem)
-    try:
-        gen, gen_sr = _load(generated)
-        ref, ref_sr = _load(reference)
-    except MediaError as exc:
-        result.problems.append(f"unreadable: {exc}")
-        return result
-    for name, audio, path in (("generated", gen, generated), ("reference", ref, reference)):
-        if rms_db(audio) < SILENCE_DB:
-            result.problems.append(f"silent {name} audio ({rms_db(audio):.0f} dBFS): {path}")
-    ref_seconds = ref.shape[-1] / ref_sr
-    if gen.shape[-1] / gen_sr < ref_seconds - 0.05:
-        result.problems.append(f"generated is shorter than the reference ({gen.shape[-1] / gen_sr:.2f} s < "
-                               f"{ref_seconds:.2f} s): zero-padded for chroma and kld")
-    gen_cut = gen[:, : int(round(ref_seconds * gen_sr))]
-    values = result.values
-
-    if "chroma" in wanted:
-        result.chroma = chroma.chroma_cosine_clip(_mono_at(gen, gen_sr, chroma.SAMPLE_RATE),
-                                                  _mono_at(ref, ref_sr, chroma.SAMPLE_RATE))
-        values["chroma"] = result.chroma.value
-    if "av_align" in wanted and video is not None:
-        try:
-            score = av_align.av_align(av_align.video_peaks(video, flow_cache), gen, gen_sr)
-        except MediaError as exc:
-            result.problems.append(f"av_align: {exc}")
-        else:
-            if math.isnan(score):
-                result.problems.append("av_align undefined: no audio onsets and no video peaks")
-            else:
-                values["av_align"] = score
-    if wanted & {"beat_f1", "tempo_acc", "tempo_double", "tempo_half"}:
-        tempo, beats = rhythm.estimate_beats(gen_cut, gen_sr)
-        ref_beats = labels.beats if labels is not None else rhythm.estimate_beats(ref, ref_sr)[1]
-        if "beat_f1" in wanted and ref_beats is not None:
-            f1 = rhythm.beat_f1(beats, ref_beats)
-            if math.isnan(f1):
-                result.problems.append("beat_f1 undefined: the reference has no beats")
-            else:
-                values["beat_f1"] = f1
-        if labels is not None and labels.tempo_bpm:
-            acc = rhythm.tempo_accuracy(tempo, labels.tempo_bpm)
-            values.update(tempo_acc=float(acc.correct), tempo_double=float(acc.double), tempo_half=float(acc.half))
-    if "onset_f1" in wanted:
-        f1 = rhythm.onset_f1(rhythm.estimate_onsets(gen_cut, gen_sr), rhythm.estimate_onsets(ref, ref_sr))
-        if math.isnan(f1):
-            result.problems.append("onset_f1 undefined: the reference has no onsets")
-        else:
-            values["onset_f1"] = f1
-    if "key_acc" in wanted and labels is not None and labels.key is not None:
-        try:
-            values["key_acc"] = rhythm.key_accuracy(rhythm.estimate_key(gen_cut, gen_sr), labels.key)
-        except ValueError as exc:
-            values["key_acc"] = 0.0
-            result.problems.append(f"key_acc: {exc} (scored 0)")
-    return result
 
 
 def _score_pair_star(args: tuple) -> PairResult:
@@ -214,7 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--passt", help="PaSST checkpoint for kld (or $V2M_PASST_CHECKPOINT)")
     parser.add_argument("--vggish", help="VGGish weights for fad (or $V2M_VGGISH_WEIGHTS)")
     parser.add_argument("--jobs", type=int, default=1, help="files scored in parallel processes")
-    parser.add_argument("--flow-cache", type=Path, default=_default_cache(),
+    parser.add_argument("--flow-cache", type=Path, default=default_flow_cache(),
                         help="keep each video's optical-flow trajectory here, keyed by content (default: %(default)s)")
     parser.add_argument("--no-flow-cache", dest="flow_cache", action="store_const", const=None,
                         help="recompute the flow of every video")
@@ -325,11 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _default_cache() -> Path:
-    base = os.environ.get("V2M_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "v2m"
-    return Path(base) / "av_align_flow"
-
-
 def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
@@ -339,13 +230,13 @@ def _model_metrics(scored: list[PairResult], gen_files: dict, ref_files: dict, c
     """KLD per clip and FAD over the set, in this process (models are not shipped to workers). Returns overall."""
     kld_scores, gen_embeddings, ref_embeddings = [], [], []
     for r in tqdm(scored, desc="kld/fad", unit="file"):
-        gen, gen_sr = _load(gen_files[r.stem])
-        ref, ref_sr = _load(ref_files[r.stem])
+        gen, gen_sr = read_audio(gen_files[r.stem])
+        ref, ref_sr = read_audio(ref_files[r.stem])
         for model in (classifier, embedder):
             if model is None:
                 continue
             sr = model.sample_rate
-            gen_mono, ref_mono = _mono_at(gen, gen_sr, sr), _mono_at(ref, ref_sr, sr)
+            gen_mono, ref_mono = mono_at(gen, gen_sr, sr), mono_at(ref, ref_sr, sr)
             if model is classifier:
                 score = kld.kld_clip(classifier, gen_mono, ref_mono, sr)
                 kld_scores.append(score)

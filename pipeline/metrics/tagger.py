@@ -211,12 +211,11 @@ class Tagger:
         return emb.double().numpy()
 
     def save(self, path: str | Path) -> None:
-        from pipeline.shards import atomic_path
+        from pipeline.shards import atomic_torch_save
 
-        torch = _torch()
-        with atomic_path(Path(path)) as tmp:
-            torch.save({"settings": asdict(self.settings), "state_dict": self.net.state_dict(),
-                        "mean": self.mean, "std": self.std, "accuracy": self.accuracy, "vocab": self.vocab}, tmp)
+        atomic_torch_save(Path(path), {"settings": asdict(self.settings), "state_dict": self.net.state_dict(),
+                                       "mean": self.mean, "std": self.std, "accuracy": self.accuracy,
+                                       "vocab": self.vocab})
 
 
 class _Embedder:

@@ -1,0 +1,110 @@
+"""Where a stage runs: its rank in a torchrun / SLURM world, the barrier at the end of a sharded stage, its device and
+its thread count. Shared by the stages so that scale-out and thread choice behave the same in every one of them.
+
+Rank and world size come from torchrun (RANK / WORLD_SIZE) or SLURM (SLURM_PROCID / SLURM_NTASKS); one process alone
+is rank 0 of 1. Threads: more threads than free cores makes every small op wait for a descheduled thread, so a count
+of 0 means the cores divided by the processes sharing them; scale out with processes, not threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from pipeline.shards import atomic_write_json, stable_hash
+
+BARRIER_TIMEOUT = timedelta(hours=12)  # ranks can finish far apart on skewed shards
+
+
+def dist_env() -> tuple[int, int]:
+    """(rank, world size) from torchrun (RANK / WORLD_SIZE) or SLURM (SLURM_PROCID / SLURM_NTASKS); (0, 1) alone."""
+    for rank_key, world_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank_key in os.environ and world_key in os.environ:
+            rank, world = int(os.environ[rank_key]), int(os.environ[world_key])
+            if not 0 <= rank < world:
+                raise ValueError(f"{rank_key}={rank} is not in [0, {world_key}={world})")
+            return rank, world
+    return 0, 1
+
+
+def local_rank() -> int:
+    """This process's index on its node (torchrun's LOCAL_RANK; 0 alone): the GPU it takes."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """The processes on this node (torchrun's LOCAL_WORLD_SIZE; 1 alone)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def cores_per_process(processes: int) -> int:
+    """This machine's cores divided by `processes` (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
+
+
+def wait_for_ranks(out_dir: Path, rank: int, world: int, token: str, stage: str) -> None:
+    """Return on rank 0 once every rank has finished its shards; other ranks return at once (after the barrier).
+
+    A gloo barrier when MASTER_ADDR and MASTER_PORT are set (as under torchrun); else marker files in
+    {out_dir}/.ranks/ holding `token` keyed by the SLURM job step, so markers of another run never count. `stage`
+    names the stage in the error when rank 0 gives up after BARRIER_TIMEOUT.
+    """
+    if world == 1:
+        return
+    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=BARRIER_TIMEOUT)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+    # no rendezvous (e.g. plain `srun python -m pipeline.embed`): marker files, keyed by the job step and the inputs
+    token = stable_hash(f"{os.environ.get('SLURM_JOB_ID', '')}.{os.environ.get('SLURM_STEP_ID', '')}:{token}")
+    markers = out_dir / ".ranks"
+    atomic_write_json(markers / f"{rank:05d}.json", {"token": token, "world": world})
+    if rank != 0:
+        return
+    deadline = time.monotonic() + BARRIER_TIMEOUT.total_seconds()
+    while time.monotonic() < deadline:
+        tokens = []
+        for r in range(world):
+            try:
+                tokens.append(json.loads((markers / f"{r:05d}.json").read_text())["token"])
+            except (OSError, ValueError, KeyError):
+                tokens.append(None)
+        if all(t == token for t in tokens):
+            return
+        time.sleep(2.0)
+    raise SystemExit(f"{stage}: rank 0 waited {BARRIER_TIMEOUT} for the other ranks' markers in {markers}")
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> this process's GPU when torch sees one (cuda:$LOCAL_RANK under torchrun), else "cpu"."""
+    if device != "auto":
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{local_rank() % torch.cuda.device_count()}"
+
+
+def set_threads(threads: int) -> int:
+    """Set torch's (and OpenCV's) intra-op threads; 0 = the cores divided by the processes on this node.
+
+    More threads than free cores makes every small op wait for a descheduled thread: on a 2-core machine shared with
+    other work, 2 threads ran the embedded CLIP model ~8x slower than 1. Scale out with processes (torchrun), not
+    threads. Returns the number set.
+    """
+    import cv2
+    import torch
+
+    if threads <= 0:
+        threads = cores_per_process(local_world_size())
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    return threads
