@@ -47,7 +47,7 @@ from tqdm import tqdm
 from pipeline.config import Params, TrainConfig, load_params, to_dict
 from pipeline.dataset import collate, load_dataset
 from pipeline.encoders.text import TEXT_DIM, caption_embeddings
-from pipeline.model import V2M, ModelConfig, create_model, load_preset, num_params
+from pipeline.model import V2M, HarmonyBank, ModelConfig, create_model, load_preset, num_params
 from pipeline.runtime import cores_per_process, dist_env, local_rank, resolve_device
 from pipeline.shards import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, params_hash
 
@@ -129,6 +129,30 @@ def model_config(cfg: TrainConfig, system: str, codec: dict, clip_dim: int, flow
     if cfg.harmony_knn >= 0:
         extra["harmony_knn"] = cfg.harmony_knn
     return load_preset(cfg.preset, decoder=decoder, fusion=fusion, frame_rate=codec["frame_rate"], **extra)
+
+
+def build_harmony(train_items: list[dict], mcfg: ModelConfig, device: torch.device
+                  ) -> tuple[ModelConfig, HarmonyBank | None]:
+    """The kNN harmony bank of the training clips (mcfg.harmony_knn; the items need `add_harmony`) and mcfg with its
+    size; None without harmony_knn. item["bank_index"] names each item's clip in the bank: it never retrieves itself."""
+    if not mcfg.harmony_knn:
+        return mcfg, None
+    if mcfg.harmony_track:  # every CLIP row of every training clip, with the chroma around its time
+        keys = np.concatenate([it["clip"] for it in train_items])
+        chroma = np.concatenate([it["harmony_track"] for it in train_items])
+        clips = np.repeat(np.arange(len(train_items)), [len(it["clip"]) for it in train_items])
+    else:  # each training clip's mean CLIP row, with its music's profile
+        keys = np.stack([it["clip"].mean(0) for it in train_items])
+        chroma, clips = np.stack([it["harmony"] for it in train_items]), None
+    mcfg = dataclasses.replace(mcfg, harmony_bank=len(keys))
+    bank = HarmonyBank.from_config(mcfg).to(device)
+    bank.fill(*(None if x is None else torch.from_numpy(x).to(device) for x in (keys, chroma, clips)))
+    if mcfg.harmony_track:
+        bank.fill_token_chroma([torch.from_numpy(it["codes"]) for it in train_items],
+                               [torch.from_numpy(it["frame_chroma"]) for it in train_items])
+    for i, it in enumerate(train_items):
+        it["bank_index"] = i
+    return mcfg, bank
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -237,23 +261,9 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
                         params.embed.flow.grid ** 2)
     if mcfg.harmony or mcfg.harmony_knn:
         add_harmony(train_items, Path(params.tokenize.music_dir), mcfg.frame_rate if mcfg.harmony_track else None)
-    if mcfg.harmony_knn:
-        rows = sum(len(it["clip"]) for it in train_items) if mcfg.harmony_track else len(train_items)
-        mcfg = dataclasses.replace(mcfg, harmony_bank=rows)
-        for i, it in enumerate(train_items):
-            it["bank_index"] = i
+    mcfg, harmony = build_harmony(train_items, mcfg, device)
     torch.manual_seed(seed)
-    model = create_model(mcfg, cfg.pretrained_dir).to(device)
-    if mcfg.harmony_track:  # every CLIP row of every training clip, with the chroma around its time
-        keys = np.concatenate([it["clip"] for it in train_items])
-        chroma = np.concatenate([it["harmony_track"] for it in train_items])
-        clips = np.repeat(np.arange(len(train_items)), [len(it["clip"]) for it in train_items])
-        model.set_harmony_bank(*(torch.from_numpy(x).to(device) for x in (keys, chroma, clips)))
-        model.set_token_chroma([torch.from_numpy(it["codes"]) for it in train_items],
-                               [torch.from_numpy(it["frame_chroma"]) for it in train_items])
-    elif mcfg.harmony_knn:
-        model.set_harmony_bank(torch.from_numpy(np.stack([it["clip"].mean(0) for it in train_items])).to(device),
-                               torch.from_numpy(np.stack([it["harmony"] for it in train_items])).to(device))
+    model = create_model(mcfg, cfg.pretrained_dir, harmony).to(device)
     optimizer = make_optimizer(model, cfg)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay else None
     # settings that only change validation or which checkpoint is exported do not make a checkpoint stale

@@ -1,4 +1,5 @@
-"""pipeline/model: shapes and masks, the delay pattern, causality, CFG, the KV cache, MusicGen weight loading."""
+"""pipeline/model: shapes and masks, the delay pattern, causality, CFG, the KV cache, MusicGen weight loading, the
+harmony bank (pipeline/model/harmony.py) through its public interface."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from pipeline.model import (
     V2M,
     FusionConfig,
+    HarmonyBank,
     TemporalFusion,
     create_model,
     delay_pattern,
@@ -19,6 +21,7 @@ from pipeline.model import (
 )
 from pipeline.model.decoder import MusicDecoder, load_musicgen_decoder
 from pipeline.model.fusion import FLOW_LOG_FLOOR, SignedLog
+from pipeline.model.harmony import harmony_features
 
 torch.set_num_threads(1)
 K, CARD, T = 2, 16, 12
@@ -162,21 +165,24 @@ def test_plausibility_samples_only_tokens_the_conditional_model_finds_likely():
 
 
 def test_token_chroma_table_and_harmony_bias_make_tokens_follow_the_retrieved_chord():
-    """set_token_chroma averages the music's chroma per token and codebook; with a large harmony_bias every sampled
+    """fill_token_chroma averages the music's chroma per token and codebook; with a large harmony_bias every sampled
     token is one whose chroma matches the retrieved chord of its frame's time (here pitch class 0 for the first
     second, then 2); harmony_bias 0 is plain sampling; a checkpoint without the table loads with an empty one, or
     keeps the table a model already has (train resuming)."""
     model = debug_model(harmony_knn=1, harmony_bank=4, harmony_track=True)
     keys, chroma = torch.eye(4, 8), torch.eye(4, 12)
-    model.set_harmony_bank(keys, chroma, torch.tensor([0, 0, 1, 1]))
+    model.harmony.fill(keys, chroma, torch.tensor([0, 0, 1, 1]))
     assert not model.has_token_chroma()
     # training music: token v (both codebooks) always sounds pitch class v % 12; tokens 12.. never appear
     codes = torch.arange(12).repeat(2, 3)  # (K, 36)
     frames = torch.eye(12).repeat(3, 1)  # (36, 12)
-    model.set_token_chroma([codes, codes[:, :5]], [frames, frames[:5]])
+    model.harmony.fill_token_chroma([codes, codes[:, :5]], [frames, frames[:5]])
     assert model.has_token_chroma()
-    assert torch.allclose(model.token_chroma[:, :12], torch.eye(12).expand(K, -1, -1))
-    assert torch.equal(model.token_chroma[:, 12:], torch.zeros(K, CARD - 12, 12))
+    table = model.harmony.token_chroma
+    assert torch.allclose(table[:, :12], torch.eye(12).expand(K, -1, -1))
+    assert torch.equal(table[:, 12:], torch.zeros(K, CARD - 12, 12))
+    rows = torch.eye(12)[[0, 2]][None]  # (1, 2 frames, 12): each frame's chroma correlates 1 with its own token
+    assert torch.allclose(model.harmony.token_correlation(rows)[0, [0, 1], :, [0, 2]], torch.ones(2, K))
     batch = make_batch(B=2, clip_len=(4, 4))
     batch = {k: v for k, v in batch.items() if k not in ("codes", "code_mask")}
     batch["clip"] = torch.zeros(2, 4, 8)
@@ -198,7 +204,7 @@ def test_token_chroma_table_and_harmony_bias_make_tokens_follow_the_retrieved_ch
     with pytest.raises(ValueError, match="needs a model with harmony_track"):
         debug_model().generate(batch, 3, harmony_bias=1.0)
     with pytest.raises(ValueError, match="values < 16"):
-        model.set_token_chroma([torch.full((K, 3), CARD)], [torch.eye(12)[:3]])
+        model.harmony.fill_token_chroma([torch.full((K, 3), CARD)], [torch.eye(12)[:3]])
     state = {k: v for k, v in model.state_dict().items() if k != "token_chroma"}
     old = debug_model(harmony_knn=1, harmony_bank=4, harmony_track=True)
     old.load_state_dict(state)
@@ -346,27 +352,33 @@ def test_harmony_head_reads_the_clip_stream():
     assert "harmony_head.1.weight" in model.state_dict() and "harmony_head.1.weight" not in debug_model().state_dict()
 
 
+def profile_of(model: V2M, batch: dict) -> torch.Tensor:
+    """The profile the model's harmony bank retrieves for a batch (B, 12)."""
+    return model.harmony(batch["clip"], batch["clip_mask"], batch.get("bank_index"))[0]
+
+
 def test_harmony_knn_takes_the_nearest_training_clips_profile_never_its_own():
     model = debug_model(harmony_knn=1, harmony_bank=3)
     keys = torch.eye(3, 8)  # bank clip i's mean CLIP embedding points along axis i
     profiles = torch.eye(3, 12)
-    model.set_harmony_bank(keys * 5.0, profiles)  # stored normalised
+    model.harmony.fill(keys * 5.0, profiles)  # stored normalised
+    assert torch.equal(model.harmony.bank_keys, keys)
     batch = make_batch(B=2, clip_len=(4, 4))
     batch["clip"] = torch.zeros(2, 4, 8)
     batch["clip"][0, :, 1] = 1.0  # item 0 looks like bank clip 1
     batch["clip"][1, :, 0], batch["clip"][1, :, 2] = 1.0, 0.5  # item 1: nearest 0, then 2
-    assert torch.equal(model._knn_profile(batch), profiles[[1, 0]])
-    assert torch.equal(model._knn_profile(dict(batch, bank_index=torch.tensor([-1, 0]))), profiles[[1, 2]])
+    assert torch.equal(profile_of(model, batch), profiles[[1, 0]])
+    assert torch.equal(profile_of(model, dict(batch, bank_index=torch.tensor([-1, 0]))), profiles[[1, 2]])
     restored = debug_model(harmony_knn=1, harmony_bank=3)
     restored.load_state_dict(model.state_dict())  # the bank travels in the checkpoint
-    assert torch.equal(restored._knn_profile(batch), profiles[[1, 0]])
+    assert torch.equal(profile_of(restored, batch), profiles[[1, 0]])
     with pytest.raises(ValueError, match="harmony bank"):
-        model.set_harmony_bank(torch.zeros(2, 8), torch.zeros(2, 12))
+        model.harmony.fill(torch.zeros(2, 8), torch.zeros(2, 12))
     lone = debug_model(harmony_knn=3, harmony_bank=1)
-    lone.set_harmony_bank(torch.ones(1, 8), profiles[:1])
-    assert torch.equal(lone._knn_profile(dict(batch, bank_index=torch.tensor([0, 0]))), profiles[[0, 0]])
+    lone.harmony.fill(torch.ones(1, 8), profiles[:1])
+    assert torch.equal(profile_of(lone, dict(batch, bank_index=torch.tensor([0, 0]))), profiles[[0, 0]])
     empty = debug_model(harmony_knn=3)  # no bank yet (an untrained model): a flat profile, never NaN
-    assert torch.allclose(empty._knn_profile(batch), torch.full((2, 12), 1 / 12))
+    assert torch.allclose(profile_of(empty, batch), torch.full((2, 12), 1 / 12))
     assert torch.isfinite(empty(batch)[0]).all()
     gen = {k: v for k, v in batch.items() if k not in ("codes", "code_mask")}
     assert torch.equal(model.generate(gen, 6, temperature=0.0), model.generate(gen, 6, temperature=0.0,
@@ -378,7 +390,7 @@ def test_harmony_into_memory_adds_one_memory_row_instead_of_the_input():
     base = debug_model(harmony_knn=1, harmony_bank=2)
     mem = debug_model(harmony_knn=1, harmony_bank=2, harmony_into="memory")
     for m in (base, mem):
-        m.set_harmony_bank(torch.randn(2, 8, generator=torch.Generator().manual_seed(0)), torch.eye(2, 12))
+        m.harmony.fill(torch.randn(2, 8, generator=torch.Generator().manual_seed(0)), torch.eye(2, 12))
     a, b = base.condition(batch), mem.condition(batch)
     assert b.memory.shape[1] == a.memory.shape[1] + 1 and b.mask[:, -1].all()
     assert a.harmony is not None and b.harmony is None
@@ -391,19 +403,20 @@ def test_harmony_track_retrieves_per_row_from_other_clips_and_changes_over_time(
     hides it."""
     model = debug_model(harmony_knn=1, harmony_bank=4, harmony_track=True)
     keys, chroma = torch.eye(4, 8), torch.eye(4, 12)  # bank row i points along axis i and sounds pitch class i
-    model.set_harmony_bank(keys, chroma, torch.tensor([0, 0, 1, 1]))
+    model.harmony.fill(keys, chroma, torch.tensor([0, 0, 1, 1]))
     batch = make_batch(B=2, clip_len=(4, 4))
     batch["clip"] = torch.zeros(2, 4, 8)
     batch["clip"][:, :2, 0], batch["clip"][:, 2:, 2] = 1.0, 1.0  # rows 0-1 look like bank row 0, rows 2-3 like row 2
     batch["clip"][:, :, 1] = 0.5  # and all a little like bank row 1 (clip 0)
-    track = model._knn_track(batch)
+    profile, track = model.harmony(batch["clip"], batch["clip_mask"])
     assert torch.equal(track[0].argmax(-1), torch.tensor([0, 0, 2, 2]))
-    own = model._knn_track(dict(batch, bank_index=torch.tensor([0, 1])))  # item 0 is clip 0, item 1 clip 1
+    assert torch.allclose(profile, track.mean(1))  # the clip's profile: its rows' mean
+    _, own = model.harmony(batch["clip"], batch["clip_mask"], torch.tensor([0, 1]))  # item 0 is clip 0, item 1 clip 1
     assert torch.equal(own[0].argmax(-1), torch.tensor([2, 2, 2, 2]))  # clip 0's rows are off limits
     assert torch.equal(own[1].argmax(-1), torch.tensor([0, 0, 1, 1]))  # item 1 rows 2-3: bank row 1 is the nearest left
     cond = model.condition(batch)
-    assert torch.allclose(model._harmony_features(track.mean(1)), model._harmony_features(
-        torch.stack([torch.tensor([0.5, 0, 0.5] + [0] * 9)] * 2)))
+    assert torch.allclose(harmony_features(profile, model.key_profiles), harmony_features(
+        torch.stack([torch.tensor([0.5, 0, 0.5] + [0] * 9)] * 2), model.key_profiles))
     steps = torch.tensor([0, 11])  # 0 s (row 0) and 11 / 6 s (row 3 at 2 fps)
     extra = model._extra(cond, steps)
     assert not torch.allclose(extra[:, 0], extra[:, 1])
@@ -411,11 +424,11 @@ def test_harmony_track_retrieves_per_row_from_other_clips_and_changes_over_time(
     assert torch.equal(hidden[0], model._extra(cond.drop(torch.tensor([False, False])), steps)[0])
     assert not torch.allclose(hidden[1, 0], hidden[0, 0])
     with pytest.raises(ValueError, match="clip index"):
-        model.set_harmony_bank(keys, chroma)
+        model.harmony.fill(keys, chroma)
     with pytest.raises(ValueError, match="harmony_track needs"):
         debug_model(harmony_track=True)
     teach = debug_model(harmony_knn=1, harmony_bank=4, harmony_track=True, harmony_teacher=1.0).train()
-    teach.set_harmony_bank(keys, chroma, torch.tensor([0, 0, 1, 1]))
+    teach.harmony.fill(keys, chroma, torch.tensor([0, 0, 1, 1]))
     truth = torch.zeros(2, 4, 12)
     truth[..., 7] = 1.0
     taught = teach.condition(dict(batch, harmony=truth.mean(1), harmony_track=truth))
@@ -424,3 +437,26 @@ def test_harmony_track_retrieves_per_row_from_other_clips_and_changes_over_time(
     gen = {k: v for k, v in batch.items() if k not in ("codes", "code_mask")}
     assert torch.equal(model.generate(gen, 6, temperature=0.0), model.generate(gen, 6, temperature=0.0,
                                                                                use_cache=False))
+
+
+def test_harmony_bank_is_given_at_construction_and_saved_under_the_names_it_always_had():
+    """V2M(cfg, harmony=bank) retrieves from that bank (one that does not match the config is refused); the bank's
+    buffers are saved first and under V2M's own prefix (bank_keys ... token_chroma, as before the bank was a
+    component), so a state dict round-trips into a model built without a bank."""
+    cfg = debug_model(harmony_knn=1, harmony_bank=4, harmony_track=True).cfg
+    bank = HarmonyBank.from_config(cfg).fill(torch.eye(4, 8), torch.eye(4, 12), torch.tensor([0, 0, 1, 1]))
+    model = V2M(cfg, harmony=bank)
+    assert model.harmony is bank and torch.equal(model.harmony.bank_profiles, torch.eye(4, 12))
+    state = model.state_dict()
+    assert list(state)[:4] == ["bank_keys", "bank_profiles", "bank_clips", "token_chroma"]
+    assert not any(k.startswith("harmony.") for k in state) and "harmony" not in state._metadata
+    fresh = V2M(cfg)  # an empty bank of the configured size
+    assert not fresh.harmony.bank_keys.any()
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.harmony.bank_keys, bank.bank_keys) and torch.equal(fresh.harmony.bank_clips,
+                                                                                bank.bank_clips)
+    with pytest.raises(ValueError, match="does not match the model config"):
+        V2M(cfg, harmony=HarmonyBank(3, 8, 1, track=True, token_shape=(K, CARD)))
+    with pytest.raises(ValueError, match="does not match the model config"):
+        V2M(debug_model().cfg, harmony=bank)  # a bank given to a model without harmony_knn
+    assert debug_model().harmony is None and "bank_keys" not in debug_model().state_dict()

@@ -336,9 +336,9 @@ def test_harmony_knn_bank_holds_the_training_clips_and_their_music(data, tmp_pat
     items, _ = load_dataset(data["features"], data["tokens"], data["manifest"])
     items = [it for it in items if it["split"] == "train"]
     means = np.stack([it["clip"].mean(0) for it in items])
-    np.testing.assert_allclose(model.bank_keys.numpy(), means / np.linalg.norm(means, axis=1, keepdims=True),
+    np.testing.assert_allclose(model.harmony.bank_keys.numpy(), means / np.linalg.norm(means, axis=1, keepdims=True),
                                atol=1e-6)
-    np.testing.assert_allclose(model.bank_profiles.numpy(), _profiles(music, [it["id"] for it in items]),
+    np.testing.assert_allclose(model.harmony.bank_profiles.numpy(), _profiles(music, [it["id"] for it in items]),
                                atol=1e-6)
     assert "harmony_loss" not in pd.read_csv(tmp_path / "metrics" / "full_loss.csv").columns
 
@@ -359,16 +359,17 @@ def test_harmony_track_bank_holds_every_clip_row_and_the_chord_around_it(data, t
     items = [it for it in items if it["split"] == "train"]
     rows = np.concatenate([it["clip"] for it in items])
     assert ckpt["config"]["harmony_track"] is True and ckpt["config"]["harmony_bank"] == len(rows)
-    np.testing.assert_allclose(model.bank_keys.numpy(), rows / np.linalg.norm(rows, axis=1, keepdims=True), atol=1e-6)
-    np.testing.assert_array_equal(model.bank_clips.numpy(), np.repeat(np.arange(len(items)), [len(it["clip"])
-                                                                                               for it in items]))
+    bank = model.harmony
+    np.testing.assert_allclose(bank.bank_keys.numpy(), rows / np.linalg.norm(rows, axis=1, keepdims=True), atol=1e-6)
+    np.testing.assert_array_equal(bank.bank_clips.numpy(), np.repeat(np.arange(len(items)), [len(it["clip"])
+                                                                                              for it in items]))
     first = items[0]
     expected = chroma_track(*load_audio(music / f"{first['id']}.wav", 16000),
                             np.arange(len(first["clip"])) / first["clip_fps"])[1]
-    np.testing.assert_allclose(model.bank_profiles.numpy()[: len(first["clip"])], expected, atol=1e-5)
+    np.testing.assert_allclose(bank.bank_profiles.numpy()[: len(first["clip"])], expected, atol=1e-5)
     batch = collate(items[:1])
-    own = model._knn_track(dict(batch, bank_index=torch.tensor([0])))
-    assert not torch.allclose(own, model._knn_track(batch))  # without the exclusion its rows find themselves
+    _, own = bank(batch["clip"], batch["clip_mask"], torch.tensor([0]))
+    assert not torch.allclose(own, bank(batch["clip"], batch["clip_mask"])[1])  # else its rows find themselves
     # the token chroma table: per codebook and token, the mean chroma of the music at the frames it was written
     total, count = np.zeros((K, CARD, 12)), np.zeros((K, CARD))
     for it in items:
@@ -377,8 +378,8 @@ def test_harmony_track_bank_holds_every_clip_row_and_the_chord_around_it(data, t
             np.add.at(total[k], it["codes"][k], frames)
             np.add.at(count[k], it["codes"][k], 1)
     assert model.has_token_chroma() and (count[0] == 0).any()  # some tokens are never written
-    np.testing.assert_allclose(model.token_chroma.numpy(), total / np.maximum(count, 1)[..., None], atol=1e-5)
-    np.testing.assert_allclose(model.token_chroma.numpy().sum(-1), (count > 0).astype(float), atol=1e-5)
+    np.testing.assert_allclose(bank.token_chroma.numpy(), total / np.maximum(count, 1)[..., None], atol=1e-5)
+    np.testing.assert_allclose(bank.token_chroma.numpy().sum(-1), (count > 0).astype(float), atol=1e-5)
 
 
 def test_harmony_without_the_music_says_so(data, tmp_path):

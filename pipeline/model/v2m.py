@@ -9,24 +9,17 @@ How the video enters the decoder (audiocraft's fuser split):
   audiocraft's `input_interpolate` fuser (and DyViM's), and it gives the decoder the motion *at that instant* without
   having to learn where to look.
 
-Harmony: key is a property of the whole clip, and an autoregressive decoder mostly copies it from the tokens it has
-already written, so from the video alone it learned little of it (docs/studies/harmony.md). So
-the music's pitch-class profile (the time-averaged chroma, 12 values summing to 1, `rhythm.chroma_profile`) is
-predicted from what the scene looks like and added to the decoder input at every step, embedded together with its
-correlations to the 24 major/minor key templates (`_harmony_features`). Two predictors:
-- `harmony_knn: k` (the embedded default): the similarity-weighted mean profile of the k training clips whose mean
-  CLIP embedding is nearest (cosine; softmax at `harmony_tau` over the k). The bank (their embeddings and profiles)
-  is a buffer of the checkpoint, filled by train (`set_harmony_bank`); in training a clip never retrieves itself
-  (batch["bank_index"]). Scene-to-key is many-to-one and not linear in CLIP space: on SynthV2M the 3 nearest clips
-  name the key for 0.95 of val clips where a ridge probe of the same embeddings manages 0.40.
-- `harmony_track: true` (with harmony_knn; the embedded default): the same retrieval per CLIP row instead of per clip.
-  The bank holds every CLIP row of the training clips with the chroma of the half second of music around its time
-  (`rhythm.chroma_track`); each row of a clip takes the mean chroma of its k nearest bank rows of other clips. Their
-  mean over the clip is the profile above, and the rows themselves, standardised and embedded, are interpolated to
-  every token step and added too: what sounds now, not only the key. On SynthV2M the objects' colour shows the chord
-  of each bar, and the nearest rows of other clips name the chord root for ~0.9 of rows. Train also fills
-  `token_chroma` (K, V, 12), the mean chroma of the training music where each token was written; `generate(...,
-  harmony_bias=w)` adds w x the correlation of each token's row with the track at its frame's time to its logit.
+Harmony (docs/studies/harmony.md): the music's pitch-class profile (12 values summing to 1) is added to the decoder
+input at every step, embedded together with its correlations to the 24 major/minor key templates
+(`harmony.harmony_features`). Where it comes from:
+- `harmony_knn: k` (the embedded default): retrieved by the HarmonyBank (pipeline/model/harmony.py), the component V2M
+  receives at construction (`V2M(cfg, harmony=bank)`; an empty one of the configured size when none is given, for a
+  checkpoint to fill): the k training clips whose mean CLIP embedding is nearest. Train fills it (`HarmonyBank.fill`);
+  in training a clip never retrieves itself (batch["bank_index"]).
+- `harmony_track: true` (with harmony_knn; the embedded default): the bank retrieves per CLIP row, the chroma of what
+  sounds at that moment; those rows, standardised and embedded, are interpolated to every token step and added too.
+  `generate(..., harmony_bias=w)` adds w x the correlation of each token's chroma (the bank's token chroma table) with
+  the track at its frame's time to its logit.
 - `harmony > 0`: a small head on the pooled CLIP stream, trained against the true profile with a KL loss of that
   weight (0.45-0.65 key accuracy on val after the demo's 400 steps: too little data for it).
 In training a fraction `harmony_teacher` of items feed the decoder the true profile (it learns what a profile means
@@ -51,25 +44,7 @@ from torch import nn
 
 from pipeline.model.decoder import DecoderConfig, MusicDecoder, delay_pattern, load_musicgen_decoder, undelay
 from pipeline.model.fusion import Conditioning, FusionConfig, TemporalFusion, rows_at
-
-N_CHROMA = 12
-KEY_SHARPNESS = 20.0  # softmax scale of the key correlations (in [-1, 1]): a 0.1 lead is a 7x odds ratio
-
-
-def _key_profiles() -> torch.Tensor:
-    """(24, 12) the Krumhansl-Kessler major then minor profiles rotated to every tonic, each standardised."""
-    from pipeline.metrics.rhythm import KK_MAJOR, KK_MINOR
-
-    rows = [torch.roll(torch.tensor(p, dtype=torch.float32), t) for p in (KK_MAJOR, KK_MINOR) for t in range(12)]
-    out = torch.stack(rows)
-    return (out - out.mean(-1, keepdim=True)) / out.std(-1, keepdim=True)
-
-
-def _masked_mean(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the valid rows: rows (B, T, D), mask (B, T) True = valid -> (B, D)."""
-    valid = mask[..., None].to(rows.dtype)
-    return (rows * valid).sum(1) / valid.sum(1).clamp(min=1.0)
-
+from pipeline.model.harmony import N_CHROMA, HarmonyBank, harmony_features, key_profiles, masked_mean, standardise
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -86,9 +61,9 @@ class ModelConfig:
     frame_rate: float = 25.0  # token frames per second (set from the codec)
     pretrained: str = ""  # "" = from scratch | musicgen (decoder weights from train.pretrained_dir)
     harmony: float = 0.0  # weight of the pitch-class-profile loss; 0 = no harmony head (see the module docstring)
-    harmony_knn: int = 0  # > 0: the profile is the mean of the k nearest training clips' instead (no head, no loss)
+    harmony_knn: int = 0  # > 0: the profile is retrieved from the k nearest training clips instead (HarmonyBank)
     harmony_tau: float = 0.05  # softmax temperature over the neighbours' cosine similarities
-    harmony_bank: int = 0  # training clips in the neighbour bank (set by train)
+    harmony_bank: int = 0  # HarmonyBank rows: training clips, or their CLIP rows with harmony_track (set by train)
     harmony_teacher: float = 0.5  # fraction of training items whose decoder gets the true profile, not the predicted
     harmony_into: str = "input"  # input: added to the decoder input at every step | memory: one more memory row
     # with harmony_knn: the bank holds every CLIP row of the training clips with the chroma of the music around its
@@ -127,32 +102,42 @@ def load_preset(name: str, **overrides) -> ModelConfig:
 
 
 class V2M(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, harmony: HarmonyBank | None = None):
+        """The model of `cfg`; with cfg.harmony_knn it retrieves the harmony from `harmony` (a HarmonyBank; an empty
+        one of the configured size when None, for a checkpoint's buffers to fill)."""
         super().__init__()
         if cfg.fusion.d_model != cfg.decoder.d_model:
             cfg = dataclasses.replace(cfg, fusion=dataclasses.replace(cfg.fusion, d_model=cfg.decoder.d_model))
         if cfg.harmony_track and (not cfg.harmony_knn or cfg.harmony_into != "input"):
             raise ValueError("harmony_track needs harmony_knn > 0 and harmony_into: input")
+        if cfg.harmony_knn and harmony is None:
+            harmony = HarmonyBank.from_config(cfg)
+        if harmony is not None:
+            got = (harmony.size, harmony.key_dim, harmony.k, harmony.tau, harmony.track)
+            want = (cfg.harmony_bank, cfg.fusion.clip_dim, cfg.harmony_knn, cfg.harmony_tau, cfg.harmony_track)
+            if got != want:
+                raise ValueError(f"harmony bank (size, key_dim, k, tau, track) {got} does not match the model config's "
+                                 f"(harmony_bank, fusion.clip_dim, harmony_knn, harmony_tau, harmony_track) {want}")
         self.cfg = cfg
+        # registered first, so that its buffers come first in the state dict as they did when they were V2M's own
+        self.harmony = harmony
         self.fusion = TemporalFusion(cfg.fusion)
         self.decoder = MusicDecoder(cfg.decoder)
         self.ctx_proj = nn.Linear(cfg.decoder.d_model, cfg.decoder.d_model) if cfg.interpolate else None
         d = cfg.decoder.d_model
-        if cfg.harmony_knn:
-            self.register_buffer("bank_keys", torch.zeros(cfg.harmony_bank, cfg.fusion.clip_dim))
-            self.register_buffer("bank_profiles", torch.zeros(cfg.harmony_bank, N_CHROMA))
-            if cfg.harmony_track:  # bank row -> its training clip's index, so that a clip never retrieves itself
-                self.register_buffer("bank_clips", torch.zeros(cfg.harmony_bank, dtype=torch.long))
-                self.track_in = nn.Linear(N_CHROMA, d)
-                # the mean chroma of the music at the frames where each token was written, per codebook: what each
-                # token sounds like (set by train, `set_token_chroma`; all zero = unknown, `harmony_bias` is then 0)
-                self.register_buffer("token_chroma", torch.zeros(cfg.decoder.num_codebooks, cfg.decoder.codebook_size,
-                                                                 N_CHROMA))
-        elif cfg.harmony:
+        if cfg.harmony_track:
+            self.track_in = nn.Linear(N_CHROMA, d)
+        elif cfg.harmony and not cfg.harmony_knn:
             self.harmony_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, N_CHROMA))
         if cfg.harmony_knn or cfg.harmony:
             self.harmony_in = nn.Linear(N_CHROMA + 2 * N_CHROMA, d)
-            self.register_buffer("key_profiles", _key_profiles(), persistent=False)
+            self.register_buffer("key_profiles", key_profiles(), persistent=False)
+        if harmony is not None:
+            # the bank's buffers keep the names they had as V2M's own (bank_keys, bank_profiles, bank_clips,
+            # token_chroma; not harmony.bank_keys ...): older checkpoints load as they are, and the same weights
+            # still save to the same bytes
+            self.register_state_dict_post_hook(_bank_names_out)
+            self.register_load_state_dict_pre_hook(_bank_names_in)
 
     @property
     def special(self) -> int:
@@ -162,91 +147,17 @@ class V2M(nn.Module):
     def uses_harmony(self) -> bool:
         return bool(self.cfg.harmony_knn or self.cfg.harmony)
 
-    @torch.no_grad()
-    def set_harmony_bank(self, clip_means: torch.Tensor, profiles: torch.Tensor,
-                         clips: torch.Tensor | None = None) -> None:
-        """Fill the neighbour bank: mean CLIP embeddings (N, Dc) of the training clips and their profiles (N, 12);
-        with `harmony_track`, CLIP rows (N, Dc), the chroma around each row's time (N, 12) and the index of the
-        training clip each row comes from, `clips` (N,)."""
-        if tuple(clip_means.shape) != tuple(self.bank_keys.shape):
-            raise ValueError(f"harmony bank: expected {tuple(self.bank_keys.shape)} embeddings, "
-                             f"got {tuple(clip_means.shape)}")
-        if self.cfg.harmony_track:
-            if clips is None or tuple(clips.shape) != (self.bank_keys.shape[0],):
-                raise ValueError(f"harmony bank: harmony_track needs the clip index of each of the "
-                                 f"{self.bank_keys.shape[0]} rows")
-            self.bank_clips.copy_(clips.long())
-        self.bank_keys.copy_(F.normalize(clip_means.float(), dim=-1))
-        self.bank_profiles.copy_(profiles.float())
-
-    def set_token_chroma(self, codes: list[torch.Tensor], chroma: list[torch.Tensor]) -> None:
-        """Fill `token_chroma` (K, V, 12) from training music: codes[i] (K, T_i) a clip's tokens and chroma[i]
-        (T_i, 12) the music's chroma at each of its frames (`rhythm.frame_chroma`, rows summing to 1). Row (k, v) is
-        the mean chroma over the frames where codebook k wrote token v; a token never written keeps a zero row."""
-        if not self.cfg.harmony_track:
-            raise ValueError("token chroma: only models with harmony_track have the table")
-        K, V = self.token_chroma.shape[:2]
-        total = torch.zeros(K, V, N_CHROMA, dtype=torch.float64)
-        count = torch.zeros(K, V, dtype=torch.float64)
-        for c, x in zip(codes, chroma, strict=True):
-            T = min(c.shape[-1], x.shape[0])
-            if c.shape[0] != K or (T and int(c[:, :T].max()) >= V):
-                raise ValueError(f"token chroma: codes must be ({K}, T) with values < {V}, got {tuple(c.shape)}")
-            for k in range(K):
-                total[k].index_add_(0, c[k, :T].long(), x[:T].double())
-                count[k].index_add_(0, c[k, :T].long(), torch.ones(T, dtype=torch.float64))
-        self.token_chroma.copy_((total / count.clamp(min=1)[..., None]).float())
-
     def has_token_chroma(self) -> bool:
-        return self.cfg.harmony_track and bool(self.token_chroma.abs().sum() > 0)
+        """Whether the harmony bank has a token chroma table, which `generate(..., harmony_bias=w)` needs."""
+        return self.harmony is not None and self.harmony.has_token_chroma()
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As nn.Module's; a checkpoint written before the token chroma table existed keeps this model's table (empty
-        for a new model; the one train just filled when it resumes from such a checkpoint)."""
-        if self.cfg.harmony_track and "token_chroma" not in state_dict:
-            state_dict = {**state_dict, "token_chroma": self.token_chroma.clone()}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def _harmony_bias_rows(self, batch: dict, n_frames: int, weight: float) -> torch.Tensor:
-        """(B, n_frames, K, V): weight x the Pearson correlation, over the 12 pitch classes, between the retrieved
-        harmony track at each frame's time and each token's chroma (`token_chroma`, per codebook)."""
-        track = self._knn_track(batch)  # (B, Tc, 12)
+    def _harmony_bias(self, batch: dict, n_frames: int, weight: float) -> torch.Tensor:
+        """(B, n_frames, K, V): weight x the correlation between the retrieved harmony track at each frame's time and
+        each token's chroma (`HarmonyBank.token_correlation`)."""
+        _, track = self.harmony(batch["clip"], batch["clip_mask"], batch.get("bank_index"))  # (B, Tc, 12)
         seconds = (torch.arange(n_frames, device=track.device) / self.cfg.frame_rate)[None].expand(track.shape[0], -1)
         rows = rows_at(track, batch["clip_mask"], batch["clip_fps"], seconds)  # (B, n_frames, 12)
-
-        def standard(x: torch.Tensor) -> torch.Tensor:
-            return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp(min=1e-6)
-
-        corr = torch.einsum("bfc,kvc->bfkv", standard(rows), standard(self.token_chroma)) / (N_CHROMA - 1)
-        return weight * corr
-
-    def _retrieve(self, query: torch.Tensor, excluded: torch.Tensor | None) -> torch.Tensor:
-        """Query rows (B, Q, Dc) -> (B, Q, 12): the softmax-weighted (at harmony_tau) mean profile of the harmony_knn
-        bank rows nearest each query (cosine), leaving out the bank rows where excluded (B, N) is True. A query with
-        nothing left to retrieve takes the bank's mean; an empty bank (an untrained model) gives flat profiles."""
-        if not self.bank_keys.shape[0]:
-            return query.new_full((*query.shape[:2], N_CHROMA), 1.0 / N_CHROMA).float()
-        sims = F.normalize(query.float(), dim=-1) @ self.bank_keys.T  # (B, Q, N)
-        if excluded is not None:
-            sims = sims.masked_fill(excluded[:, None], float("-inf"))
-        top, index = sims.topk(min(self.cfg.harmony_knn, sims.shape[-1]), dim=-1)
-        weights = (top / self.cfg.harmony_tau).softmax(-1)  # (B, Q, k)
-        out = (weights[..., None] * self.bank_profiles[index]).sum(-2)
-        found = torch.isfinite(top).any(-1, keepdim=True)  # a bank of one clip has no neighbour for that clip
-        return torch.where(found, out, self.bank_profiles.mean(0))
-
-    def _knn_profile(self, batch: dict) -> torch.Tensor:
-        """(B, 12): the retrieved profile for each item's mean CLIP embedding; an item never retrieves its own bank
-        row (batch["bank_index"], -1 = not in the bank)."""
-        own = batch.get("bank_index")
-        excluded = None if own is None else own[:, None] == torch.arange(self.bank_keys.shape[0], device=own.device)
-        return self._retrieve(_masked_mean(batch["clip"], batch["clip_mask"])[:, None], excluded)[:, 0]
-
-    def _knn_track(self, batch: dict) -> torch.Tensor:
-        """(B, Tc, 12): the retrieved chroma for every CLIP row (harmony_track), never from rows of the item's own
-        clip (batch["bank_index"])."""
-        own = batch.get("bank_index")
-        return self._retrieve(batch["clip"], None if own is None else own[:, None] == self.bank_clips[None])
+        return weight * self.harmony.token_correlation(rows)
 
     def condition(self, batch: dict, keep: torch.Tensor | None = None) -> Conditioning:
         """The conditioning of a batch (see `TemporalFusion.forward` for the keys); keep (B,) False = null condition.
@@ -257,14 +168,11 @@ class V2M(nn.Module):
         cond = self.fusion(batch["clip"], batch["clip_mask"], batch["clip_fps"], batch.get("flow"),
                            batch.get("flow_mask"), batch.get("flow_fps"), batch.get("text"), batch.get("text_mask"))
         track = None
-        if self.cfg.harmony_track:
-            track = self._knn_track(batch)
-            profile = _masked_mean(track, batch["clip_mask"])
-        elif self.cfg.harmony_knn:
-            profile = self._knn_profile(batch)
+        if self.harmony is not None:  # the retrieved profile (B, 12), and with harmony_track the track (B, Tc, 12)
+            profile, track = self.harmony(batch["clip"], batch["clip_mask"], batch.get("bank_index"))
         elif self.cfg.harmony:
             rows, mask = cond.streams[0][:2]  # the CLIP stream: what the scene looks like (flow rows outnumber it)
-            cond.harmony_logits = self.harmony_head(_masked_mean(rows, mask))
+            cond.harmony_logits = self.harmony_head(masked_mean(rows, mask))
             profile = cond.harmony_logits.detach().softmax(-1)
         if self.uses_harmony:
             truth = batch.get("harmony")
@@ -273,24 +181,14 @@ class V2M(nn.Module):
                 profile = torch.where(teach[:, None], truth.to(profile), profile)
                 if track is not None and batch.get("harmony_track") is not None:
                     track = torch.where(teach[:, None, None], batch["harmony_track"].to(track), track)
-            cond.harmony = self.harmony_in(self._harmony_features(profile))
+            cond.harmony = self.harmony_in(harmony_features(profile, self.key_profiles))
             if track is not None:  # standardised per row, like the profile: which pitch classes stand out now
-                z = (track - track.mean(-1, keepdim=True)) / track.std(-1, keepdim=True).clamp(min=1e-6)
-                cond.harmony_track = (self.track_in(z), batch["clip_mask"], batch["clip_fps"])
+                cond.harmony_track = (self.track_in(standardise(track)), batch["clip_mask"], batch["clip_fps"])
             if self.cfg.harmony_into == "memory":
                 cond.memory = torch.cat([cond.memory, cond.harmony[:, None]], dim=1)
                 cond.mask = torch.cat([cond.mask, cond.mask.new_ones(cond.mask.shape[0], 1)], dim=1)
                 cond.harmony = None
         return cond if keep is None else cond.drop(keep)
-
-    def _harmony_features(self, profile: torch.Tensor) -> torch.Tensor:
-        """(B, 12) profile -> (B, 36): the profile standardised over its 12 bins (contrast, whatever its spread) and a
-        distribution over the 24 keys, a softmax of its Krumhansl-Schmuckler correlations (x KEY_SHARPNESS). The
-        profiles of parallel keys (C major, C minor) differ in a few per cent of their mass, too little for the
-        decoder to act on from the profile alone; the key correlations make that difference explicit."""
-        z = (profile - profile.mean(-1, keepdim=True)) / profile.std(-1, keepdim=True).clamp(min=1e-6)
-        corr = z @ self.key_profiles.T / (N_CHROMA - 1)  # (B, 24) Pearson correlations
-        return torch.cat([z, (KEY_SHARPNESS * corr).softmax(-1)], dim=-1)
 
     def harmony_loss(self, cond: Conditioning, truth: torch.Tensor) -> torch.Tensor:
         """KL(true profile || predicted), mean over items: truth (B, 12) rows summing to 1."""
@@ -371,7 +269,7 @@ class V2M(nn.Module):
         `plausibility` (with guidance): only tokens whose conditional probability is at least this fraction of the
         conditional model's first choice are sampled. `harmony_bias` (models with harmony_track and a token chroma
         table): the final logits of the token for frame f get harmony_bias x the correlation between what the
-        token sounds like (`token_chroma`) and the retrieved harmony track at f's time
+        token sounds like (the bank's `token_chroma`) and the retrieved harmony track at f's time
         (docs/studies/harmony-bias.md)."""
         B = batch["clip"].shape[0]
         K, device = self.cfg.decoder.num_codebooks, batch["clip"].device
@@ -384,7 +282,7 @@ class V2M(nn.Module):
                              f" (harmony_track: {self.cfg.harmony_track})")
         if P > n_frames or (prompt is not None and tuple(prompt.shape[:2]) != (B, K)):
             raise ValueError(f"prompt must be (B={B}, K={K}, P <= {n_frames}), got {tuple(prompt.shape)}")
-        bias = self._harmony_bias_rows(batch, n_frames, harmony_bias) if harmony_bias > 0 else None
+        bias = self._harmony_bias(batch, n_frames, harmony_bias) if harmony_bias > 0 else None
         cfg_on = guidance != 1.0
         if cfg_on:
             batch = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -427,6 +325,28 @@ class V2M(nn.Module):
         return undelay(seq[:B, :, 1:])
 
 
+def _bank_names_out(module: V2M, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: the harmony bank's buffers under V2M's own prefix (harmony.bank_keys -> bank_keys), in
+    place and in order; the bank's metadata entry goes too, so that the saved bytes are the same as before."""
+    inner = prefix + "harmony."
+    renamed = [(prefix + k[len(inner):] if k.startswith(inner) else k, v) for k, v in state_dict.items()]
+    state_dict.clear()
+    state_dict.update(renamed)
+    getattr(state_dict, "_metadata", {}).pop(inner[:-1], None)
+
+
+def _bank_names_in(module: V2M, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook, the inverse of `_bank_names_out`. A checkpoint written before the token chroma table
+    existed keeps this model's table (empty for a new model; the one train just filled when it resumes from such a
+    checkpoint)."""
+    for name, buffer in module.harmony.named_buffers():
+        old, new = prefix + name, prefix + "harmony." + name
+        if old in state_dict:
+            state_dict[new] = state_dict.pop(old)
+        elif name == "token_chroma" and new not in state_dict:
+            state_dict[new] = buffer.clone()
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
     """logits (B, K, V) -> tokens (B, K)."""
     if temperature <= 0:
@@ -439,9 +359,10 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator: tor
     return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:2])
 
 
-def create_model(cfg: ModelConfig, pretrained_dir: str | Path = "") -> V2M:
-    """Build V2M; the `musicgen` preset loads the MusicGen decoder weights from `pretrained_dir` (required)."""
-    model = V2M(cfg)
+def create_model(cfg: ModelConfig, pretrained_dir: str | Path = "", harmony: HarmonyBank | None = None) -> V2M:
+    """Build V2M (with the harmony bank `harmony`, see V2M); the `musicgen` preset loads the MusicGen decoder weights
+    from `pretrained_dir` (required)."""
+    model = V2M(cfg, harmony)
     if cfg.pretrained == "musicgen":
         if not pretrained_dir:
             raise FileNotFoundError(

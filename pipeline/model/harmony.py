@@ -1,0 +1,179 @@
+"""HarmonyBank: harmony by retrieval, the component V2M receives at construction (`V2M(cfg, harmony=bank)`).
+
+Key is a property of the whole clip, and scene-to-key is many-to-one and not linear in CLIP space, so the music's
+pitch-class profile (the time-averaged chroma, 12 values summing to 1, `rhythm.chroma_profile`) is retrieved rather
+than predicted: on SynthV2M the 3 nearest training clips name the key for 0.95 of val clips where a ridge probe of the
+same embeddings manages 0.40 (docs/studies/harmony.md). The bank holds, for the training clips,
+
+- per clip (`track=False`): each clip's mean CLIP embedding (normalised) and the profile of its music; a query clip
+  gets the similarity-weighted mean profile of the k bank clips nearest its own mean embedding (cosine; softmax at
+  temperature `tau` over the k);
+- per row (`track=True`): every CLIP row of every training clip with the chroma of the half second of music around
+  its time (`rhythm.chroma_track`) and the clip it comes from; each row of a query clip takes the mean chroma of its k
+  nearest bank rows of other clips. That is the harmony track, what sounds at each moment, and its mean over the clip
+  is the profile. With the track the bank also keeps the token chroma table (K, V, 12): for every codebook and token,
+  the mean chroma of the training music at the frames where the token was written, what each token sounds like
+  (`generate(..., harmony_bias=w)` adds w x its correlation with the track to the token's logit).
+
+Public interface:
+    bank = HarmonyBank(size, key_dim, k, tau, track, token_shape)   # empty; or HarmonyBank.from_config(model_cfg)
+    bank.fill(keys, profiles[, clips])                                # train: the training clips (or rows)
+    bank.fill_token_chroma(codes, chroma)                             # train, with track: the token chroma table
+    profile, track = bank(clip, clip_mask, own)                       # (B, 12), (B, Tc, 12) or None
+    bank.token_correlation(rows)                                      # (B, F, 12) -> (B, F, K, V)
+    harmony_features(profile, key_profiles())                         # (B, 12) -> (B, 36), what V2M embeds
+
+The bank has no parameters: its buffers travel in the checkpoint (under the names V2M's state dict has always used,
+see `V2M.__init__`), and `V2M` learns how to embed what it retrieves.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from pipeline.model.v2m import ModelConfig
+
+N_CHROMA = 12
+KEY_SHARPNESS = 20.0  # softmax scale of the key correlations (in [-1, 1]): a 0.1 lead is a 7x odds ratio
+
+
+def key_profiles() -> torch.Tensor:
+    """(24, 12) the Krumhansl-Kessler major then minor profiles rotated to every tonic, each standardised."""
+    from pipeline.metrics.rhythm import KK_MAJOR, KK_MINOR
+
+    rows = [torch.roll(torch.tensor(p, dtype=torch.float32), t) for p in (KK_MAJOR, KK_MINOR) for t in range(12)]
+    out = torch.stack(rows)
+    return (out - out.mean(-1, keepdim=True)) / out.std(-1, keepdim=True)
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """Each row over its last axis to mean 0 and standard deviation 1 (a flat row stays 0)."""
+    return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp(min=1e-6)
+
+
+def harmony_features(profile: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(B, 12) profile -> (B, 36): the profile standardised over its 12 bins (contrast, whatever its spread) and a
+    distribution over the 24 keys, a softmax of its Krumhansl-Schmuckler correlations with `keys` (24, 12)
+    (`key_profiles()`) x KEY_SHARPNESS. The profiles of parallel keys (C major, C minor) differ in a few per cent of
+    their mass, too little for the decoder to act on from the profile alone; the key correlations make that
+    difference explicit."""
+    z = standardise(profile)
+    corr = z @ keys.T / (N_CHROMA - 1)  # (B, 24) Pearson correlations
+    return torch.cat([z, (KEY_SHARPNESS * corr).softmax(-1)], dim=-1)
+
+
+def masked_mean(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the valid rows: rows (B, T, D), mask (B, T) True = valid -> (B, D)."""
+    valid = mask[..., None].to(rows.dtype)
+    return (rows * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+
+
+class HarmonyBank(nn.Module):
+    """The k-nearest-scene harmony bank of the training clips (see the module docstring); empty until `fill`."""
+
+    def __init__(self, size: int, key_dim: int, k: int, tau: float = 0.05, track: bool = False,
+                 token_shape: tuple[int, int] = (0, 0)):
+        """Args: size, the bank's rows (training clips, or their CLIP rows with `track`); key_dim, the CLIP
+        embedding's; k neighbours, softmax temperature tau; token_shape (K, V), the token chroma table's (with
+        track)."""
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"harmony bank: k must be >= 1, got {k}")
+        self.k, self.tau, self.track = k, tau, track
+        self.register_buffer("bank_keys", torch.zeros(size, key_dim))  # (N, Dc) normalised
+        self.register_buffer("bank_profiles", torch.zeros(size, N_CHROMA))  # (N, 12)
+        if track:  # bank row -> its training clip's index, so that a clip never retrieves itself
+            self.register_buffer("bank_clips", torch.zeros(size, dtype=torch.long))
+            # all zero = unknown (a model trained before the table existed): harmony_bias is then 0
+            self.register_buffer("token_chroma", torch.zeros(*token_shape, N_CHROMA))  # (K, V, 12)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> HarmonyBank:
+        """The empty bank a model config describes (cfg.harmony_knn > 0): what a checkpoint's buffers load into."""
+        return cls(cfg.harmony_bank, cfg.fusion.clip_dim, cfg.harmony_knn, cfg.harmony_tau, cfg.harmony_track,
+                   (cfg.decoder.num_codebooks, cfg.decoder.codebook_size))
+
+    @property
+    def size(self) -> int:
+        return self.bank_keys.shape[0]
+
+    @property
+    def key_dim(self) -> int:
+        return self.bank_keys.shape[1]
+
+    @torch.no_grad()
+    def fill(self, keys: torch.Tensor, profiles: torch.Tensor, clips: torch.Tensor | None = None) -> HarmonyBank:
+        """Fill the bank: mean CLIP embeddings (N, Dc) of the training clips and their profiles (N, 12); with
+        `track`, CLIP rows (N, Dc), the chroma around each row's time (N, 12) and the index of the training clip each
+        row comes from, `clips` (N,). Keys are stored normalised. Returns the bank."""
+        if tuple(keys.shape) != tuple(self.bank_keys.shape):
+            raise ValueError(f"harmony bank: expected {tuple(self.bank_keys.shape)} embeddings, "
+                             f"got {tuple(keys.shape)}")
+        if self.track:
+            if clips is None or tuple(clips.shape) != (self.size,):
+                raise ValueError(f"harmony bank: harmony_track needs the clip index of each of the {self.size} rows")
+            self.bank_clips.copy_(clips.long())
+        self.bank_keys.copy_(F.normalize(keys.float(), dim=-1))
+        self.bank_profiles.copy_(profiles.float())
+        return self
+
+    @torch.no_grad()
+    def fill_token_chroma(self, codes: list[torch.Tensor], chroma: list[torch.Tensor]) -> HarmonyBank:
+        """Fill the token chroma table (K, V, 12) from training music: codes[i] (K, T_i) a clip's tokens and
+        chroma[i] (T_i, 12) the music's chroma at each of its frames (`rhythm.frame_chroma`, rows summing to 1). Row
+        (k, v) is the mean chroma over the frames where codebook k wrote token v; a token never written keeps a zero
+        row. Returns the bank."""
+        if not self.track:
+            raise ValueError("token chroma: only models with harmony_track have the table")
+        K, V = self.token_chroma.shape[:2]
+        total = torch.zeros(K, V, N_CHROMA, dtype=torch.float64)
+        count = torch.zeros(K, V, dtype=torch.float64)
+        for c, x in zip(codes, chroma, strict=True):
+            T = min(c.shape[-1], x.shape[0])
+            if c.shape[0] != K or (T and int(c[:, :T].max()) >= V):
+                raise ValueError(f"token chroma: codes must be ({K}, T) with values < {V}, got {tuple(c.shape)}")
+            for k in range(K):
+                total[k].index_add_(0, c[k, :T].long(), x[:T].double())
+                count[k].index_add_(0, c[k, :T].long(), torch.ones(T, dtype=torch.float64))
+        self.token_chroma.copy_((total / count.clamp(min=1)[..., None]).float())
+        return self
+
+    def has_token_chroma(self) -> bool:
+        return self.track and bool(self.token_chroma.abs().sum() > 0)
+
+    def forward(self, clip: torch.Tensor, clip_mask: torch.Tensor, own: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Retrieve for clip rows (B, Tc, Dc) with clip_mask (B, Tc) -> (profile (B, 12), track (B, Tc, 12) or None
+        without `track`). `own` (B,): the bank clip each item is (training items), -1 = none; an item never retrieves
+        from its own clip."""
+        if self.track:
+            excluded = None if own is None else own[:, None] == self.bank_clips[None]
+            track = self._retrieve(clip, excluded)
+            return masked_mean(track, clip_mask), track
+        excluded = None if own is None else own[:, None] == torch.arange(self.size, device=own.device)
+        return self._retrieve(masked_mean(clip, clip_mask)[:, None], excluded)[:, 0], None
+
+    def token_correlation(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, F, 12) chroma at F frames (the track at their times) -> (B, F, K, V): the Pearson correlation, over the
+        12 pitch classes, of each frame's chroma with each token's (the token chroma table, per codebook)."""
+        return torch.einsum("bfc,kvc->bfkv", standardise(rows), standardise(self.token_chroma)) / (N_CHROMA - 1)
+
+    def _retrieve(self, query: torch.Tensor, excluded: torch.Tensor | None) -> torch.Tensor:
+        """Query rows (B, Q, Dc) -> (B, Q, 12): the softmax-weighted (at tau) mean profile of the k bank rows nearest
+        each query (cosine), leaving out the bank rows where excluded (B, N) is True. A query with nothing left to
+        retrieve takes the bank's mean; an empty bank (an untrained model) gives flat profiles."""
+        if not self.size:
+            return query.new_full((*query.shape[:2], N_CHROMA), 1.0 / N_CHROMA).float()
+        sims = F.normalize(query.float(), dim=-1) @ self.bank_keys.T  # (B, Q, N)
+        if excluded is not None:
+            sims = sims.masked_fill(excluded[:, None], float("-inf"))
+        top, index = sims.topk(min(self.k, sims.shape[-1]), dim=-1)
+        weights = (top / self.tau).softmax(-1)  # (B, Q, k)
+        out = (weights[..., None] * self.bank_profiles[index]).sum(-2)
+        found = torch.isfinite(top).any(-1, keepdim=True)  # a bank of one clip has no neighbour for that clip
+        return torch.where(found, out, self.bank_profiles.mean(0))
