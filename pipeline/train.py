@@ -313,12 +313,9 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
         batch = {k: v.to(device) for k, v in collate([train_items[i] for i in index], text).items()}
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        aux = {}
         with autocast:
-            logits, targets = net(batch, keep.to(device), aux)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(),
-                                                     ignore_index=-100)
-        total = loss + mcfg.harmony * aux["harmony"] if "harmony" in aux else loss
+            _, total, aux = net(batch, keep.to(device))  # the token loss + the harmony head's, weighted
+        loss = aux["tokens"]
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if cfg.grad_clip:
@@ -335,7 +332,7 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
             loss /= world
         dt = time.perf_counter() - t0
         seconds += dt
-        tokens_per_s = world * int((targets != -100).sum()) / dt
+        tokens_per_s = world * int(batch["code_mask"].sum()) * mcfg.decoder.num_codebooks / dt
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if step % cfg.log_every == 0 or step == cfg.max_steps:

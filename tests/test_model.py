@@ -1,5 +1,5 @@
-"""pipeline/model: shapes and masks, the delay pattern, causality, CFG, the KV cache, MusicGen weight loading, the
-harmony bank (pipeline/model/harmony.py) through its public interface."""
+"""pipeline/model: shapes and masks, the loss, the delay pattern, causality, CFG, the KV cache, MusicGen weight loading,
+the harmony bank (pipeline/model/harmony.py) through its public interface."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pipeline.model import (
     delay_pattern,
     list_presets,
     load_preset,
+    token_loss,
     undelay,
 )
 from pipeline.model.decoder import MusicDecoder, load_musicgen_decoder
@@ -91,10 +92,16 @@ def test_model_shapes_and_code_mask():
     model = debug_model()
     batch = make_batch()
     batch["code_mask"][1, 9:] = False
-    logits, targets = model(batch)
-    assert logits.shape == (2, K, T + K - 1, CARD) and targets.shape == (2, K, T + K - 1)
-    loss, scored = model.frame_losses(batch)
-    assert loss.shape == (2, K, T) and scored[0].all() and not scored[1, :, 9:].any() and scored[1, :, :9].all()
+    logits, loss, aux = model(batch)
+    assert logits.shape == (2, K, T + K - 1, CARD) and loss.shape == () and set(aux) == {"tokens"}
+    frames, scored = model.frame_losses(batch)
+    assert frames.shape == (2, K, T) and scored[0].all() and not scored[1, :, 9:].any() and scored[1, :, :9].all()
+    # one loss: the training loss is the mean of the per-frame losses validation reads, over the scored frames
+    assert torch.equal(loss, aux["tokens"]) and torch.allclose(loss, frames[scored].mean())
+    valid = delay_pattern(batch["code_mask"][:, None].expand(2, K, T).long(), 0).bool()  # (B, K, S)
+    targets = delay_pattern(batch["codes"], model.special).masked_fill(~valid, -100)
+    targets[targets == model.special] = -100  # delay padding
+    assert torch.equal(loss, token_loss(logits, targets))
 
 
 @pytest.mark.parametrize("interpolate", [True, False])
@@ -102,10 +109,10 @@ def test_decoder_is_causal(interpolate):
     """Changing a later token never changes an earlier logit."""
     model = debug_model(interpolate=interpolate)
     batch = make_batch()
-    logits, _ = model(batch)
+    logits = model(batch)[0]
     changed = dict(batch, codes=batch["codes"].clone())
     changed["codes"][:, :, 7] = (changed["codes"][:, :, 7] + 1) % CARD  # frame 7 = delayed steps 7 .. 7 + K - 1
-    logits2, _ = model(changed)
+    logits2 = model(changed)[0]
     # the input of step s is the output of step s - 1, so logits up to step 7 (all codebooks) are unchanged
     assert torch.allclose(logits[:, :, :8], logits2[:, :, :8], atol=1e-6)
     assert not torch.allclose(logits[:, :, 8:], logits2[:, :, 8:])
@@ -114,7 +121,7 @@ def test_decoder_is_causal(interpolate):
 def test_cfg_guidance_one_is_the_conditional():
     model = debug_model()
     batch = make_batch()
-    cond, _ = model(batch)
+    cond = model(batch)[0]
     assert torch.allclose(model.guided_logits(batch, 1.0), cond, atol=1e-5)
     assert not torch.allclose(model.guided_logits(batch, 3.0), cond, atol=1e-3)
 
@@ -123,9 +130,9 @@ def test_dropped_condition_ignores_the_video():
     model = debug_model()
     batch = make_batch()
     keep = torch.zeros(2, dtype=torch.bool)
-    a, _ = model(batch, keep)
+    a = model(batch, keep)[0]
     other = dict(batch, clip=torch.randn_like(batch["clip"]), flow=torch.randn_like(batch["flow"]))
-    b, _ = model(other, keep)
+    b = model(other, keep)[0]
     assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -150,10 +157,11 @@ def test_plausibility_samples_only_tokens_the_conditional_model_finds_likely():
     assert torch.equal(only_top, greedy)
 
     def worst_ratio(codes):  # min over sampled cells of p_cond(token) / max p_cond, teacher-forced (causal: same)
-        logits, targets = model(dict(batch, codes=codes, code_mask=torch.ones(2, codes.shape[-1], dtype=torch.bool)))
+        logits = model(dict(batch, codes=codes))[0]
+        targets = delay_pattern(codes, model.special)
         logp = logits.float().log_softmax(-1)
-        scored = targets != -100
-        picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        scored = targets != model.special
+        picked = logp.gather(-1, targets.clamp(max=CARD - 1)[..., None])[..., 0]
         return (picked - logp.max(-1).values)[scored].exp().min().item()
 
     free = model.generate(batch, 9, guidance=3.0, temperature=2.0, generator=torch.Generator().manual_seed(0))
@@ -232,8 +240,8 @@ def test_token_noise_replaces_the_decoders_input_tokens_in_training_only():
 def test_no_motion_model_ignores_flow():
     model = debug_model(fusion={"use_motion": False})
     batch = make_batch()
-    a, _ = model(batch)
-    b, _ = model(dict(batch, flow=torch.randn_like(batch["flow"])))
+    a = model(batch)[0]
+    b = model(dict(batch, flow=torch.randn_like(batch["flow"])))[0]
     assert torch.equal(a, b)
     assert not any(n.startswith("fusion.flow") for n, _ in model.named_parameters())
 
@@ -319,9 +327,9 @@ def test_harmony_head_loss_teacher_forcing_and_null_condition():
     batch = make_batch()
     truth = torch.softmax(torch.randn(2, 12, generator=torch.Generator().manual_seed(3)), -1)
     batch["harmony"] = truth
-    aux = {}
-    model(batch, aux=aux)
+    _, loss, aux = model(batch)
     assert aux["harmony"].item() > 0 and torch.isfinite(aux["harmony"])
+    assert torch.equal(loss, aux["tokens"] + model.cfg.harmony * aux["harmony"])
     with torch.no_grad():
         own = model.condition(batch).harmony_logits.softmax(-1)
     assert model.harmony_loss(model.condition(batch), own).abs().item() < 1e-5

@@ -6,8 +6,8 @@ registry in v2m.py. Presets: pipeline/model/presets/{debug,embedded,musicgen-sma
 from pipeline.model.decoder import DecoderConfig, MusicDecoder, delay_pattern, undelay
 from pipeline.model.fusion import Conditioning, FusionConfig, TemporalFusion
 from pipeline.model.harmony import HarmonyBank
-from pipeline.model.v2m import V2M, ModelConfig, create_model, list_presets, load_preset, num_params
+from pipeline.model.v2m import V2M, ModelConfig, create_model, list_presets, load_preset, num_params, token_loss
 
 __all__ = ["Conditioning", "DecoderConfig", "FusionConfig", "HarmonyBank", "ModelConfig", "MusicDecoder",
            "TemporalFusion", "V2M", "create_model", "delay_pattern", "list_presets", "load_preset", "num_params",
-           "undelay"]
+           "token_loss", "undelay"]

@@ -26,6 +26,9 @@ In training a fraction `harmony_teacher` of items feed the decoder the true prof
 from the start) and the rest the predicted one (so it learns to live with the predictor's errors); at inference the
 prediction. The null condition of classifier-free guidance hides it.
 
+Loss: `forward` returns (logits, loss, aux), the loss computed there only (`token_loss`, + the head's KL), as nanoGPT's
+model does; `frame_losses` is the same cross-entropy per token frame, for validation.
+
 Classifier-free guidance: in training a fraction `cond_dropout` of items get the null condition (memory and context
 zeroed, `Conditioning.drop`); at inference logits = uncond + guidance * (cond - uncond).
 """
@@ -210,12 +213,30 @@ class V2M(nn.Module):
             out = h if out is None else out + h
         return out
 
-    def forward(self, batch: dict, keep: torch.Tensor | None = None, aux: dict | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced logits. batch["codes"] (B, K, T) -> (logits (B, K, T + K - 1, card), targets same shape
-        without the card axis, -100 where nothing is scored: delay padding and frames beyond code_mask (B, T)).
-        `aux`, a dict, receives the auxiliary losses ("harmony" when the head is on and batch["harmony"] is given),
-        computed on every item, null-conditioned ones included (their prediction is made before the drop)."""
+    def forward(self, batch: dict, keep: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Teacher-forced logits and the training loss (the one place it is computed).
+
+        batch["codes"] (B, K, T); keep (B,) False = null condition. Returns logits (B, K, S, card) over the delayed
+        steps S = T + K - 1; loss, the mean cross-entropy of the scored tokens (`token_loss`; delay padding and frames
+        beyond batch["code_mask"] (B, T) are not scored) + cfg.harmony x the harmony head's KL; and `aux`, its parts:
+        "tokens", the cross-entropy, and with the head and batch["harmony"], "harmony", the KL (on every item,
+        null-conditioned ones included: their prediction is made before the drop)."""
+        logits, targets, aux = self._teacher_forced(batch, keep)
+        aux["tokens"] = token_loss(logits, targets)
+        loss = aux["tokens"] + self.cfg.harmony * aux["harmony"] if "harmony" in aux else aux["tokens"]
+        return logits, loss, aux
+
+    def frame_losses(self, batch: dict, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`token_loss` per (item, codebook, frame), in frame order -> (loss (B, K, T), scored (B, K, T) bool)."""
+        logits, targets, _ = self._teacher_forced(batch, keep)
+        loss = undelay(token_loss(logits, targets, reduction="none").view(targets.shape))
+        return loss, undelay(targets) != -100
+
+    def _teacher_forced(self, batch: dict, keep: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """-> logits (B, K, S, card), targets (B, K, S) (the delayed codes, -100 where nothing is scored) and the
+        harmony head's KL as aux["harmony"] (with the head and batch["harmony"])."""
         codes = batch["codes"]
         B, K, T = codes.shape
         targets = delay_pattern(codes, self.special)  # (B, K, S)
@@ -225,22 +246,15 @@ class V2M(nn.Module):
             noisy = (torch.rand(inputs.shape, device=codes.device) < self.cfg.token_noise) & (inputs != self.special)
             inputs = torch.where(noisy, torch.randint_like(inputs, self.cfg.decoder.codebook_size), inputs)
         cond = self.condition(batch)
-        if aux is not None and cond.harmony_logits is not None and batch.get("harmony") is not None:
+        aux = {}
+        if cond.harmony_logits is not None and batch.get("harmony") is not None:
             aux["harmony"] = self.harmony_loss(cond, batch["harmony"])
         cond = cond if keep is None else cond.drop(keep)
         steps = torch.arange(inputs.shape[-1], device=codes.device)
         logits = self.decoder(inputs, cond.memory, cond.mask, self._extra(cond, steps))
         valid = batch.get("code_mask", torch.ones(B, T, dtype=torch.bool, device=codes.device))
         valid = delay_pattern(valid[:, None].expand(B, K, T).long(), 0).bool()  # (B, K, S)
-        targets = targets.masked_fill(~valid | (targets == self.special), -100)
-        return logits, targets
-
-    def frame_losses(self, batch: dict, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy per (item, codebook, frame) in frame order -> (loss (B, K, T), scored (B, K, T) bool)."""
-        logits, targets = self(batch, keep)
-        loss = F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), ignore_index=-100, reduction="none")
-        loss = undelay(loss.view(targets.shape))
-        return loss, undelay(targets) != -100
+        return logits, targets.masked_fill(~valid | (targets == self.special), -100), aux
 
     @torch.no_grad()
     def guided_logits(self, batch: dict, guidance: float) -> torch.Tensor:
@@ -248,7 +262,7 @@ class V2M(nn.Module):
         B = batch["codes"].shape[0]
         both = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in batch.items()}
         keep = torch.arange(2 * B, device=batch["codes"].device) < B
-        logits, _ = self(both, keep)
+        logits, _, _ = self._teacher_forced(both, keep)
         cond, uncond = logits[:B], logits[B:]
         return uncond + guidance * (cond - uncond)
 
@@ -323,6 +337,12 @@ class V2M(nn.Module):
             nxt = torch.cat([nxt, nxt]) if cfg_on else nxt
             seq[:, :, s + 1] = torch.where(forced[None, :, s + 1], seq[:, :, s + 1], nxt)
         return undelay(seq[:B, :, 1:])
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits (B, K, S, card) against targets (B, K, S), in float32; targets -100 are not scored.
+    reduction "mean": over the scored tokens; "none": (B * K * S,)."""
+    return F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
 
 
 def _bank_names_out(module: V2M, state_dict: dict, prefix: str, local_metadata: dict) -> None:
