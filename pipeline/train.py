@@ -7,9 +7,15 @@ both. Training reads only cached features and tokens by id (no video or audio is
 splits, captions and beat times from the ingest manifest. An id missing from any store is left out, and the count is
 logged.
 
-Harmony (`train.harmony_knn`, `train.harmony`; pipeline/model/v2m.py): the pitch-class profile of every training
-clip's music is computed from `tokenize.music_dir` (the audio the tokens came from) as the target, and with
-`harmony_knn` the checkpoint keeps a bank of the training clips' mean CLIP embeddings and profiles.
+Harmony (`train.harmony_knn`, `train.harmony_track`, `train.harmony`; pipeline/model/harmony.py): the pitch-class
+profile of every training clip's music is computed from `tokenize.music_dir` (the audio the tokens came from) as the
+target, and with `harmony_knn` train builds the HarmonyBank of the training clips and gives it to the model, whose
+checkpoint keeps it.
+
+Steps, top to bottom: `setup_distributed` (rank, device, threads), `check_settings`, a `Trainer` (data, harmony bank,
+model, optimizer, EMA), `resume` from last.pt, then per step `train_step` (`get_batch` -> forward, which returns the
+loss -> backward -> clip -> AdamW -> EMA), at every checkpoint `evaluate` and `save_checkpoint`, at the end `select`
+and `export`.
 
 Reproducible and resumable: the batch and the condition-dropout draws of step n are a function of (seed, n) only, and
 a checkpoint (config, step, model, optimizer, EMA, RNG state, curves) is written atomically every `train.ckpt_every`
@@ -44,6 +50,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from pipeline import codecs
 from pipeline.config import Params, TrainConfig, load_params, to_dict
 from pipeline.dataset import collate, load_dataset
 from pipeline.encoders.text import TEXT_DIM, caption_embeddings
@@ -101,7 +108,7 @@ def add_harmony(items: list[dict], music_dir: Path, frame_rate: float | None = N
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# model, schedule, checkpoints
+# model, harmony bank, schedule
 # ----------------------------------------------------------------------------------------------------------------------
 
 def model_config(cfg: TrainConfig, system: str, codec: dict, clip_dim: int, flow_dim: int,
@@ -176,10 +183,6 @@ def draw(step: int, seed: int, n_items: int, batch_size: int, cond_dropout: floa
     return torch.randint(n_items, (batch_size,), generator=g), torch.rand(batch_size, generator=g) >= cond_dropout
 
 
-def save_checkpoint(path: Path, obj: dict) -> None:
-    atomic_torch_save(path, obj)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------------------------------
@@ -215,29 +218,22 @@ def validate(model: V2M, items: list[dict], codec: dict, cfg: TrainConfig, devic
     return out
 
 
-def load_codec(params: Params, name: str):
-    """The tokenize stage's codec (pipeline.codecs; fitted ones loaded from tokenize.model_dir), or None."""
+def load_codec(params: Params, name: str) -> codecs.Codec | None:
+    """codecs.load_codec, or None when the codec cannot load: training goes on without val_beat_f1, and says why."""
     try:
-        from pipeline import codecs
-
-        tokenize_cfg = getattr(params, "tokenize", None)
-        codec = codecs.create_codec(name, tokenize_cfg)
-        if codec.needs_fit:
-            codec.load(Path(getattr(tokenize_cfg, "model_dir", "models/codecs")) / name)
-        return codec
-    except Exception as exc:  # noqa: BLE001 - training goes on without val_beat_f1, and says why
+        return codecs.load_codec(name, params.tokenize)
+    except Exception as exc:  # noqa: BLE001
         log.warning("codec %r not available (%s: %s): val_beat_f1 is not computed", name, type(exc).__name__, exc)
         return None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the loop
+# the trainer
 # ----------------------------------------------------------------------------------------------------------------------
 
-def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: Path, metrics_dir: Path,
-          decode=None) -> dict:
-    """Train (or resume) one system; returns its metrics row. Writes out_dir/{last,v2m}.pt and metrics_dir files."""
-    cfg, seed = params.train, params.base.seed
+def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world, device) of this process: joins the torchrun group (NCCL on GPU, else gloo), takes its GPU and
+    its share of the cores as torch threads (more threads than cores was 7x slower: docs/timings.md)."""
     rank, world = dist_env()
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
@@ -245,135 +241,203 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
     device = torch.device(resolve_device(cfg.device))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank())
-    per_process = cores_per_process(world)  # more threads than cores was 7x slower (docs/timings.md)
+    per_process = cores_per_process(world)
     torch.set_num_threads(min(cfg.torch_threads, per_process) if cfg.torch_threads else per_process)
+    return rank, world, device
+
+
+def check_settings(cfg: TrainConfig, world: int) -> None:
+    """Stop before the first step on settings that would only fail later (at the first validation, say)."""
     if cfg.select not in ("val_beat_f1", "last"):
         raise SystemExit(f"train.select: {cfg.select!r} is not one of val_beat_f1, last")
-    if not 0.0 <= cfg.plausibility <= 1.0:  # else the first validation, ckpt_every steps in, would stop on it
+    if not 0.0 <= cfg.plausibility <= 1.0:
         raise SystemExit(f"train.plausibility {cfg.plausibility:g} must be in [0, 1] (0 = every token)")
     if cfg.batch_size % world:
         raise SystemExit(f"train: batch_size {cfg.batch_size} is not divisible by the {world} processes")
 
-    train_items = [it for it in items if it["split"] == "train"]
-    val_items = [it for it in items if it["split"] == "val"] or train_items[: max(1, cfg.beat_clips)]
-    text = caption_embeddings(items) if cfg.text else None
-    mcfg = model_config(cfg, system, codec, items[0]["clip"].shape[1], items[0]["flow"].shape[1],
-                        params.embed.flow.grid ** 2)
-    if mcfg.harmony or mcfg.harmony_knn:
-        add_harmony(train_items, Path(params.tokenize.music_dir), mcfg.frame_rate if mcfg.harmony_track else None)
-    mcfg, harmony = build_harmony(train_items, mcfg, device)
-    torch.manual_seed(seed)
-    model = create_model(mcfg, cfg.pretrained_dir, harmony).to(device)
-    optimizer = make_optimizer(model, cfg)
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay else None
-    # settings that only change validation or which checkpoint is exported do not make a checkpoint stale
-    fingerprint = params_hash({"train": {k: v for k, v in to_dict(cfg).items() if k not in VALIDATION_ONLY},
-                               "seed": seed, "model": mcfg.to_dict(), "system": system,
-                               "ids": [it["id"] for it in train_items], "world": world})
-    step, history, evals = 0, [], []
-    seconds, tokens_per_s = 0.0, 0.0  # logged only: machine-local facts stay out of DVC outputs
-    best = {"step": None, "val_beat_f1": -1.0}  # the selected checkpoint (train.select: val_beat_f1) so far
-    last, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    if last.exists():
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        if ckpt.get("fingerprint") == fingerprint:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ema is not None:
-                ema.load_state_dict(ckpt["ema"])
-            torch.set_rng_state(ckpt["rng"])
-            step, history, evals = ckpt["step"], ckpt["history"], ckpt["evals"]
-            best = ckpt.get("best", best)
-            log.info("%s: resuming from step %d (%s)", system, step, last)
-        else:
-            log.info("%s: %s was made with other params or data; starting afresh", system, last)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp
-                else contextlib.nullcontext())
-    local = cfg.batch_size // world
-    if rank == 0:
-        log.info("%s: %s preset, %.2fM parameters, %d train / %d val clips, %d process(es)", system, cfg.preset,
-                 num_params(model) / 1e6, len(train_items), len(val_items), world)
 
-    def checkpoint() -> None:
-        if rank == 0:
-            save_checkpoint(last, {"fingerprint": fingerprint, "config": mcfg.to_dict(), "train": to_dict(cfg),
-                                   "system": system, "step": step, "model": model.state_dict(),
-                                   "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema else None,
-                                   "rng": torch.get_rng_state(), "history": history, "evals": evals,
-                                   "codec": codec, "best": best})
+class Trainer:
+    """One system's run: its data, model (with the harmony bank), optimizer and EMA, and the progress a checkpoint
+    carries (step, curves, the best checkpoint so far). The steps, in the order `train` calls them: resume,
+    train_step (get_batch -> forward -> backward -> clip -> optimizer -> EMA), evaluate, save_checkpoint, export."""
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {system}", unit="step", disable=None if rank == 0
-               else True)
-    model.train()
-    while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        index, keep = draw(step, seed, len(train_items), cfg.batch_size, mcfg.cond_dropout)
-        index, keep = index[rank * local : (rank + 1) * local], keep[rank * local : (rank + 1) * local]
-        batch = {k: v.to(device) for k, v in collate([train_items[i] for i in index], text).items()}
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        with autocast:
-            _, total, aux = net(batch, keep.to(device))  # the token loss + the harmony head's, weighted
-        loss = aux["tokens"]
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
+    def __init__(self, params: Params, system: str, items: list[dict], codec: dict, out_dir: Path,
+                 device: torch.device, rank: int = 0, world: int = 1):
+        cfg = self.cfg = params.train
+        self.params, self.system, self.codec, self.seed = params, system, codec, params.base.seed
+        self.device, self.rank, self.world = device, rank, world
+        self.last, self.best_path, self.out_dir = out_dir / "last.pt", out_dir / "best.pt", out_dir
+        self.train_items = [it for it in items if it["split"] == "train"]
+        self.val_items = [it for it in items if it["split"] == "val"] or self.train_items[: max(1, cfg.beat_clips)]
+        self.text = caption_embeddings(items) if cfg.text else None
+        mcfg = model_config(cfg, system, codec, items[0]["clip"].shape[1], items[0]["flow"].shape[1],
+                            params.embed.flow.grid ** 2)
+        if mcfg.harmony or mcfg.harmony_knn:
+            add_harmony(self.train_items, Path(params.tokenize.music_dir),
+                        mcfg.frame_rate if mcfg.harmony_track else None)
+        self.mcfg, harmony = build_harmony(self.train_items, mcfg, device)
+        torch.manual_seed(self.seed)
+        self.model = create_model(self.mcfg, cfg.pretrained_dir, harmony).to(device)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.ema_decay else None
+        # settings that only change validation or which checkpoint is exported do not make a checkpoint stale
+        self.fingerprint = params_hash({"train": {k: v for k, v in to_dict(cfg).items() if k not in VALIDATION_ONLY},
+                                        "seed": self.seed, "model": self.mcfg.to_dict(), "system": system,
+                                        "ids": [it["id"] for it in self.train_items], "world": world})
+        self.step, self.history, self.evals = 0, [], []
+        self.best = {"step": None, "val_beat_f1": -1.0}  # the selected checkpoint (train.select: val_beat_f1) so far
+        self.seconds, self.tokens_per_s = 0.0, 0.0  # logged only: machine-local facts stay out of DVC outputs
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp
+                         else contextlib.nullcontext())
+
+    @property
+    def selected(self) -> V2M:
+        """The weights validated and exported: the EMA's with train.ema_decay, else the model's."""
+        return self.ema or self.model
+
+    def resume(self) -> None:
+        """Continue from last.pt when it was made under the same params and data (its fingerprint); then wrap the
+        model in DDP under torchrun."""
+        if self.last.exists():
+            ckpt = torch.load(self.last, map_location="cpu", weights_only=False)
+            if ckpt.get("fingerprint") == self.fingerprint:
+                self.model.load_state_dict(ckpt["model"])
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+                if self.ema is not None:
+                    self.ema.load_state_dict(ckpt["ema"])
+                torch.set_rng_state(ckpt["rng"])
+                self.step, self.history, self.evals = ckpt["step"], ckpt["history"], ckpt["evals"]
+                self.best = ckpt.get("best", self.best)
+                log.info("%s: resuming from step %d (%s)", self.system, self.step, self.last)
+            else:
+                log.info("%s: %s was made with other params or data; starting afresh", self.system, self.last)
+        self.net = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        if self.rank == 0:
+            log.info("%s: %s preset, %.2fM parameters, %d train / %d val clips, %d process(es)", self.system,
+                     self.cfg.preset, num_params(self.model) / 1e6, len(self.train_items), len(self.val_items),
+                     self.world)
+
+    def get_batch(self) -> tuple[dict, torch.Tensor]:
+        """This process's slice of the global batch of this step, on the device, and its condition keep flags (B,)."""
+        cfg, local = self.cfg, self.cfg.batch_size // self.world
+        index, keep = draw(self.step, self.seed, len(self.train_items), cfg.batch_size, self.mcfg.cond_dropout)
+        mine = slice(self.rank * local, (self.rank + 1) * local)
+        index, keep = index[mine], keep[mine]
+        batch = {k: v.to(self.device) for k, v in collate([self.train_items[i] for i in index], self.text).items()}
+        return batch, keep.to(self.device)
+
+    def train_step(self) -> float:
+        """One optimizer step; returns the token loss of the global batch (logged every train.log_every steps)."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        batch, keep = self.get_batch()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, cfg)
+        with self.autocast:
+            _, loss, aux = self.net(batch, keep)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        if ema is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
             with torch.no_grad():
-                for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
                     e.lerp_(p, 1 - cfg.ema_decay)
-        step += 1
-        if world > 1:  # log the loss of the global batch, not of this rank's slice
-            loss = loss.detach().clone()
-            torch.distributed.all_reduce(loss)
-            loss /= world
+        self.step += 1
+        tokens = aux["tokens"]
+        if self.world > 1:  # log the loss of the global batch, not of this rank's slice
+            tokens = tokens.detach().clone()
+            torch.distributed.all_reduce(tokens)
+            tokens /= self.world
         dt = time.perf_counter() - t0
-        seconds += dt
-        tokens_per_s = world * int(batch["code_mask"].sum()) * mcfg.decoder.num_codebooks / dt
+        self.seconds += dt
+        self.tokens_per_s = self.world * int(batch["code_mask"].sum()) * self.mcfg.decoder.num_codebooks / dt
+        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            self.history.append({"step": self.step, "train_loss": round(tokens.item(), 5),
+                                 "lr": lr_at(self.step - 1, cfg),
+                                 **({"harmony_loss": round(aux["harmony"].item(), 5)} if "harmony" in aux else {})})
+        return tokens.item()
+
+    def evaluate(self, decode=None) -> dict:
+        """Validate the selected weights (rank 0) and, with train.select: val_beat_f1, keep them in best.pt when they
+        score best so far. Returns the row added to the eval curve."""
+        self.evals.append({"step": self.step, **validate(self.selected, self.val_items, self.codec, self.cfg,
+                                                         self.device, self.text, decode)})
+        score = self.evals[-1].get("val_beat_f1")
+        if self.cfg.select == "val_beat_f1" and score is not None and score > self.best["val_beat_f1"]:
+            # written before last.pt, so a resumed run never points at a best.pt it did not write
+            self.best = {"step": self.step, "val_beat_f1": score}
+            atomic_torch_save(self.best_path, {"fingerprint": self.fingerprint, **self.best,
+                                               "model": self.selected.state_dict()})
+        return self.evals[-1]
+
+    def save_checkpoint(self) -> None:
+        """last.pt (rank 0), everything a rerun needs to resume and end at the same weights."""
+        if self.rank == 0:
+            atomic_torch_save(self.last, {
+                "fingerprint": self.fingerprint, "config": self.mcfg.to_dict(), "train": to_dict(self.cfg),
+                "system": self.system, "step": self.step, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "rng": torch.get_rng_state(), "history": self.history, "evals": self.evals, "codec": self.codec,
+                "best": self.best})
+
+    def select(self) -> tuple[dict, dict]:
+        """The exported checkpoint: (its weights, its metrics row). The final weights, or with train.select:
+        val_beat_f1 best.pt's (rank 0) when it is another step than the last."""
+        chosen, state, best = (self.evals[-1] if self.evals else {}), self.selected.state_dict(), self.best
+        if self.rank == 0 and self.cfg.select == "val_beat_f1" and best["step"] not in (None, self.step):
+            saved = torch.load(self.best_path, map_location="cpu", weights_only=False)
+            if saved.get("fingerprint") == self.fingerprint and saved.get("step") == best["step"]:
+                state = saved["model"]
+                chosen = next(e for e in self.evals if e["step"] == best["step"])
+                log.info("%s: v2m.pt is step %d of %d (best val_beat_f1 %.3f; train.select)", self.system,
+                         best["step"], self.step, best["val_beat_f1"])
+        result = {**{k: v for k, v in chosen.items() if k != "step"}, "steps": self.step,
+                  "selected_step": chosen.get("step", self.step)}
+        return state, result
+
+    def export(self, state: dict, result: dict, metrics_dir: Path) -> None:
+        """v2m.pt and the metrics (rank 0). v2m.pt carries what inference needs to rebuild the inputs exactly as in
+        training: the encoders' and codec's params."""
+        if self.rank != 0:
+            return
+        params = self.params
+        atomic_torch_save(self.out_dir / "v2m.pt", {
+            "config": self.mcfg.to_dict(), "system": self.system, "step": result["selected_step"],
+            "steps_trained": self.step, "model": state, "codec": self.codec, "train": to_dict(self.cfg),
+            "params": {"base": to_dict(params.base), "ingest": to_dict(params.ingest), "embed": to_dict(params.embed),
+                       "tokenize": to_dict(params.tokenize)}})
+        write_metrics(metrics_dir, self.system, result, self.history, self.evals)
+
+
+def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: Path, metrics_dir: Path,
+          decode=None) -> dict:
+    """Train (or resume) one system; returns its metrics row. Writes out_dir/{last,v2m}.pt and metrics_dir files."""
+    cfg = params.train
+    rank, world, device = setup_distributed(cfg)
+    check_settings(cfg, world)
+    trainer = Trainer(params, system, items, codec, out_dir, device, rank, world)
+    trainer.resume()
+    bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc=f"train {system}", unit="step",
+               disable=None if rank == 0 else True)
+    trainer.model.train()
+    while trainer.step < cfg.max_steps:
+        loss = trainer.train_step()
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            history.append({"step": step, "train_loss": round(loss.item(), 5), "lr": lr_at(step - 1, cfg),
-                            **({"harmony_loss": round(aux["harmony"].item(), 5)} if "harmony" in aux else {})})
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{trainer.tokens_per_s:,.0f}")
+        if trainer.step % cfg.ckpt_every == 0 or trainer.step == cfg.max_steps:
             if rank == 0:
-                evals.append({"step": step, **validate(ema or model, val_items, codec, cfg, device, text, decode)})
-                score = evals[-1].get("val_beat_f1")
-                if cfg.select == "val_beat_f1" and score is not None and score > best["val_beat_f1"]:
-                    # written before last.pt, so a resumed run never points at a best.pt it did not write
-                    best = {"step": step, "val_beat_f1": score}
-                    save_checkpoint(best_path, {"fingerprint": fingerprint, **best,
-                                                "model": (ema or model).state_dict()})
-                bar.write(f"{system} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals[-1].items()
-                                                                  if isinstance(v, float)))
-            checkpoint()
+                row = trainer.evaluate(decode)
+                bar.write(f"{system} step {trainer.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                                         if isinstance(v, float)))
+            trainer.save_checkpoint()
     bar.close()
     if world > 1:
         torch.distributed.barrier()
-    chosen = evals[-1] if evals else {}
-    state = (ema or model).state_dict()
-    if rank == 0 and cfg.select == "val_beat_f1" and best["step"] is not None and best["step"] != step:
-        saved = torch.load(best_path, map_location="cpu", weights_only=False)
-        if saved.get("fingerprint") == fingerprint and saved.get("step") == best["step"]:
-            state = saved["model"]
-            chosen = next(e for e in evals if e["step"] == best["step"])
-            log.info("%s: v2m.pt is step %d of %d (best val_beat_f1 %.3f; train.select)", system, best["step"],
-                     step, best["val_beat_f1"])
-    result = {**{k: v for k, v in chosen.items() if k != "step"}, "steps": step,
-              "selected_step": chosen.get("step", step)}
-    log.info("%s: %d steps, %.1f s in this run (%.0f tokens/s at its last step)", system, step, seconds, tokens_per_s)
-    if rank == 0:
-        # what inference needs to rebuild the inputs exactly as in training: the encoders' and codec's params
-        save_checkpoint(out_dir / "v2m.pt", {"config": mcfg.to_dict(), "system": system,
-                                             "step": result["selected_step"], "steps_trained": step,
-                                             "model": state, "codec": codec, "train": to_dict(cfg),
-                                             "params": {"base": to_dict(params.base), "ingest": to_dict(params.ingest),
-                                                        "embed": to_dict(params.embed),
-                                                        "tokenize": to_dict(params.tokenize)}})
-        write_metrics(metrics_dir, system, result, history, evals)
+    state, result = trainer.select()
+    log.info("%s: %d steps, %.1f s in this run (%.0f tokens/s at its last step)", system, trainer.step,
+             trainer.seconds, trainer.tokens_per_s)
+    trainer.export(state, result, metrics_dir)
     return result
 
 
