@@ -280,7 +280,6 @@ def test_stage_for_the_seed_study_takes_a_models_folder_and_skips_the_baselines(
     generate.main(["--stage", "--no-baselines", "--models", str(models), "--out", str(out), "--params",
                    str(project["params"])])
     frame = pd.read_csv(out / "manifest.csv")
-    assert set(frame["system"]) == {"full", "no_motion"} and "seconds" not in frame.columns
-    assert (frame[frame["system"] == "full"]["status"] == "ok").all()
-    assert set(frame[frame["system"] == "no_motion"]["reason"]) == {"no_model"}  # no checkpoint in DIR
-    assert sorted(p.name for p in out.iterdir()) == ["full", "manifest.csv"]
+    assert set(frame["system"]) == {"full"} and (frame["status"] == "ok").all()  # the fixture's generate.systems
+    assert "seconds" not in frame.columns
+    assert sorted(p.name for p in out.iterdir()) == ["full", "manifest.csv"]  # no reference, retrieval, random
