@@ -161,7 +161,7 @@ def main() -> int:
         res = train.train(p, system, items, codec, out / "model", out / "metrics", decode)
         res["wall_seconds"] = round(time.time() - t0, 1)
         res["curve"] = json.loads(json.dumps(
-            [{k: v for k, v in e.items()} for e in torch.load(out / "model" / "last.pt", weights_only=False)["evals"]]))
+            [{k: v for k, v in e.items()} for e in torch.load(out / "model" / "last.pt", weights_only=True)["evals"]]))
         results[name] = res
         print(name, json.dumps({k: v for k, v in res.items() if k != "curve"}))
         args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -290,7 +290,7 @@ def model_info(cfg: EvaluateConfig, labels: pd.DataFrame, systems: list[str]) ->
         ckpt = Path(cfg.models_dir) / system / "v2m.pt"
         params = None
         if ckpt.exists():
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
             params = num_params(V2M(ModelConfig.from_dict(state["config"])))
         info[system] = {"params": params, "train_samples": train if system in ("full", "no_motion") else None}
     return info

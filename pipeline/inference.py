@@ -136,11 +136,14 @@ def load_model(path: str | Path, params: Params | None = None) -> Model:
     path, params = Path(path), params or Params()
     if not path.is_file():
         raise GenerateError(f"{path}: no such model checkpoint (train one with `v2m train`, or pass --model)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: a checkpoint is data (plain types and tensors); one that needs code to load is refused
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         config = ckpt["config"]
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise GenerateError(f"{path}: not a v2m checkpoint ({type(exc).__name__}: {exc})") from None
+        net = V2M(ModelConfig.from_dict(config))
+        net.load_state_dict(ckpt["model"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable or foreign file gets the same one-line answer
+        why = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise GenerateError(f"{path}: not a v2m checkpoint ({type(exc).__name__}: {why})") from None
     merged = to_dict(params)
     for section, values in (ckpt.get("params") or {}).items():
         merged[section] = values
@@ -149,8 +152,6 @@ def load_model(path: str | Path, params: Params | None = None) -> Model:
     tokenize = dataclasses.replace(params.tokenize, model_dir=_resolve(params.tokenize.model_dir, path))
     params = dataclasses.replace(params, embed=embed, tokenize=tokenize)
     device = torch.device(resolve_device(params.generate.device))
-    net = V2M(ModelConfig.from_dict(config))
-    net.load_state_dict(ckpt["model"])
     net.eval().to(device)
     info = ckpt.get("codec") or {}
     name = info.get("codec") or info.get("name") or params.tokenize.codec

@@ -298,8 +298,13 @@ class Trainer:
     def resume(self) -> None:
         """Continue from last.pt when it was made under the same params and data (its fingerprint); then wrap the
         model in DDP under torchrun."""
+        ckpt = {}
         if self.last.exists():
-            ckpt = torch.load(self.last, map_location="cpu", weights_only=False)
+            try:  # weights_only: a last.pt that needs code to load is not ours; training starts over
+                ckpt = torch.load(self.last, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - any unreadable file: start over, and say why
+                log.warning("%s: not resumed, not a plain checkpoint (%s: %s)", self.last, type(exc).__name__,
+                            str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "")
             if ckpt.get("fingerprint") == self.fingerprint:
                 self.model.load_state_dict(ckpt["model"])
                 self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -386,7 +391,7 @@ class Trainer:
         val_beat_f1 best.pt's (rank 0) when it is another step than the last."""
         chosen, state, best = (self.evals[-1] if self.evals else {}), self.selected.state_dict(), self.best
         if self.rank == 0 and self.cfg.select == "val_beat_f1" and best["step"] not in (None, self.step):
-            saved = torch.load(self.best_path, map_location="cpu", weights_only=False)
+            saved = torch.load(self.best_path, map_location="cpu", weights_only=True)
             if saved.get("fingerprint") == self.fingerprint and saved.get("step") == best["step"]:
                 state = saved["model"]
                 chosen = next(e for e in self.evals if e["step"] == best["step"])

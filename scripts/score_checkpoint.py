@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # options before or after the settings
     torch.set_num_threads(1)
     params = load_params(args.params)
-    ckpt = torch.load(args.model, map_location="cpu", weights_only=False)
+    ckpt = torch.load(args.model, map_location="cpu", weights_only=True)
     model = V2M(ModelConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     model.eval()

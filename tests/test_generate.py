@@ -283,3 +283,28 @@ def test_stage_for_the_seed_study_takes_a_models_folder_and_skips_the_baselines(
     assert set(frame["system"]) == {"full"} and (frame["status"] == "ok").all()  # the fixture's generate.systems
     assert "seconds" not in frame.columns
     assert sorted(p.name for p in out.iterdir()) == ["full", "manifest.csv"]  # no reference, retrieval, random
+
+
+class _Payload:
+    """What a hostile checkpoint carries: unpickling it with weights_only=False would create `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_checkpoint_that_runs_code_is_refused_in_one_line(project, tmp_path, capsys):
+    """Models travel through the DVC remote: a pickle payload in --model must not run, and gets a one-line error."""
+    evil = tmp_path / "evil.pt"
+    torch.save({"config": _Payload(tmp_path / "pwned"), "model": {}}, evil)
+    video = make_video(tmp_path / "in.mp4", seconds=1.0)
+    assert run(project, str(video), "-o", str(tmp_path / "out.mp4"), model=evil) == 2
+    err = capsys.readouterr().err
+    assert f"{evil}: not a v2m checkpoint" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out.mp4").exists()
+    wrong = tmp_path / "wrong.pt"  # loads as data, but is not a v2m model: one line too, not a traceback
+    torch.save({"config": {"decoder": "?"}, "model": {"w": torch.zeros(1)}}, wrong)
+    assert run(project, str(video), "-o", str(tmp_path / "out.mp4"), model=wrong) == 2
+    assert f"{wrong}: not a v2m checkpoint" in capsys.readouterr().err

@@ -418,3 +418,20 @@ def test_seed_option_trains_as_base_seed_would(data, tmp_path):
     default = weights(params, tmp_path / "c")
     assert all(torch.equal(by_option[k], by_params[k]) for k in by_option)
     assert not all(torch.equal(by_option[k], default[k]) for k in by_option)
+
+
+def test_a_last_pt_that_runs_code_is_not_resumed(data, tmp_path, caplog):
+    """A shared out dir's last.pt carrying a pickle payload: not executed, not resumed; training starts over."""
+
+    class Payload:
+        def __reduce__(self):
+            return Path.touch, (tmp_path / "pwned",)
+
+    params = write_params(tmp_path / "params.yaml", max_steps=10, ckpt_every=10)
+    (tmp_path / "model").mkdir()
+    torch.save({"fingerprint": Payload()}, tmp_path / "model" / "last.pt")
+    with caplog.at_level("WARNING"):
+        assert train.main(argv(data, params, tmp_path)) == 0
+    assert not (tmp_path / "pwned").exists()
+    assert "not resumed, not a plain checkpoint" in caplog.text
+    assert torch.load(tmp_path / "model" / "last.pt", weights_only=True)["step"] == 10  # its own, written over

@@ -213,8 +213,10 @@ class Tagger:
     def save(self, path: str | Path) -> None:
         from pipeline.shards import atomic_torch_save
 
+        torch = _torch()
         atomic_torch_save(Path(path), {"settings": asdict(self.settings), "state_dict": self.net.state_dict(),
-                                       "mean": self.mean, "std": self.std, "accuracy": self.accuracy,
+                                       "mean": torch.from_numpy(self.mean), "std": torch.from_numpy(self.std),
+                                       "accuracy": self.accuracy,
                                        "vocab": self.vocab})
 
 
@@ -236,12 +238,16 @@ def load_tagger(path: str | Path) -> Tagger:
     path = Path(path)
     if not path.is_file():
         raise MissingModelError(f"{path}: no fitted tagger; run `v2m evaluate --fit-tagger` (DVC stage `tagger`) first")
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    try:  # weights_only: plain types and tensors; a file that needs code to load is refused
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - one line naming the file, not a traceback
+        raise MissingModelError(f"{path}: not a tagger checkpoint that loads as data ({type(exc).__name__}); "
+                                "refit it with `v2m evaluate --fit-tagger`") from None
     data = dict(ckpt["settings"])
     settings = TaggerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
     net = _build_net(settings, {k: len(v) for k, v in label_vocab(settings).items()})
     net.load_state_dict(ckpt["state_dict"])
-    return Tagger(net, settings, ckpt["mean"], ckpt["std"], ckpt.get("accuracy"))
+    return Tagger(net, settings, np.asarray(ckpt["mean"]), np.asarray(ckpt["std"]), ckpt.get("accuracy"))
 
 
 def fit(train: list[tuple[np.ndarray, dict]], sample_rate: int, settings: TaggerConfig, seed: int,
