@@ -149,7 +149,7 @@ def main() -> int:
         system, interp, *rest = spec.split(":")
         direction = [r for r in rest if r != "pool"]
         cfg = dataclasses.replace(params.train, preset=args.preset, max_steps=args.steps, batch_size=args.batch,
-                                  lr=args.lr, interpolate=interp, direction=direction[0] if direction else "",
+                                  lr=args.lr, interpolate=interp == "on", direction=direction[0] if direction else None,
                                   flow_pool="pool" in rest,
                                   ckpt_every=max(1, args.steps // 2), log_every=10, beat_clips=args.beat_clips,
                                   guidance=3.0,

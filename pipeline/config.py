@@ -6,10 +6,15 @@ top of those defaults.
 
 Loading is strict: an unknown key, a missing section-level mapping or a value of the wrong type fails with a
 `ConfigError` that names the file and the dotted key, e.g. ``params.yaml: ingest.short_side: expected int, got 'big'``.
+"Not set" is `null` (an Optional field, `x: str | None = None`; its comment says what null means), never a sentinel
+such as '' or -1; null for any other field is an error. A key that was renamed or removed (RENAMED, REMOVED) and a
+value that used to mean "not set" (OLD_VALUES) fail with what to write instead; `upgrade` reads params written before
+those changes (a checkpoint's).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -87,7 +92,8 @@ class SeparateConfig:
     """Vocal removal with Demucs: data/ingest/audio -> data/music (the instrumental)."""
 
     model: str = "none"  # none = pass-through copy (SynthV2M has no vocals) | a Demucs model name, e.g. htdemucs
-    weights_dir: str = ""  # a local Demucs repo ({model}.yaml + {sig}.th) tried first; then the HF and torch hub caches
+    # a local Demucs repo ({model}.yaml + {sig}.th), tried first; then the HF and torch hub caches; null = those only
+    weights_dir: str | None = None
     out_dir: str = "data/music"  # {id}.wav at base.sample_rate + manifest.parquet
     segment_s: float = 0.0  # Demucs chunk length in seconds; 0 = the model's own (7.8 s for htdemucs)
     overlap: float = 0.25  # overlap of consecutive chunks
@@ -107,7 +113,7 @@ class ClipEncoderConfig:
 @dataclass(frozen=True)
 class FlowEncoderConfig:
     method: str = "opencv_dis"  # opencv_dis | opencv_farneback | ptlflow:<model> (e.g. ptlflow:rapidflow)
-    checkpoint: str = ""  # ptlflow weights: a local file (or a ptlflow name in the torch hub cache); empty = random
+    checkpoint: str | None = None  # ptlflow weights: a local file or a name in the torch hub cache; null = random
     dis_preset: str = "ultrafast"  # opencv_dis preset: ultrafast | fast | medium
     grid: int = 4  # descriptor: the frame is cut into grid x grid cells
     direction_bins: int = 8  # descriptor: magnitude-weighted direction histogram bins per cell
@@ -190,16 +196,17 @@ class TrainConfig:
     """The model and its training: data/features + data/tokens -> models/{system}/v2m.pt (see pipeline/train.py)."""
 
     preset: str = "embedded"  # model preset: pipeline/model/presets/{debug,embedded,musicgen-small}.yaml
-    pretrained_dir: str = ""  # musicgen-small preset: a local copy of facebook/musicgen-small (decoder weights)
-    direction: str = ""  # fusion cross-attention override: flow_to_clip | clip_to_flow | both | none; "" = preset's
-    interpolate: str = ""  # "" = preset's | on | off: add the video context at the token frame rate
+    pretrained_dir: str | None = None  # musicgen-small preset: a local copy of facebook/musicgen-small (its decoder)
+    direction: str | None = None  # fusion cross-attention: flow_to_clip | clip_to_flow | both | none; null = preset's
+    interpolate: bool | None = None  # add the video context at the token frame rate; null = preset's
     text: bool = False  # condition on caption sentence embeddings (all-MiniLM-L6-v2), with caption dropout
-    flow_time: str = ""  # "" = preset's (end) | end | centre: where a flow row sits in its frame interval
-    flow_norm: str = ""  # "" = preset's | layer | log: how flow rows are scaled (pipeline/model/fusion.py)
+    flow_time: str | None = None  # end | centre: where a flow row sits in its frame interval; null = preset's (end)
+    flow_norm: str | None = None  # layer | log: how flow rows are scaled (pipeline/model/fusion.py); null = preset's
     flow_pool: bool = False  # average the flow descriptor over its embed.flow.grid cells (less to memorise)
-    harmony_knn: int = -1  # the music's pitch-class profile from the k nearest training clips; -1 = preset's, 0 = off
-    harmony_track: str = ""  # "" = preset's | on | off: with harmony_knn, retrieve per CLIP row (what sounds when)
-    harmony: float = -1.0  # else a learned head with this loss weight; -1 = preset's, 0 = off (docs/studies/harmony.md)
+    harmony_knn: int | None = None  # pitch-class profile from the k nearest training clips; null = preset's, 0 = off
+    harmony_track: bool | None = None  # with harmony_knn, retrieve per CLIP row (what sounds when); null = preset's
+    # else a learned head with this loss weight; null = preset's, 0 = off (docs/studies/harmony.md)
+    harmony: float | None = None
     tokens_dir: str = "data/tokens/melvq"  # the tokenize stage's FeatureStore of int16 [T, K] codes
     out_dir: str = "models"  # {out_dir}/{system}/v2m.pt (final) and last.pt (the resumable checkpoint)
     metrics_dir: str = "metrics/train"  # {system}.json, {system}_{loss,eval}.csv; merged into metrics/train.json
@@ -291,12 +298,13 @@ class EvaluateConfig:
     split: str = "test"  # the clips scored
     max_clips: int = 0  # 0 = every clip of the split that all systems have
     embedding: str = "tagger"  # tagger (kld_*_tagger, fad_tagger) | vggish (published: PaSST KLD, VGGish FAD)
-    passt_checkpoint: str = ""  # embedding vggish: PaSST 20 s checkpoint (or $V2M_PASST_CHECKPOINT)
-    vggish_weights: str = ""  # embedding vggish: vggish-10086976.pth (or $V2M_VGGISH_WEIGHTS)
+    passt_checkpoint: str | None = None  # embedding vggish: PaSST 20 s checkpoint; null = $V2M_PASST_CHECKPOINT
+    vggish_weights: str | None = None  # embedding vggish: vggish-10086976.pth; null = $V2M_VGGISH_WEIGHTS
     key_method: str = "ks"  # key_acc from: ks (Krumhansl-Schmuckler on CQT chroma) | tagger (its key + mode heads)
     bootstrap: int = 1000  # resamples of the clips for the 95 % confidence intervals
     jobs: int = 2  # processes scoring clips
-    flow_cache: str = ""  # AV-Align flow cache; "" = $V2M_CACHE_DIR/av_align_flow or ~/.cache/v2m/av_align_flow
+    # AV-Align flow cache; null = $V2M_CACHE_DIR/av_align_flow, else ~/.cache/v2m/av_align_flow (as `v2m metrics`)
+    flow_cache: str | None = None
     metrics_path: str = "metrics/eval.json"
     report_path: str = "reports/eval.md"  # the plots are written beside it as eval_*.png
     example_clips: int = 3  # clips whose generated mp4s are linked from the report
@@ -325,6 +333,37 @@ class Params:
     seed_study: SeedStudyConfig = field(default_factory=SeedStudyConfig)
 
 
+# Keys renamed since earlier params files: {old dotted key: new dotted key}.
+RENAMED: dict[str, str] = {}
+# Keys removed: {old dotted key: what replaces it}.
+REMOVED: dict[str, str] = {}
+# Values that meant "not set" (or on/off) before these fields could be null: {dotted key: {old value: value now}}.
+OLD_VALUES: dict[str, dict[Any, Any]] = {
+    **{key: {"": None} for key in ("separate.weights_dir", "embed.flow.checkpoint", "train.pretrained_dir",
+                                   "train.direction", "train.flow_time", "train.flow_norm", "evaluate.passt_checkpoint",
+                                   "evaluate.vggish_weights", "evaluate.flow_cache")},
+    "train.interpolate": {"": None, "on": True, "off": False},
+    "train.harmony_track": {"": None, "on": True, "off": False},
+    "train.harmony_knn": {-1: None},
+    "train.harmony": {-1: None},
+}
+
+
+def _yaml_value(value: Any) -> str:
+    """`value` as YAML spells it (null, true), for messages."""
+    if value is None or isinstance(value, bool):
+        return yaml.safe_dump(value).split("\n")[0]
+    return repr(value)
+
+
+def _old_value(key: str, value: Any) -> tuple[bool, Any]:
+    """(True, today's value) when `value` is one that `key` no longer takes (OLD_VALUES), else (False, None)."""
+    old = OLD_VALUES.get(key)
+    if old is None or isinstance(value, bool) or not isinstance(value, (str, int, float)) or value not in old:
+        return False, None
+    return True, old[value]
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -348,7 +387,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _coerce(value, arg, key, source)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
+        expected = " | ".join(_type_name(arg) for arg in args if arg is not type(None))
+        expected += " or null" if type(None) in args else ""
+        raise ConfigError(f"{source}: {key}: expected {expected}, got {_yaml_value(value)}")
+    if value is None:
+        raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got null (this key cannot be unset)")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
@@ -375,6 +418,12 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
+    for name in unknown:
+        key = f"{prefix}.{name}" if prefix else name
+        if key in RENAMED:
+            raise ConfigError(f"{source}: {key} is now {RENAMED[key]}")
+        if key in REMOVED:
+            raise ConfigError(f"{source}: {key} was removed: {REMOVED[key]}")
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
@@ -386,6 +435,9 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
     for name in names:
         if name in data:
             key = f"{prefix}.{name}" if prefix else name
+            is_old, now = _old_value(key, data[name])
+            if is_old:
+                raise ConfigError(f"{source}: {key}: {data[name]!r} is now written {_yaml_value(now)}")
             kwargs[name] = _coerce(data[name], hints[name], key, source)
     return cls(**kwargs)
 
@@ -397,6 +449,40 @@ def params_from_dict(data: dict | None, source: str = "<params>") -> Params:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
     return _build(Params, data, "", source)
+
+
+def upgrade(data: dict) -> dict:
+    """A params mapping written before the renames and removals above (a checkpoint's), in today's keys and values."""
+    data = copy.deepcopy(data)
+
+    def parent(key: str, create: bool) -> tuple[dict | None, str]:
+        *path, leaf = key.split(".")
+        node = data
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                if not create:
+                    return None, leaf
+                node[part] = {}
+            node = node[part]
+        return node, leaf
+
+    for old, new in RENAMED.items():
+        node, leaf = parent(old, create=False)
+        if node is not None and leaf in node:
+            value = node.pop(leaf)
+            target, new_leaf = parent(new, create=True)
+            target[new_leaf] = value
+    for old in REMOVED:
+        node, leaf = parent(old, create=False)
+        if node is not None:
+            node.pop(leaf, None)
+    for key in OLD_VALUES:
+        node, leaf = parent(key, create=False)
+        if node is not None and leaf in node:
+            is_old, now = _old_value(key, node[leaf])
+            if is_old:
+                node[leaf] = now
+    return data
 
 
 def read_yaml(path: str | Path) -> dict:

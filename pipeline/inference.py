@@ -46,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import codecs
-from pipeline.config import GenerateConfig, Params, params_from_dict, to_dict
+from pipeline.config import GenerateConfig, Params, params_from_dict, to_dict, upgrade
 from pipeline.encoders.streams import Encoders
 from pipeline.encoders.text import caption_embeddings
 from pipeline.media import (
@@ -142,7 +142,7 @@ def load_model(path: str | Path, params: Params | None = None) -> Model:
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise GenerateError(f"{path}: not a v2m checkpoint ({type(exc).__name__}: {exc})") from None
     merged = to_dict(params)
-    for section, values in (ckpt.get("params") or {}).items():
+    for section, values in upgrade(ckpt.get("params") or {}).items():  # older checkpoints: older names
         merged[section] = values
     params = params_from_dict(merged, f"{path} (params)")
     embed = dataclasses.replace(params.embed, encoders_dir=_resolve(params.embed.encoders_dir, path))

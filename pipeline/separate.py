@@ -73,7 +73,7 @@ class Failure(Exception):
 
 
 # ------------------------------------------------------------------------------------------------------------ weights
-def find_weights(name: str, weights_dir: str) -> tuple[str, list[Path]]:
+def find_weights(name: str, weights_dir: str | None) -> tuple[str, list[Path]]:
     """Where the weights of Demucs model `name` are: ("local" | "hf" | "torch_hub", files). Loads nothing.
 
     Raises SystemExit with every place it looked and how to provide the weights.

@@ -118,16 +118,9 @@ def model_config(cfg: TrainConfig, system: str, codec: dict, clip_dim: int, flow
     if cfg.flow_norm:
         fusion["flow_norm"] = cfg.flow_norm
     extra = {}
-    for key in ("interpolate", "harmony_track"):  # "" = the preset's
-        value = getattr(cfg, key)
-        if value not in ("", "on", "off"):
-            raise SystemExit(f"train.{key}: {value!r} is not one of '', on, off")
-        if value:
-            extra[key] = value == "on"
-    if cfg.harmony >= 0:
-        extra["harmony"] = cfg.harmony
-    if cfg.harmony_knn >= 0:
-        extra["harmony_knn"] = cfg.harmony_knn
+    for key in ("interpolate", "harmony_track", "harmony", "harmony_knn"):  # null = the preset's
+        if getattr(cfg, key) is not None:
+            extra[key] = getattr(cfg, key)
     return load_preset(cfg.preset, decoder=decoder, fusion=fusion, frame_rate=codec["frame_rate"], **extra)
 
 

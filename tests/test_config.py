@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipeline import cli, profiles
-from pipeline.config import ConfigError, IngestConfig, Params, load_params, params_from_dict
+from pipeline.config import ConfigError, IngestConfig, Params, load_params, params_from_dict, upgrade
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,15 @@ def test_sections_are_frozen_dataclasses():
     ({"base": {"seed": True}}, "base.seed: expected int"),
     ({"ingest": {"require_audio": "yes"}}, "ingest.require_audio: expected bool"),
     ({"ingest": {"download": 3}}, "ingest.download: expected a mapping"),
+    ({"base": {"seed": None}}, r"base.seed: expected int, got null \(this key cannot be unset\)"),
+    ({"train": {"harmony_knn": "3"}}, "train.harmony_knn: expected int or null, got '3'"),
+    ({"train": {"interpolate": "maybe"}}, "train.interpolate: expected bool or null, got 'maybe'"),
+    # the sentinels that meant "not set" before null
+    ({"train": {"harmony_knn": -1}}, "train.harmony_knn: -1 is now written null"),
+    ({"train": {"harmony": -1.0}}, r"train.harmony: -1.0 is now written null"),
+    ({"train": {"harmony_track": "on"}}, "train.harmony_track: 'on' is now written true"),
+    ({"separate": {"weights_dir": ""}}, "separate.weights_dir: '' is now written null"),
+    ({"embed": {"flow": {"checkpoint": ""}}}, "embed.flow.checkpoint: '' is now written null"),
 ])
 def test_bad_params_fail_naming_file_and_key(tmp_path, data, message):
     path = tmp_path / "params.yaml"
@@ -41,6 +50,23 @@ def test_bad_params_fail_naming_file_and_key(tmp_path, data, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_params(path)
     assert str(path) in str(info.value)
+
+
+def test_null_unsets_optional_keys():
+    params = params_from_dict({"train": {"harmony_knn": None, "interpolate": False, "direction": "both"},
+                               "evaluate": {"flow_cache": None}})
+    assert params.train.harmony_knn is None and params.train.interpolate is False and params.train.direction == "both"
+    assert params.evaluate.flow_cache is None and params.separate.weights_dir is None  # the defaults: not set
+
+
+def test_upgrade_reads_params_written_before_null():
+    old = {"train": {"harmony_knn": -1, "harmony": 0.5, "interpolate": "off", "direction": ""},
+           "embed": {"flow": {"checkpoint": "", "grid": 4}}}
+    new = upgrade(old)
+    assert new["train"] == {"harmony_knn": None, "harmony": 0.5, "interpolate": False, "direction": None}
+    assert new["embed"] == {"flow": {"checkpoint": None, "grid": 4}}
+    assert old["train"]["harmony_knn"] == -1  # a copy
+    params_from_dict(new)
 
 
 def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
