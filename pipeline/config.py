@@ -51,7 +51,7 @@ class SynthConfig:
     max_first_beat_frac: float = 0.6  # the first beat lands 0.05 s + up to this fraction of a beat into the clip
     preview_clips: int = 4
     preview_path: str = "reports/synth_preview.png"
-    workers: int = 2  # render processes
+    workers: int = 2  # clips rendered in parallel (processes)
     video_crf: int = 18
     video_preset: str = "veryfast"
 
@@ -83,7 +83,7 @@ class IngestConfig:
     max_fail_ratio: float = 0.1  # exit non-zero when more than this fraction of rows failed
     video_crf: int = 20
     video_preset: str = "veryfast"
-    workers: int = 2
+    workers: int = 2  # items downloaded and normalised in parallel (threads, each running ffmpeg)
     download: DownloadConfig = field(default_factory=DownloadConfig)
 
 
@@ -99,7 +99,7 @@ class SeparateConfig:
     overlap: float = 0.25  # overlap of consecutive chunks
     shifts: int = 1  # random time-shift averaging passes (seeded per id); 0 = one plain pass
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
-    torch_threads: int = 1  # torch intra-op threads per process; 0 = cores / processes (docs/timings.md)
+    threads: int = 1  # torch intra-op threads per process; 0 = cores / processes on the node (docs/timings.md)
     max_fail_ratio: float = 0.1  # exit non-zero when more than this fraction of rows failed
 
 
@@ -130,7 +130,7 @@ class EmbedConfig:
     clip_fps: float = 2.0  # CLIP embeddings per second of video
     flow_fps: float = 24.0  # flow descriptors per second of video (24 = every frame pair; docs/studies/motion.md)
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
-    torch_threads: int = 1  # torch/OpenCV threads per process; 0 = cores / processes on the node
+    threads: int = 1  # torch/OpenCV threads per process; 0 = cores / processes on the node
     max_fail_ratio: float = 0.1  # exit non-zero when more than this fraction of rows failed
     report_path: str = "reports/flow_beats.png"  # flow speed over time with the true beats of a few SynthV2M clips
     report_clips: int = 4
@@ -180,7 +180,7 @@ class TokenizeConfig:
     num_shards: int = 8  # shard = stable hash of id mod num_shards
     silence_db: float = -60.0  # music whose RMS is below this is skipped(silent_audio), not tokenized
     max_fail_ratio: float = 0.1  # exit non-zero when more than this fraction of rows failed
-    threads: int = 2  # BLAS / torch threads of this process
+    threads: int = 2  # BLAS / torch threads per process; 0 = cores / processes on the node
     eval_split: str = "test"  # round trip measured on this split of the music (SynthV2M: labelled beats)
     eval_max_clips: int = 20  # at most this many clips of it (the first ids in sorted order)
     real_music_dir: str = "../shared/data/music"  # real recordings for the round trip; missing = "real": null
@@ -228,7 +228,7 @@ class TrainConfig:
     plausibility: float = 0.03  # guided sampling only among plausible tokens (GenerateConfig.plausibility)
     # torch threads per process, at most cores / processes (more is slower); 0 = cores / processes.
     # 2: the 2 cores of the demo machine (docs/timings.md, "Threads")
-    torch_threads: int = 2
+    threads: int = 2
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
 
@@ -255,7 +255,7 @@ class GenerateConfig:
     crossfade_seconds: float = 0.5  # window audio is crossfaded over this much of the shared (prompt) tokens
     use_cache: bool = True  # KV cache (False recomputes the prefix every step: for benchmarks and tests)
     mix_db: float = -12.0  # --keep-audio: level of the original soundtrack relative to the music
-    torch_threads: int = 1  # torch/OpenCV threads (more than the free cores is slower: docs/timings.md)
+    threads: int = 1  # torch/OpenCV threads; 0 = every core (more than the free cores is slower: docs/timings.md)
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
     max_fail_ratio: float = 0.1  # the stage exits non-zero when more than this fraction of rows failed
 
@@ -283,7 +283,7 @@ class TaggerConfig:
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 1e-3
-    threads: int = 1  # torch threads (why 1: docs/timings.md, "Threads")
+    threads: int = 1  # torch threads, at least 1 (why 1: docs/timings.md, "Threads")
 
 
 @dataclass(frozen=True)
@@ -302,7 +302,7 @@ class EvaluateConfig:
     vggish_weights: str | None = None  # embedding vggish: vggish-10086976.pth; null = $V2M_VGGISH_WEIGHTS
     key_method: str = "ks"  # key_acc from: ks (Krumhansl-Schmuckler on CQT chroma) | tagger (its key + mode heads)
     bootstrap: int = 1000  # resamples of the clips for the 95 % confidence intervals
-    jobs: int = 2  # processes scoring clips
+    workers: int = 2  # clips scored in parallel (processes)
     # AV-Align flow cache; null = $V2M_CACHE_DIR/av_align_flow, else ~/.cache/v2m/av_align_flow (as `v2m metrics`)
     flow_cache: str | None = None
     metrics_path: str = "metrics/eval.json"
@@ -333,8 +333,12 @@ class Params:
     seed_study: SeedStudyConfig = field(default_factory=SeedStudyConfig)
 
 
-# Keys renamed since earlier params files: {old dotted key: new dotted key}.
-RENAMED: dict[str, str] = {}
+# Keys renamed since earlier params files: {old dotted key: new dotted key}. One name per idea in every section:
+# `threads` = intra-op threads of one process (torch, BLAS, OpenCV), `workers` = items processed in parallel.
+RENAMED: dict[str, str] = {
+    **{f"{section}.torch_threads": f"{section}.threads" for section in ("separate", "embed", "train", "generate")},
+    "evaluate.jobs": "evaluate.workers",
+}
 # Keys removed: {old dotted key: what replaces it}.
 REMOVED: dict[str, str] = {}
 # Values that meant "not set" (or on/off) before these fields could be null: {dotted key: {old value: value now}}.

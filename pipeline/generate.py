@@ -150,7 +150,7 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
                 records.append({"system": system, "id": item_id, "status": FAILED, "reason": "no_model",
                                 "error": str(exc)})
     for system, model in models.items():
-        torch.set_num_threads(cfg.torch_threads or cores_per_process(1))
+        torch.set_num_threads(cfg.threads or cores_per_process(1))
         for item_id in tqdm(eval_ids, desc=f"generate {system}", unit="clip", disable=None):
             def make(model=model, item_id=item_id):
                 feats = {"clip": np.asarray(clip[item_id]), "flow": np.asarray(flow[item_id]),
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     params = dataclasses.replace(params, generate=dataclasses.replace(params.generate, **overrides))
     try:
         model = load_model(args.model or default_model(params.generate), params)
-        torch.set_num_threads(params.generate.torch_threads or cores_per_process(1))
+        torch.set_num_threads(params.generate.threads or cores_per_process(1))
         results, failures = run_files(args.inputs, args.out, model, model.params.generate,
                                       params.base.seed if args.seed is None else args.seed, args.text, args.wav,
                                       args.keep_audio)

@@ -194,7 +194,7 @@ def video_features(model: Model, path: Path, scratch: Path) -> dict:
     if got < n_frames - 1:
         raise MediaError(path, f"decoded only {got / base.fps:.2f} s of the {duration:.2f} s its header promises "
                          "(truncated or damaged file)")
-    set_threads(model.params.generate.torch_threads)
+    set_threads(model.params.generate.threads)
     if model.encoders is None:
         model.encoders = Encoders(model.params.embed, str(model.device))
     item = Item(path.name, "", str(clip))

@@ -330,7 +330,7 @@ def run(ingest_manifest: Path, out_dir: Path, base: BaseConfig, cfg: SeparateCon
     """Separate every ok row of `ingest_manifest`; returns (the written manifest, number of ids actually processed)."""
     upstream = read_upstream(ingest_manifest, "separate", "ingest")
     labels = label_columns(upstream, INGEST_COLUMNS)
-    set_threads(cfg.torch_threads)
+    set_threads(cfg.threads)
     separator = Separator(base, cfg, out_dir)
     rows, processed = [], 0
     todo = upstream[upstream["status"] == OK]

@@ -215,7 +215,7 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank())
     per_process = cores_per_process(world)  # more threads than cores was 7x slower (docs/timings.md)
-    torch.set_num_threads(min(cfg.torch_threads, per_process) if cfg.torch_threads else per_process)
+    torch.set_num_threads(min(cfg.threads, per_process) if cfg.threads else per_process)
     if cfg.select not in ("val_beat_f1", "last"):
         raise SystemExit(f"train.select: {cfg.select!r} is not one of val_beat_f1, last")
     if not 0.0 <= cfg.plausibility <= 1.0:  # else the first validation, ckpt_every steps in, would stop on it

@@ -37,6 +37,9 @@ def test_sections_are_frozen_dataclasses():
     ({"base": {"seed": None}}, r"base.seed: expected int, got null \(this key cannot be unset\)"),
     ({"train": {"harmony_knn": "3"}}, "train.harmony_knn: expected int or null, got '3'"),
     ({"train": {"interpolate": "maybe"}}, "train.interpolate: expected bool or null, got 'maybe'"),
+    # renamed keys name their new name
+    ({"embed": {"torch_threads": 1}}, "embed.torch_threads is now embed.threads"),
+    ({"evaluate": {"jobs": 2}}, "evaluate.jobs is now evaluate.workers"),
     # the sentinels that meant "not set" before null
     ({"train": {"harmony_knn": -1}}, "train.harmony_knn: -1 is now written null"),
     ({"train": {"harmony": -1.0}}, r"train.harmony: -1.0 is now written null"),
@@ -59,12 +62,12 @@ def test_null_unsets_optional_keys():
     assert params.evaluate.flow_cache is None and params.separate.weights_dir is None  # the defaults: not set
 
 
-def test_upgrade_reads_params_written_before_null():
+def test_upgrade_reads_params_written_before_the_renames_and_null():
     old = {"train": {"harmony_knn": -1, "harmony": 0.5, "interpolate": "off", "direction": ""},
-           "embed": {"flow": {"checkpoint": "", "grid": 4}}}
+           "embed": {"torch_threads": 1, "flow": {"checkpoint": "", "grid": 4}}}
     new = upgrade(old)
     assert new["train"] == {"harmony_knn": None, "harmony": 0.5, "interpolate": False, "direction": None}
-    assert new["embed"] == {"flow": {"checkpoint": None, "grid": 4}}
+    assert new["embed"] == {"flow": {"checkpoint": None, "grid": 4}, "threads": 1}
     assert old["train"]["harmony_knn"] == -1  # a copy
     params_from_dict(new)
 
