@@ -90,7 +90,7 @@ def speed(args) -> dict:
         name = "embedded"
     out = {"preset": name, "device": str(model.device), "threads": args.threads, "seconds": args.seconds,
            "window_s": model.params.base.clip_seconds, "prompt_s": model.params.generate.prompt_seconds,
-           "guidance": model.params.generate.guidance, "machine": f"{platform.machine()}, {model.device.type}",
+           "guidance": model.params.generate.sampling.guidance, "machine": f"{platform.machine()}, {model.device.type}",
            "rtf_kv_cache": rtf_tokens(model, args.seconds, True, args.repeats),
            "rtf_no_cache": rtf_tokens(model, args.seconds, False, 1)}
     if not args.preset and args.video:  # end to end on a real video

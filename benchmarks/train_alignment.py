@@ -152,7 +152,7 @@ def main() -> int:
                                   lr=args.lr, interpolate=interp == "on", direction=direction[0] if direction else None,
                                   flow_pool="pool" in rest,
                                   ckpt_every=max(1, args.steps // 2), log_every=10, beat_clips=args.beat_clips,
-                                  guidance=3.0,
+                                  sampling=dataclasses.replace(params.train.sampling, guidance=3.0),
                                   warmup_steps=min(50, args.steps // 10))
         p = dataclasses.replace(params, train=cfg)
         name = f"{args.preset}/{spec}{args.tag}"

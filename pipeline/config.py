@@ -192,6 +192,39 @@ class TokenizeConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn from a trained model: `generate.sampling` (the generate stage and `v2m generate`, whose
+    --cfg, --top-k, --temperature, --plausibility and --harmony-bias override it) and `train.sampling` (the
+    generations of train's val_beat_f1).
+
+    One dataclass, so both read the same settings with the same meaning and checks (`problem`); two sections, so that
+    tuning generation does not rerun training (dvc.yaml: train depends on `train`, generate on `generate`) and a
+    study can validate with other settings. The defaults are generate's; train's validation differs in harmony_bias
+    only, 0: val_beat_f1 measures what the model learned, not the bias added at inference (and its history in
+    docs/studies/ was measured without it).
+    """
+
+    guidance: float = 3.0  # classifier-free guidance
+    temperature: float = 0.8  # 0 = greedy (why 0.8: docs/studies/motion.md)
+    top_k: int = 0  # sample from the k most likely tokens; 0 = the full distribution
+    # with guidance, sample only tokens whose conditional probability is >= plausibility x that of the conditional
+    # model's most likely token (docs/studies/guidance.md); 0 = every token
+    plausibility: float = 0.03
+    # models with a token chroma table (harmony_track): + harmony_bias x (correlation of each token's chroma with the
+    # retrieved harmony at that frame) on the final logits (docs/studies/harmony-bias.md); 0 = none. A model without
+    # the table samples without it.
+    harmony_bias: float = 8.0
+
+    def problem(self, section: str) -> str | None:
+        """What is out of range, naming the key under `section` (e.g. "generate.sampling"); None when all is well."""
+        if not 0.0 <= self.plausibility <= 1.0:
+            return f"{section}.plausibility {self.plausibility:g} must be in [0, 1] (0 = every token)"
+        if self.harmony_bias < 0:
+            return f"{section}.harmony_bias {self.harmony_bias:g} must be >= 0 (0 = none)"
+        return None
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The model and its training: data/features + data/tokens -> models/{system}/v2m.pt (see pipeline/train.py)."""
 
@@ -222,10 +255,8 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100  # steps between checkpoints (atomic) and validation
     beat_clips: int = 8  # validation clips generated and decoded at every checkpoint for val_beat_f1 (0 = none)
-    guidance: float = 3.0  # classifier-free guidance of those generations
-    top_k: int = 0  # sampling: 0 = full distribution
-    temperature: float = 0.8  # sampling temperature of those generations (why 0.8: docs/studies/motion.md)
-    plausibility: float = 0.03  # guided sampling only among plausible tokens (GenerateConfig.plausibility)
+    # how those clips are generated: generate's settings but no harmony bias (SamplingConfig says why)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(harmony_bias=0.0))
     # torch threads per process, at most cores / processes (more is slower); 0 = cores / processes.
     # 2: the 2 cores of the demo machine (docs/timings.md, "Threads")
     threads: int = 2
@@ -242,15 +273,7 @@ class GenerateConfig:
     systems: tuple[str, ...] = ("full", "no_motion")  # trained systems: {train.out_dir}/{system}/v2m.pt
     max_clips: int = 0  # 0 = every clip of the split; else the first ids in sorted order
     model: str = "models/v2m.pt"  # `v2m generate`'s default checkpoint (models/full/v2m.pt when it is missing)
-    guidance: float = 3.0  # classifier-free guidance
-    temperature: float = 0.8  # sampling temperature; 0 = greedy (why 0.8: docs/studies/motion.md)
-    top_k: int = 0  # 0 = the full distribution
-    # with guidance, sample only tokens whose conditional probability is >= plausibility x that of the conditional
-    # model's most likely token (docs/studies/guidance.md); 0 = every token
-    plausibility: float = 0.03
-    # models with a harmony track: + harmony_bias x (correlation of each token's chroma with the retrieved harmony
-    # at that frame) on the final logits (docs/studies/harmony-bias.md); 0 = none
-    harmony_bias: float = 8.0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prompt_seconds: float = 4.0  # past the window, each window starts with this much of the music before it
     crossfade_seconds: float = 0.5  # window audio is crossfaded over this much of the shared (prompt) tokens
     use_cache: bool = True  # KV cache (False recomputes the prefix every step: for benchmarks and tests)
@@ -338,6 +361,10 @@ class Params:
 RENAMED: dict[str, str] = {
     **{f"{section}.torch_threads": f"{section}.threads" for section in ("separate", "embed", "train", "generate")},
     "evaluate.jobs": "evaluate.workers",
+    # one sampling config for train's validation and generate
+    **{f"train.{key}": f"train.sampling.{key}" for key in ("guidance", "top_k", "temperature", "plausibility")},
+    **{f"generate.{key}": f"generate.sampling.{key}"
+       for key in ("guidance", "top_k", "temperature", "plausibility", "harmony_bias")},
 }
 # Keys removed: {old dotted key: what replaces it}.
 REMOVED: dict[str, str] = {}

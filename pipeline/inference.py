@@ -247,14 +247,13 @@ def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig
     fr = model.frame_rate
     window = max(1, int(round(model.params.base.clip_seconds * fr)))
     prompt = max(0, int(round(cfg.prompt_seconds * fr)))
-    if not 0.0 <= cfg.plausibility <= 1.0:
-        raise GenerateError(f"generate.plausibility {cfg.plausibility:g} must be in [0, 1] (0 = every token)")
-    if cfg.harmony_bias < 0:
-        raise GenerateError(f"generate.harmony_bias {cfg.harmony_bias:g} must be >= 0 (0 = none)")
-    bias = cfg.harmony_bias if model.net.has_token_chroma() else 0.0
-    if cfg.harmony_bias and not bias:
-        _warn_once(f"generate.harmony_bias {cfg.harmony_bias:g} not applied: the model has no token chroma table "
-                   "(trained without harmony_track, or before the table existed: retrain to use it)")
+    sampling = cfg.sampling
+    if sampling.problem("generate.sampling"):
+        raise GenerateError(sampling.problem("generate.sampling"))
+    bias = sampling.harmony_bias if model.net.has_token_chroma() else 0.0
+    if sampling.harmony_bias and not bias:
+        _warn_once(f"generate.sampling.harmony_bias {sampling.harmony_bias:g} not applied: the model has no token "
+                   "chroma table (trained without harmony_track, or before the table existed: retrain to use it)")
     if window - prompt < fr:
         raise GenerateError(f"generate.prompt_seconds {cfg.prompt_seconds:g} must leave at least 1 s of the model's "
                             f"{window / fr:g} s window")
@@ -265,8 +264,8 @@ def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig
         n = min(window, n_frames - start)
         batch = window_batch(feats, start / fr, n / fr, text, model.device)
         given = codes[None, :, start : start + prompt] if i else None
-        out = model.net.generate(batch, n, cfg.guidance, cfg.temperature, cfg.top_k, gen, cfg.use_cache, given,
-                                 cfg.plausibility, bias)
+        out = model.net.generate(batch, n, sampling.guidance, sampling.temperature, sampling.top_k, gen, cfg.use_cache,
+                                 given, sampling.plausibility, bias)
         codes = torch.cat([codes[:, :start], out[0]], dim=1)
     return codes.cpu().numpy(), starts, prompt if len(starts) > 1 else 0
 

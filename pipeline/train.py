@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 SYSTEMS = ("full", "no_motion")
 ONSET_WINDOW_S = 0.04
-VALIDATION_ONLY = ("select", "beat_clips", "guidance", "temperature", "top_k", "plausibility")
+VALIDATION_ONLY = ("select", "beat_clips", "sampling")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -173,8 +173,10 @@ def validate(model: V2M, items: list[dict], codec: dict, cfg: TrainConfig, devic
         chunk = items[: cfg.beat_clips]
         batch = {k: v.to(device) for k, v in collate(chunk, text).items() if k not in ("codes", "code_mask")}
         g = torch.Generator(device=device).manual_seed(0)
-        codes = model.generate(batch, chunk[0]["codes"].shape[1], cfg.guidance, cfg.temperature, cfg.top_k, g,
-                               plausibility=cfg.plausibility)
+        s = cfg.sampling
+        codes = model.generate(batch, chunk[0]["codes"].shape[1], s.guidance, s.temperature, s.top_k, g,
+                               plausibility=s.plausibility,
+                               harmony_bias=s.harmony_bias if model.has_token_chroma() else 0.0)
         scores = []
         for it, c in zip(chunk, codes.cpu(), strict=True):
             wav, sr = decode(c[:, : it["codes"].shape[1]])
@@ -218,8 +220,8 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
     torch.set_num_threads(min(cfg.threads, per_process) if cfg.threads else per_process)
     if cfg.select not in ("val_beat_f1", "last"):
         raise SystemExit(f"train.select: {cfg.select!r} is not one of val_beat_f1, last")
-    if not 0.0 <= cfg.plausibility <= 1.0:  # else the first validation, ckpt_every steps in, would stop on it
-        raise SystemExit(f"train.plausibility {cfg.plausibility:g} must be in [0, 1] (0 = every token)")
+    if cfg.sampling.problem("train.sampling"):  # else the first validation, ckpt_every steps in, would stop on it
+        raise SystemExit(cfg.sampling.problem("train.sampling"))
     if cfg.batch_size % world:
         raise SystemExit(f"train: batch_size {cfg.batch_size} is not divisible by the {world} processes")
 

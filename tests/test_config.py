@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline import cli, profiles
-from pipeline.config import ConfigError, IngestConfig, Params, load_params, params_from_dict, upgrade
+from pipeline.config import (
+    ConfigError,
+    IngestConfig,
+    Params,
+    SamplingConfig,
+    load_params,
+    params_from_dict,
+    upgrade,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,6 +49,8 @@ def test_sections_are_frozen_dataclasses():
     # renamed keys name their new name
     ({"embed": {"torch_threads": 1}}, "embed.torch_threads is now embed.threads"),
     ({"evaluate": {"jobs": 2}}, "evaluate.jobs is now evaluate.workers"),
+    ({"generate": {"guidance": 2.0}}, "generate.guidance is now generate.sampling.guidance"),
+    ({"train": {"plausibility": 0.1}}, "train.plausibility is now train.sampling.plausibility"),
     # the sentinels that meant "not set" before null
     ({"train": {"harmony_knn": -1}}, "train.harmony_knn: -1 is now written null"),
     ({"train": {"harmony": -1.0}}, r"train.harmony: -1.0 is now written null"),
@@ -70,6 +81,16 @@ def test_upgrade_reads_params_written_before_the_renames_and_null():
     assert new["embed"] == {"flow": {"checkpoint": None, "grid": 4}, "threads": 1}
     assert old["train"]["harmony_knn"] == -1  # a copy
     params_from_dict(new)
+
+
+def test_train_validation_samples_as_generate_does_without_the_harmony_bias():
+    train, generate = Params().train.sampling, Params().generate.sampling
+    assert isinstance(train, SamplingConfig) and isinstance(generate, SamplingConfig)
+    assert replace(train, harmony_bias=generate.harmony_bias) == generate and train.harmony_bias == 0.0
+    assert generate == SamplingConfig(guidance=3.0, temperature=0.8, top_k=0, plausibility=0.03, harmony_bias=8.0)
+    assert generate.problem("generate.sampling") is None
+    assert replace(generate, plausibility=2.0).problem("x") == "x.plausibility 2 must be in [0, 1] (0 = every token)"
+    assert replace(generate, harmony_bias=-1.0).problem("x") == "x.harmony_bias -1 must be >= 0 (0 = none)"
 
 
 def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():

@@ -245,8 +245,8 @@ def test_val_beat_f1_generates_and_decodes(data, tmp_path, monkeypatch):
 
 
 def test_out_of_range_plausibility_stops_before_training(data, tmp_path):
-    params = write_params(tmp_path / "params.yaml", plausibility=2.0)
-    with pytest.raises(SystemExit, match=r"train.plausibility 2 must be in \[0, 1\]"):
+    params = write_params(tmp_path / "params.yaml", sampling={"plausibility": 2.0})
+    with pytest.raises(SystemExit, match=r"train.sampling.plausibility 2 must be in \[0, 1\]"):
         train.main(argv(data, params, tmp_path))
     assert not (tmp_path / "model" / "last.pt").exists()  # not a step was taken
 
