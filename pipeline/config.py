@@ -190,6 +190,13 @@ class TokenizeConfig:
     melvq: MelVQConfig = field(default_factory=MelVQConfig)
     encodec: EncodecCodecConfig = field(default_factory=EncodecCodecConfig)
 
+    @property
+    def store_dir(self) -> str:
+        """The token store of `codec`, {out_dir}/{codec}: what tokenize writes and train reads (dvc.yaml spells it
+        ${tokenize.out_dir}/${tokenize.codec}). Derived, so that a profile that switches the codec cannot leave train
+        reading another codec's tokens."""
+        return f"{self.out_dir}/{self.codec}"
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -226,7 +233,8 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The model and its training: data/features + data/tokens -> models/{system}/v2m.pt (see pipeline/train.py)."""
+    """The model and its training: data/features + the token store (`tokenize.store_dir`: {tokenize.out_dir}/{codec})
+    -> models/{system}/v2m.pt (see pipeline/train.py)."""
 
     preset: str = "embedded"  # model preset: pipeline/model/presets/{debug,embedded,musicgen-small}.yaml
     pretrained_dir: str | None = None  # musicgen-small preset: a local copy of facebook/musicgen-small (its decoder)
@@ -240,7 +248,6 @@ class TrainConfig:
     harmony_track: bool | None = None  # with harmony_knn, retrieve per CLIP row (what sounds when); null = preset's
     # else a learned head with this loss weight; null = preset's, 0 = off (docs/studies/harmony.md)
     harmony: float | None = None
-    tokens_dir: str = "data/tokens/melvq"  # the tokenize stage's FeatureStore of int16 [T, K] codes
     out_dir: str = "models"  # {out_dir}/{system}/v2m.pt (final) and last.pt (the resumable checkpoint)
     metrics_dir: str = "metrics/train"  # {system}.json, {system}_{loss,eval}.csv; merged into metrics/train.json
     max_steps: int = 600  # why 600: docs/studies/harmony.md; how long: docs/timings.md
@@ -367,7 +374,10 @@ RENAMED: dict[str, str] = {
        for key in ("guidance", "top_k", "temperature", "plausibility", "harmony_bias")},
 }
 # Keys removed: {old dotted key: what replaces it}.
-REMOVED: dict[str, str] = {}
+REMOVED: dict[str, str] = {
+    "train.tokens_dir": "train reads {tokenize.out_dir}/{tokenize.codec}, the store of the codec tokenize uses "
+                        "(`v2m train --tokens DIR` reads another)",
+}
 # Values that meant "not set" (or on/off) before these fields could be null: {dotted key: {old value: value now}}.
 OLD_VALUES: dict[str, dict[Any, Any]] = {
     **{key: {"": None} for key in ("separate.weights_dir", "embed.flow.checkpoint", "train.pretrained_dir",

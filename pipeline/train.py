@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--system", choices=SYSTEMS, default="full")
     parser.add_argument("--features", help="feature folder with clip/ and flow/ (default: embed.out_dir)")
-    parser.add_argument("--tokens", help="token store (default: train.tokens_dir)")
+    parser.add_argument("--tokens", help="token store (default: {tokenize.out_dir}/{tokenize.codec})")
     parser.add_argument("--manifest", help="ingest manifest with split/caption/beat_times (default: ingest's)")
     parser.add_argument("--out", help="model folder (default: train.out_dir/SYSTEM)")
     parser.add_argument("--metrics", help="metrics folder (default: train.metrics_dir)")
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copyfile(source, tmp)
             log.info("train: %s -> %s", source, args.export)
         return 0
-    tokens_dir = Path(args.tokens or cfg.tokens_dir)
+    tokens_dir = Path(args.tokens or params.tokenize.store_dir)
     codec_obj = load_codec(params, tokens_dir.name) if cfg.beat_clips else None
     items, codec = load_dataset(Path(args.features or params.embed.out_dir), tokens_dir,
                                 Path(args.manifest or Path(params.ingest.out_dir) / "manifest.parquet"),

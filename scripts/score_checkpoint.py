@@ -83,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(ckpt["model"])
     model.eval()
     try:
-        codec = codecs.load_codec(Path(params.train.tokens_dir).name, params.tokenize)
+        codec = codecs.load_codec(params.tokenize.codec, params.tokenize)
     except Exception as exc:  # noqa: BLE001 - any reason the codec cannot be built gets the same answer
         raise SystemExit(f"score_checkpoint: the tokenize stage's codec is not available (run `v2m tokenize`): "
                          f"{type(exc).__name__}: {exc}") from None
     manifest = Path(params.ingest.out_dir) / "manifest.parquet"
-    items, _ = load_dataset(Path(params.embed.out_dir), Path(params.train.tokens_dir), manifest, codec.describe())
+    items, _ = load_dataset(Path(params.embed.out_dir), Path(params.tokenize.store_dir), manifest, codec.describe())
     items = [it for it in items if it["split"] == args.split]
     if not items:
         raise SystemExit(f"score_checkpoint: no {args.split} clips in {manifest}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -129,3 +132,36 @@ def test_bad_profile_is_reported(tmp_path, capsys):
     assert cli.main(["profile", "show", "typo", "--dir", str(tmp_path)]) == 2
     assert "unknown key base.clip_second" in capsys.readouterr().err
     assert profiles.available(REPO / "profiles") == ["embedded", "v2m20k"]
+
+
+def _resolve(text: str, data: dict) -> str:
+    """dvc.yaml's ${a.b.c} interpolation of `text` from a params mapping."""
+    return re.sub(r"\$\{([\w.]+)\}", lambda m: str(functools.reduce(operator.getitem, m.group(1).split("."), data)),
+                  text)
+
+
+@pytest.mark.parametrize("name", profiles.available(REPO / "profiles"))
+def test_each_profile_is_consistent(name):
+    """What a profile trains on is what it tokenized: the train stages read (and depend on) the store of
+    tokenize.codec under tokenize.out_dir, an output of the tokenize stage; the codec and the model preset exist."""
+    from pipeline.codecs import list_codecs
+    from pipeline.model import list_presets
+
+    data = yaml.safe_load(profiles.render(name, REPO / "profiles"))
+    params = params_from_dict(data)
+    assert params.tokenize.codec in list_codecs() and params.train.preset in list_presets()
+    assert params.tokenize.store_dir == f"{params.tokenize.out_dir}/{params.tokenize.codec}"
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    outs = [_resolve(out if isinstance(out, str) else next(iter(out)), data) for out in stages["tokenize"]["outs"]]
+    assert params.tokenize.out_dir in outs
+    for stage in (stages["train"]["do"], stages["train_seed"]):
+        deps = [_resolve(d, data) for d in stage["deps"]]
+        assert params.tokenize.store_dir in deps and "tokenize.codec" in stage["params"]
+    if name == "v2m20k":
+        assert params.tokenize.store_dir == "data/tokens/encodec_32khz"
+
+
+def test_the_old_tokens_dir_key_says_where_train_reads_now():
+    with pytest.raises(ConfigError, match=r"train.tokens_dir was removed: train reads \{tokenize.out_dir\}/"):
+        params_from_dict({"train": {"tokens_dir": "data/tokens/melvq"}})
+

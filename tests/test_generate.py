@@ -51,7 +51,7 @@ def build_project(root: Path) -> dict:
                      "threads": 1, "eval_max_clips": 1,
                      "melvq": {"codebook_size": 32, "kmeans_iters": 4, "griffin_lim_iters": 4, "nnls_iters": 10}},
         "train": {"preset": "debug", "text": True, "max_steps": 30, "batch_size": 4, "ckpt_every": 30,
-                  "beat_clips": 0, "warmup_steps": 5, "tokens_dir": str(root / "tokens" / "melvq"),
+                  "beat_clips": 0, "warmup_steps": 5,
                   "out_dir": str(root / "models"), "metrics_dir": str(root / "metrics")},
         "generate": {"out_dir": str(root / "generated"), "systems": ["full"], "prompt_seconds": 2.0},
     }
