@@ -13,12 +13,6 @@ production encoders (ViT-B-32, ptlflow) run with random weights: same compute as
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# run as a script, this folder is first on sys.path, where tokenize.py would shadow the standard library's module
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import json
 import os
@@ -26,6 +20,7 @@ import platform
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 

@@ -13,18 +13,14 @@ Results: benchmarks/results/train_alignment.json.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# run as a script, this folder is first on sys.path, where tokenize.py would shadow the standard library's module
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import dataclasses
 import json
 import logging
 import pickle
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
