@@ -15,27 +15,23 @@ times it apart; the stages then use that venv. Without it they use the venv of t
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
-# run as a script, this folder is first on sys.path, where tokenize.py would shadow the standard library's module
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import re  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
-
-import psutil  # noqa: E402
-import yaml  # noqa: E402
+import psutil
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "demo_stages.json"

@@ -4,7 +4,7 @@
 
 Inputs are real SynthV2M clips made with the embedded profile (256x256 rendered, ingested to 224x224, 24 fps, 8 s).
 For each encoder, "video_s_per_wall_s" is seconds of video through the stage's whole per-clip path (decode, sample at
-the default fps, encode, reduce) per wall-clock second, in one process with `embed.torch_threads` threads (1: the
+the default fps, encode, reduce) per wall-clock second, in one process with `embed.threads` threads (1: the
 stage scales out with processes: docs/timings.md). "incremental_ratio" is the wall time of `embed.run` after
 adding 1 video to `--videos` already embedded, divided by the wall time of the full run over those videos (both
 streams, encoder loading and the manifest included; the full run starts from an empty feature folder). The
@@ -13,12 +13,6 @@ production encoders (ViT-B-32, ptlflow) run with random weights: same compute as
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# run as a script, this folder is first on sys.path, where tokenize.py would shadow the standard library's module
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import json
 import os
@@ -26,6 +20,7 @@ import platform
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 
@@ -118,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         base["embed"].update(encoders_dir=str(work / "encoders"), report_path=str(work / "flow_beats.png"))
         params = params_from_dict(base)
         embed.init_encoders(params)
-        threads = set_threads(params.embed.torch_threads)
+        threads = set_threads(params.embed.threads)
         results = {}
         encoders = {**EMBEDDED, **({} if args.skip_production else PRODUCTION)}
         for name, overlay in encoders.items():
@@ -133,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                   "details": {"incremental": {"videos": args.videos, **inc},
                               "clip_fps": params.embed.clip_fps, "flow_fps": params.embed.flow_fps,
                               "clip_seconds": params.base.clip_seconds, "frame": "224x224 at 24 fps",
-                              "torch_threads": threads, "cpu_count": os.cpu_count(), "processes": 1,
+                              "threads": threads, "cpu_count": os.cpu_count(), "processes": 1,
                               "machine": platform.platform(), "load_avg_1m": round(os.getloadavg()[0], 2)}}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

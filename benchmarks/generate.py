@@ -16,22 +16,17 @@ benchmarks/results/generate.json.
 
 from __future__ import annotations
 
-import sys
+import argparse
+import dataclasses
+import json
+import platform
+import tempfile
+import time
 from pathlib import Path
 
-# run as a script, this folder comes first on sys.path, and its tokenize.py would shadow the standard library's
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-
 RESULTS = REPO / "benchmarks" / "results" / "generate.json"
 
 
@@ -90,7 +85,7 @@ def speed(args) -> dict:
         name = "embedded"
     out = {"preset": name, "device": str(model.device), "threads": args.threads, "seconds": args.seconds,
            "window_s": model.params.base.clip_seconds, "prompt_s": model.params.generate.prompt_seconds,
-           "guidance": model.params.generate.guidance, "machine": f"{platform.machine()}, {model.device.type}",
+           "guidance": model.params.generate.sampling.guidance, "machine": f"{platform.machine()}, {model.device.type}",
            "rtf_kv_cache": rtf_tokens(model, args.seconds, True, args.repeats),
            "rtf_no_cache": rtf_tokens(model, args.seconds, False, 1)}
     if not args.preset and args.video:  # end to end on a real video

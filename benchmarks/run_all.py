@@ -12,19 +12,15 @@ yet never breaks it. What ran, when and for how long goes to benchmarks/results/
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import re
+import subprocess
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
-
-# run as a script, this folder is first on sys.path, where tokenize.py would shadow the standard library's module
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -35,9 +31,6 @@ NEEDS_INPUT = {  # script -> why `make bench` does not run it
     "train_alignment": "a study on a scratch pipeline run (--root); see docs/studies/motion.md",
 }
 SELF = {"run_all"}
-# `python benchmarks/X.py` puts benchmarks/ first on sys.path, where tokenize.py shadows the standard library's module
-# (inspect, and so pandas and torch, import it). runpy runs the script as __main__ from the repo root instead.
-RUN_SCRIPT = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 
 
 def scripts() -> list[str]:
@@ -46,6 +39,7 @@ def scripts() -> list[str]:
 
 def run_scripts(names: list[str]) -> dict:
     log = json.loads((RESULTS / "run_all.json").read_text()) if (RESULTS / "run_all.json").exists() else {}
+    # this checkout's pipeline package, whichever checkout the venv's editable install points at
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     for name in names:
         if name in NEEDS_INPUT:
@@ -54,7 +48,7 @@ def run_scripts(names: list[str]) -> dict:
             continue
         print(f"== {name}: python benchmarks/{name}.py", flush=True)
         started = time.perf_counter()
-        cmd = [sys.executable, "-c", RUN_SCRIPT, str(HERE / f"{name}.py")]
+        cmd = [sys.executable, str(HERE / f"{name}.py")]
         code = subprocess.run(cmd, cwd=REPO, env=env).returncode
         wall = round(time.perf_counter() - started, 1)
         log[name] = {"status": "ok" if code == 0 else f"failed (exit {code})", "wall_s": wall,
@@ -129,13 +123,13 @@ def figures() -> list[tuple[str, str, str]]:
     rows.append(("`dvc repro` after adding 1 clip to the demo", f"{fmt(add['wall_s'])} s for {', '.join(add['ran'])}"
                  f" = {fmt(100 * add['ratio'], 1)} % of their cold {fmt(add['cold_wall_s_same_stages'])} s"
                  if add and add.get("ratio") is not None else "not run", "demo_stages.json"))
-    tokenize = load("tokenize")
-    if tokenize:
-        for key, row in sorted(tokenize.items()):
-            rows.append((f"tokenize {key}", f"encode {fmt(row.get('encode_x_realtime'))}x, decode "
-                         f"{fmt(row.get('decode_x_realtime'), 2)}x real time", "tokenize.json"))
+    codec = load("codec")
+    if codec:
+        for key, row in sorted(codec.items()):
+            rows.append((f"codec {key}", f"encode {fmt(row.get('encode_x_realtime'))}x, decode "
+                         f"{fmt(row.get('decode_x_realtime'), 2)}x real time", "codec.json"))
     else:
-        rows.append(("tokenize encode / decode speed", "not run", "tokenize.json"))
+        rows.append(("codec encode / decode speed", "not run", "codec.json"))
     train = load("train")
     if train:
         for key, row in sorted(train.items()):

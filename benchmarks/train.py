@@ -11,18 +11,14 @@ Results go to benchmarks/results/train.json (merged by preset and device).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# run as a script, this folder is first on sys.path, where tokenize.py would shadow the standard library's module
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import json
 import platform
 import resource
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "train.json"
 SHAPES = {  # preset -> (K, card, frame_rate, clip_dim, flow_dim)

@@ -13,18 +13,14 @@ Results: benchmarks/results/train_alignment.json.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# run as a script, this folder is first on sys.path, where tokenize.py would shadow the standard library's module
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import dataclasses
 import json
 import logging
 import pickle
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -149,10 +145,10 @@ def main() -> int:
         system, interp, *rest = spec.split(":")
         direction = [r for r in rest if r != "pool"]
         cfg = dataclasses.replace(params.train, preset=args.preset, max_steps=args.steps, batch_size=args.batch,
-                                  lr=args.lr, interpolate=interp, direction=direction[0] if direction else "",
+                                  lr=args.lr, interpolate=interp == "on", direction=direction[0] if direction else None,
                                   flow_pool="pool" in rest,
                                   ckpt_every=max(1, args.steps // 2), log_every=10, beat_clips=args.beat_clips,
-                                  guidance=3.0,
+                                  sampling=dataclasses.replace(params.train.sampling, guidance=3.0),
                                   warmup_steps=min(50, args.steps // 10))
         p = dataclasses.replace(params, train=cfg)
         name = f"{args.preset}/{spec}{args.tag}"

@@ -6,10 +6,15 @@ top of those defaults.
 
 Loading is strict: an unknown key, a missing section-level mapping or a value of the wrong type fails with a
 `ConfigError` that names the file and the dotted key, e.g. ``params.yaml: ingest.short_side: expected int, got 'big'``.
+"Not set" is `null` (an Optional field, `x: str | None = None`; its comment says what null means), never a sentinel
+such as '' or -1; null for any other field is an error. A key that was renamed or removed (RENAMED, REMOVED) and a
+value that used to mean "not set" (OLD_VALUES) fail with what to write instead; `upgrade` reads params written before
+those changes (a checkpoint's).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -46,7 +51,7 @@ class SynthConfig:
     max_first_beat_frac: float = 0.6  # the first beat lands 0.05 s + up to this fraction of a beat into the clip
     preview_clips: int = 4
     preview_path: str = "reports/synth_preview.png"
-    workers: int = 2  # render processes
+    workers: int = 2  # clips rendered in parallel (processes)
     video_crf: int = 18
     video_preset: str = "veryfast"
 
@@ -78,7 +83,7 @@ class IngestConfig:
     max_fail_ratio: float = 0.1  # exit non-zero when more than this fraction of rows failed
     video_crf: int = 20
     video_preset: str = "veryfast"
-    workers: int = 2
+    workers: int = 2  # items downloaded and normalised in parallel (threads, each running ffmpeg)
     download: DownloadConfig = field(default_factory=DownloadConfig)
 
 
@@ -87,13 +92,14 @@ class SeparateConfig:
     """Vocal removal with Demucs: data/ingest/audio -> data/music (the instrumental)."""
 
     model: str = "none"  # none = pass-through copy (SynthV2M has no vocals) | a Demucs model name, e.g. htdemucs
-    weights_dir: str = ""  # a local Demucs repo ({model}.yaml + {sig}.th) tried first; then the HF and torch hub caches
+    # a local Demucs repo ({model}.yaml + {sig}.th), tried first; then the HF and torch hub caches; null = those only
+    weights_dir: str | None = None
     out_dir: str = "data/music"  # {id}.wav at base.sample_rate + manifest.parquet
     segment_s: float = 0.0  # Demucs chunk length in seconds; 0 = the model's own (7.8 s for htdemucs)
     overlap: float = 0.25  # overlap of consecutive chunks
     shifts: int = 1  # random time-shift averaging passes (seeded per id); 0 = one plain pass
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
-    torch_threads: int = 1  # torch intra-op threads per process; 0 = cores / processes (docs/timings.md)
+    threads: int = 1  # torch intra-op threads per process; 0 = cores / processes on the node (docs/timings.md)
     max_fail_ratio: float = 0.1  # exit non-zero when more than this fraction of rows failed
 
 
@@ -107,7 +113,7 @@ class ClipEncoderConfig:
 @dataclass(frozen=True)
 class FlowEncoderConfig:
     method: str = "opencv_dis"  # opencv_dis | opencv_farneback | ptlflow:<model> (e.g. ptlflow:rapidflow)
-    checkpoint: str = ""  # ptlflow weights: a local file (or a ptlflow name in the torch hub cache); empty = random
+    checkpoint: str | None = None  # ptlflow weights: a local file or a name in the torch hub cache; null = random
     dis_preset: str = "ultrafast"  # opencv_dis preset: ultrafast | fast | medium
     grid: int = 4  # descriptor: the frame is cut into grid x grid cells
     direction_bins: int = 8  # descriptor: magnitude-weighted direction histogram bins per cell
@@ -124,7 +130,7 @@ class EmbedConfig:
     clip_fps: float = 2.0  # CLIP embeddings per second of video
     flow_fps: float = 24.0  # flow descriptors per second of video (24 = every frame pair; docs/studies/motion.md)
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
-    torch_threads: int = 1  # torch/OpenCV threads per process; 0 = cores / processes on the node
+    threads: int = 1  # torch/OpenCV threads per process; 0 = cores / processes on the node
     max_fail_ratio: float = 0.1  # exit non-zero when more than this fraction of rows failed
     report_path: str = "reports/flow_beats.png"  # flow speed over time with the true beats of a few SynthV2M clips
     report_clips: int = 4
@@ -174,7 +180,7 @@ class TokenizeConfig:
     num_shards: int = 8  # shard = stable hash of id mod num_shards
     silence_db: float = -60.0  # music whose RMS is below this is skipped(silent_audio), not tokenized
     max_fail_ratio: float = 0.1  # exit non-zero when more than this fraction of rows failed
-    threads: int = 2  # BLAS / torch threads of this process
+    threads: int = 2  # BLAS / torch threads per process; 0 = cores / processes on the node
     eval_split: str = "test"  # round trip measured on this split of the music (SynthV2M: labelled beats)
     eval_max_clips: int = 20  # at most this many clips of it (the first ids in sorted order)
     real_music_dir: str = "../shared/data/music"  # real recordings for the round trip; missing = "real": null
@@ -184,23 +190,64 @@ class TokenizeConfig:
     melvq: MelVQConfig = field(default_factory=MelVQConfig)
     encodec: EncodecCodecConfig = field(default_factory=EncodecCodecConfig)
 
+    @property
+    def store_dir(self) -> str:
+        """The token store of `codec`, {out_dir}/{codec}: what tokenize writes and train reads (dvc.yaml spells it
+        ${tokenize.out_dir}/${tokenize.codec}). Derived, so that a profile that switches the codec cannot leave train
+        reading another codec's tokens."""
+        return f"{self.out_dir}/{self.codec}"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn from a trained model: `generate.sampling` (the generate stage and `v2m generate`, whose
+    --cfg, --top-k, --temperature, --plausibility and --harmony-bias override it) and `train.sampling` (the
+    generations of train's val_beat_f1).
+
+    One dataclass, so both read the same settings with the same meaning and checks (`problem`); two sections, so that
+    tuning generation does not rerun training (dvc.yaml: train depends on `train`, generate on `generate`) and a
+    study can validate with other settings. The defaults are generate's; train's validation differs in harmony_bias
+    only, 0: val_beat_f1 measures what the model learned, not the bias added at inference (and its history in
+    docs/studies/ was measured without it).
+    """
+
+    guidance: float = 3.0  # classifier-free guidance
+    temperature: float = 0.8  # 0 = greedy (why 0.8: docs/studies/motion.md)
+    top_k: int = 0  # sample from the k most likely tokens; 0 = the full distribution
+    # with guidance, sample only tokens whose conditional probability is >= plausibility x that of the conditional
+    # model's most likely token (docs/studies/guidance.md); 0 = every token
+    plausibility: float = 0.03
+    # models with a token chroma table (harmony_track): + harmony_bias x (correlation of each token's chroma with the
+    # retrieved harmony at that frame) on the final logits (docs/studies/harmony-bias.md); 0 = none. A model without
+    # the table samples without it.
+    harmony_bias: float = 8.0
+
+    def problem(self, section: str) -> str | None:
+        """What is out of range, naming the key under `section` (e.g. "generate.sampling"); None when all is well."""
+        if not 0.0 <= self.plausibility <= 1.0:
+            return f"{section}.plausibility {self.plausibility:g} must be in [0, 1] (0 = every token)"
+        if self.harmony_bias < 0:
+            return f"{section}.harmony_bias {self.harmony_bias:g} must be >= 0 (0 = none)"
+        return None
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The model and its training: data/features + data/tokens -> models/{system}/v2m.pt (see pipeline/train.py)."""
+    """The model and its training: data/features + the token store (`tokenize.store_dir`: {tokenize.out_dir}/{codec})
+    -> models/{system}/v2m.pt (see pipeline/train.py)."""
 
     preset: str = "embedded"  # model preset: pipeline/model/presets/{debug,embedded,musicgen-small}.yaml
-    pretrained_dir: str = ""  # musicgen-small preset: a local copy of facebook/musicgen-small (decoder weights)
-    direction: str = ""  # fusion cross-attention override: flow_to_clip | clip_to_flow | both | none; "" = preset's
-    interpolate: str = ""  # "" = preset's | on | off: add the video context at the token frame rate
+    pretrained_dir: str | None = None  # musicgen-small preset: a local copy of facebook/musicgen-small (its decoder)
+    direction: str | None = None  # fusion cross-attention: flow_to_clip | clip_to_flow | both | none; null = preset's
+    interpolate: bool | None = None  # add the video context at the token frame rate; null = preset's
     text: bool = False  # condition on caption sentence embeddings (all-MiniLM-L6-v2), with caption dropout
-    flow_time: str = ""  # "" = preset's (end) | end | centre: where a flow row sits in its frame interval
-    flow_norm: str = ""  # "" = preset's | layer | log: how flow rows are scaled (pipeline/model/fusion.py)
+    flow_time: str | None = None  # end | centre: where a flow row sits in its frame interval; null = preset's (end)
+    flow_norm: str | None = None  # layer | log: how flow rows are scaled (pipeline/model/fusion.py); null = preset's
     flow_pool: bool = False  # average the flow descriptor over its embed.flow.grid cells (less to memorise)
-    harmony_knn: int = -1  # the music's pitch-class profile from the k nearest training clips; -1 = preset's, 0 = off
-    harmony_track: str = ""  # "" = preset's | on | off: with harmony_knn, retrieve per CLIP row (what sounds when)
-    harmony: float = -1.0  # else a learned head with this loss weight; -1 = preset's, 0 = off (docs/studies/harmony.md)
-    tokens_dir: str = "data/tokens/melvq"  # the tokenize stage's FeatureStore of int16 [T, K] codes
+    harmony_knn: int | None = None  # pitch-class profile from the k nearest training clips; null = preset's, 0 = off
+    harmony_track: bool | None = None  # with harmony_knn, retrieve per CLIP row (what sounds when); null = preset's
+    # else a learned head with this loss weight; null = preset's, 0 = off (docs/studies/harmony.md)
+    harmony: float | None = None
     out_dir: str = "models"  # {out_dir}/{system}/v2m.pt (final) and last.pt (the resumable checkpoint)
     metrics_dir: str = "metrics/train"  # {system}.json, {system}_{loss,eval}.csv; merged into metrics/train.json
     max_steps: int = 600  # why 600: docs/studies/harmony.md; how long: docs/timings.md
@@ -215,13 +262,11 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100  # steps between checkpoints (atomic) and validation
     beat_clips: int = 8  # validation clips generated and decoded at every checkpoint for val_beat_f1 (0 = none)
-    guidance: float = 3.0  # classifier-free guidance of those generations
-    top_k: int = 0  # sampling: 0 = full distribution
-    temperature: float = 0.8  # sampling temperature of those generations (why 0.8: docs/studies/motion.md)
-    plausibility: float = 0.03  # guided sampling only among plausible tokens (GenerateConfig.plausibility)
+    # how those clips are generated: generate's settings but no harmony bias (SamplingConfig says why)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(harmony_bias=0.0))
     # torch threads per process, at most cores / processes (more is slower); 0 = cores / processes.
     # 2: the 2 cores of the demo machine (docs/timings.md, "Threads")
-    torch_threads: int = 2
+    threads: int = 2
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
 
@@ -235,20 +280,12 @@ class GenerateConfig:
     systems: tuple[str, ...] = ("full", "no_motion")  # trained systems: {train.out_dir}/{system}/v2m.pt
     max_clips: int = 0  # 0 = every clip of the split; else the first ids in sorted order
     model: str = "models/v2m.pt"  # `v2m generate`'s default checkpoint (models/full/v2m.pt when it is missing)
-    guidance: float = 3.0  # classifier-free guidance
-    temperature: float = 0.8  # sampling temperature; 0 = greedy (why 0.8: docs/studies/motion.md)
-    top_k: int = 0  # 0 = the full distribution
-    # with guidance, sample only tokens whose conditional probability is >= plausibility x that of the conditional
-    # model's most likely token (docs/studies/guidance.md); 0 = every token
-    plausibility: float = 0.03
-    # models with a harmony track: + harmony_bias x (correlation of each token's chroma with the retrieved harmony
-    # at that frame) on the final logits (docs/studies/harmony-bias.md); 0 = none
-    harmony_bias: float = 8.0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prompt_seconds: float = 4.0  # past the window, each window starts with this much of the music before it
     crossfade_seconds: float = 0.5  # window audio is crossfaded over this much of the shared (prompt) tokens
     use_cache: bool = True  # KV cache (False recomputes the prefix every step: for benchmarks and tests)
     mix_db: float = -12.0  # --keep-audio: level of the original soundtrack relative to the music
-    torch_threads: int = 1  # torch/OpenCV threads (more than the free cores is slower: docs/timings.md)
+    threads: int = 1  # torch/OpenCV threads; 0 = every core (more than the free cores is slower: docs/timings.md)
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
     max_fail_ratio: float = 0.1  # the stage exits non-zero when more than this fraction of rows failed
 
@@ -276,7 +313,7 @@ class TaggerConfig:
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 1e-3
-    threads: int = 1  # torch threads (why 1: docs/timings.md, "Threads")
+    threads: int = 1  # torch threads, at least 1 (why 1: docs/timings.md, "Threads")
 
 
 @dataclass(frozen=True)
@@ -291,12 +328,13 @@ class EvaluateConfig:
     split: str = "test"  # the clips scored
     max_clips: int = 0  # 0 = every clip of the split that all systems have
     embedding: str = "tagger"  # tagger (kld_*_tagger, fad_tagger) | vggish (published: PaSST KLD, VGGish FAD)
-    passt_checkpoint: str = ""  # embedding vggish: PaSST 20 s checkpoint (or $V2M_PASST_CHECKPOINT)
-    vggish_weights: str = ""  # embedding vggish: vggish-10086976.pth (or $V2M_VGGISH_WEIGHTS)
+    passt_checkpoint: str | None = None  # embedding vggish: PaSST 20 s checkpoint; null = $V2M_PASST_CHECKPOINT
+    vggish_weights: str | None = None  # embedding vggish: vggish-10086976.pth; null = $V2M_VGGISH_WEIGHTS
     key_method: str = "ks"  # key_acc from: ks (Krumhansl-Schmuckler on CQT chroma) | tagger (its key + mode heads)
     bootstrap: int = 1000  # resamples of the clips for the 95 % confidence intervals
-    jobs: int = 2  # processes scoring clips
-    flow_cache: str = ""  # AV-Align flow cache; "" = $V2M_CACHE_DIR/av_align_flow or ~/.cache/v2m/av_align_flow
+    workers: int = 2  # clips scored in parallel (processes)
+    # AV-Align flow cache; null = $V2M_CACHE_DIR/av_align_flow, else ~/.cache/v2m/av_align_flow (as `v2m metrics`)
+    flow_cache: str | None = None
     metrics_path: str = "metrics/eval.json"
     report_path: str = "reports/eval.md"  # the plots are written beside it as eval_*.png
     example_clips: int = 3  # clips whose generated mp4s are linked from the report
@@ -325,6 +363,48 @@ class Params:
     seed_study: SeedStudyConfig = field(default_factory=SeedStudyConfig)
 
 
+# Keys renamed since earlier params files: {old dotted key: new dotted key}. One name per idea in every section:
+# `threads` = intra-op threads of one process (torch, BLAS, OpenCV), `workers` = items processed in parallel.
+RENAMED: dict[str, str] = {
+    **{f"{section}.torch_threads": f"{section}.threads" for section in ("separate", "embed", "train", "generate")},
+    "evaluate.jobs": "evaluate.workers",
+    # one sampling config for train's validation and generate
+    **{f"train.{key}": f"train.sampling.{key}" for key in ("guidance", "top_k", "temperature", "plausibility")},
+    **{f"generate.{key}": f"generate.sampling.{key}"
+       for key in ("guidance", "top_k", "temperature", "plausibility", "harmony_bias")},
+}
+# Keys removed: {old dotted key: what replaces it}.
+REMOVED: dict[str, str] = {
+    "train.tokens_dir": "train reads {tokenize.out_dir}/{tokenize.codec}, the store of the codec tokenize uses "
+                        "(`v2m train --tokens DIR` reads another)",
+}
+# Values that meant "not set" (or on/off) before these fields could be null: {dotted key: {old value: value now}}.
+OLD_VALUES: dict[str, dict[Any, Any]] = {
+    **{key: {"": None} for key in ("separate.weights_dir", "embed.flow.checkpoint", "train.pretrained_dir",
+                                   "train.direction", "train.flow_time", "train.flow_norm", "evaluate.passt_checkpoint",
+                                   "evaluate.vggish_weights", "evaluate.flow_cache")},
+    "train.interpolate": {"": None, "on": True, "off": False},
+    "train.harmony_track": {"": None, "on": True, "off": False},
+    "train.harmony_knn": {-1: None},
+    "train.harmony": {-1: None},
+}
+
+
+def _yaml_value(value: Any) -> str:
+    """`value` as YAML spells it (null, true), for messages."""
+    if value is None or isinstance(value, bool):
+        return yaml.safe_dump(value).split("\n")[0]
+    return repr(value)
+
+
+def _old_value(key: str, value: Any) -> tuple[bool, Any]:
+    """(True, today's value) when `value` is one that `key` no longer takes (OLD_VALUES), else (False, None)."""
+    old = OLD_VALUES.get(key)
+    if old is None or isinstance(value, bool) or not isinstance(value, (str, int, float)) or value not in old:
+        return False, None
+    return True, old[value]
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -348,7 +428,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _coerce(value, arg, key, source)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
+        expected = " | ".join(_type_name(arg) for arg in args if arg is not type(None))
+        expected += " or null" if type(None) in args else ""
+        raise ConfigError(f"{source}: {key}: expected {expected}, got {_yaml_value(value)}")
+    if value is None:
+        raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got null (this key cannot be unset)")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
@@ -375,6 +459,12 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
+    for name in unknown:
+        key = f"{prefix}.{name}" if prefix else name
+        if key in RENAMED:
+            raise ConfigError(f"{source}: {key} is now {RENAMED[key]}")
+        if key in REMOVED:
+            raise ConfigError(f"{source}: {key} was removed: {REMOVED[key]}")
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
@@ -386,6 +476,9 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
     for name in names:
         if name in data:
             key = f"{prefix}.{name}" if prefix else name
+            is_old, now = _old_value(key, data[name])
+            if is_old:
+                raise ConfigError(f"{source}: {key}: {data[name]!r} is now written {_yaml_value(now)}")
             kwargs[name] = _coerce(data[name], hints[name], key, source)
     return cls(**kwargs)
 
@@ -397,6 +490,40 @@ def params_from_dict(data: dict | None, source: str = "<params>") -> Params:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
     return _build(Params, data, "", source)
+
+
+def upgrade(data: dict) -> dict:
+    """A params mapping written before the renames and removals above (a checkpoint's), in today's keys and values."""
+    data = copy.deepcopy(data)
+
+    def parent(key: str, create: bool) -> tuple[dict | None, str]:
+        *path, leaf = key.split(".")
+        node = data
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                if not create:
+                    return None, leaf
+                node[part] = {}
+            node = node[part]
+        return node, leaf
+
+    for old, new in RENAMED.items():
+        node, leaf = parent(old, create=False)
+        if node is not None and leaf in node:
+            value = node.pop(leaf)
+            target, new_leaf = parent(new, create=True)
+            target[new_leaf] = value
+    for old in REMOVED:
+        node, leaf = parent(old, create=False)
+        if node is not None:
+            node.pop(leaf, None)
+    for key in OLD_VALUES:
+        node, leaf = parent(key, create=False)
+        if node is not None and leaf in node:
+            is_old, now = _old_value(key, node[leaf])
+            if is_old:
+                node[leaf] = now
+    return data
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -79,7 +79,7 @@ def run(params: Params, ingest_manifest: Path, out_dir: Path, rank: int = 0, wor
     "manifest": the manifest frame (rank 0) or None}.
     """
     base, cfg = params.base, params.embed
-    threads = set_threads(cfg.torch_threads)
+    threads = set_threads(cfg.threads)
     log.info("embed: rank %d of %d, %d torch thread(s)", rank, world, threads)
     upstream = read_upstream(ingest_manifest, "embed", "ingest")
     try:

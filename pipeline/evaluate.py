@@ -148,10 +148,10 @@ def score_all(cfg: EvaluateConfig, systems: list[str], ids: list[str], labels: p
     videos = {i: clips / f"{i}.mp4" for i in ids if (clips / f"{i}.mp4").exists()}
     tasks = [(s, i, gen_dir / s / f"{i}.wav", music / f"{i}.wav", videos.get(i),
               clip_labels(labels.loc[i].to_dict()), cache) for s in systems for i in ids]
-    if cfg.jobs > 1:
+    if cfg.workers > 1:
         import librosa.beat  # noqa: F401  (compiles numba kernels once, before the workers fork)
 
-        with ProcessPoolExecutor(max_workers=cfg.jobs) as pool:
+        with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
             list(tqdm(pool.map(_peaks, [(v, cache) for v in videos.values()]), total=len(videos), desc="video flow"))
             scored = list(tqdm(pool.map(_score, tasks), total=len(tasks), desc="metrics", unit="clip"))
     else:

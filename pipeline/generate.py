@@ -150,7 +150,7 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
                 records.append({"system": system, "id": item_id, "status": FAILED, "reason": "no_model",
                                 "error": str(exc)})
     for system, model in models.items():
-        torch.set_num_threads(cfg.torch_threads or cores_per_process(1))
+        torch.set_num_threads(cfg.threads or cores_per_process(1))
         for item_id in tqdm(eval_ids, desc=f"generate {system}", unit="clip", disable=None):
             def make(model=model, item_id=item_id):
                 feats = {"clip": np.asarray(clip[item_id]), "flow": np.asarray(flow[item_id]),
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="checkpoint (default: generate.model, models/v2m.pt)")
     parser.add_argument("--text", help="a text prompt (models trained with train.text: true)")
     parser.add_argument("--seed", type=int, help="sampling seed (default: base.seed)")
-    parser.add_argument("--cfg", type=float, help="classifier-free guidance (default: generate.guidance)")
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance (default: generate.sampling.guidance)")
     parser.add_argument("--top-k", type=int, help="sample from the k most likely tokens; 0 = all")
     parser.add_argument("--temperature", type=float, help="sampling temperature; 0 = greedy")
     parser.add_argument("--plausibility", type=float, help="with guidance, sample only tokens at least this fraction "
@@ -242,16 +242,18 @@ def main(argv: list[str] | None = None) -> int:
                            label=lambda rec: f"{rec['system']}/{rec['id']}", suffix=f" -> {out_dir}")
     if not args.inputs or args.out is None:
         parser.error("give one or more videos and -o OUT (or --stage)")
-    overrides = {k: v for k, v in {"guidance": args.cfg, "top_k": args.top_k, "temperature": args.temperature,
-                                   "plausibility": args.plausibility, "harmony_bias": args.harmony_bias,
-                                   "prompt_seconds": args.prompt_seconds, "mix_db": args.mix_db}.items()
+    sampling = {k: v for k, v in {"guidance": args.cfg, "top_k": args.top_k, "temperature": args.temperature,
+                                  "plausibility": args.plausibility, "harmony_bias": args.harmony_bias}.items()
+                if v is not None}
+    overrides = {k: v for k, v in {"prompt_seconds": args.prompt_seconds, "mix_db": args.mix_db}.items()
                  if v is not None}
     if args.no_cache:
         overrides["use_cache"] = False
+    overrides["sampling"] = dataclasses.replace(params.generate.sampling, **sampling)
     params = dataclasses.replace(params, generate=dataclasses.replace(params.generate, **overrides))
     try:
         model = load_model(args.model or default_model(params.generate), params)
-        torch.set_num_threads(params.generate.torch_threads or cores_per_process(1))
+        torch.set_num_threads(params.generate.threads or cores_per_process(1))
         results, failures = run_files(args.inputs, args.out, model, model.params.generate,
                                       params.base.seed if args.seed is None else args.seed, args.text, args.wav,
                                       args.keep_audio)

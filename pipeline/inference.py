@@ -46,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import codecs
-from pipeline.config import GenerateConfig, Params, params_from_dict, to_dict
+from pipeline.config import GenerateConfig, Params, params_from_dict, to_dict, upgrade
 from pipeline.encoders.streams import Encoders
 from pipeline.encoders.text import caption_embeddings
 from pipeline.media import (
@@ -145,7 +145,7 @@ def load_model(path: str | Path, params: Params | None = None) -> Model:
         why = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         raise GenerateError(f"{path}: not a v2m checkpoint ({type(exc).__name__}: {why})") from None
     merged = to_dict(params)
-    for section, values in (ckpt.get("params") or {}).items():
+    for section, values in upgrade(ckpt.get("params") or {}).items():  # older checkpoints: older names
         merged[section] = values
     params = params_from_dict(merged, f"{path} (params)")
     embed = dataclasses.replace(params.embed, encoders_dir=_resolve(params.embed.encoders_dir, path))
@@ -195,7 +195,7 @@ def video_features(model: Model, path: Path, scratch: Path) -> dict:
     if got < n_frames - 1:
         raise MediaError(path, f"decoded only {got / base.fps:.2f} s of the {duration:.2f} s its header promises "
                          "(truncated or damaged file)")
-    set_threads(model.params.generate.torch_threads)
+    set_threads(model.params.generate.threads)
     if model.encoders is None:
         model.encoders = Encoders(model.params.embed, str(model.device))
     item = Item(path.name, "", str(clip))
@@ -248,14 +248,13 @@ def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig
     fr = model.frame_rate
     window = max(1, int(round(model.params.base.clip_seconds * fr)))
     prompt = max(0, int(round(cfg.prompt_seconds * fr)))
-    if not 0.0 <= cfg.plausibility <= 1.0:
-        raise GenerateError(f"generate.plausibility {cfg.plausibility:g} must be in [0, 1] (0 = every token)")
-    if cfg.harmony_bias < 0:
-        raise GenerateError(f"generate.harmony_bias {cfg.harmony_bias:g} must be >= 0 (0 = none)")
-    bias = cfg.harmony_bias if model.net.has_token_chroma() else 0.0
-    if cfg.harmony_bias and not bias:
-        _warn_once(f"generate.harmony_bias {cfg.harmony_bias:g} not applied: the model has no token chroma table "
-                   "(trained without harmony_track, or before the table existed: retrain to use it)")
+    sampling = cfg.sampling
+    if sampling.problem("generate.sampling"):
+        raise GenerateError(sampling.problem("generate.sampling"))
+    bias = sampling.harmony_bias if model.net.has_token_chroma() else 0.0
+    if sampling.harmony_bias and not bias:
+        _warn_once(f"generate.sampling.harmony_bias {sampling.harmony_bias:g} not applied: the model has no token "
+                   "chroma table (trained without harmony_track, or before the table existed: retrain to use it)")
     if window - prompt < fr:
         raise GenerateError(f"generate.prompt_seconds {cfg.prompt_seconds:g} must leave at least 1 s of the model's "
                             f"{window / fr:g} s window")
@@ -266,8 +265,8 @@ def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig
         n = min(window, n_frames - start)
         batch = window_batch(feats, start / fr, n / fr, text, model.device)
         given = codes[None, :, start : start + prompt] if i else None
-        out = model.net.generate(batch, n, cfg.guidance, cfg.temperature, cfg.top_k, gen, cfg.use_cache, given,
-                                 cfg.plausibility, bias)
+        out = model.net.generate(batch, n, sampling.guidance, sampling.temperature, sampling.top_k, gen, cfg.use_cache,
+                                 given, sampling.plausibility, bias)
         codes = torch.cat([codes[:, :start], out[0]], dim=1)
     return codes.cpu().numpy(), starts, prompt if len(starts) > 1 else 0
 

@@ -73,7 +73,7 @@ class Failure(Exception):
 
 
 # ------------------------------------------------------------------------------------------------------------ weights
-def find_weights(name: str, weights_dir: str) -> tuple[str, list[Path]]:
+def find_weights(name: str, weights_dir: str | None) -> tuple[str, list[Path]]:
     """Where the weights of Demucs model `name` are: ("local" | "hf" | "torch_hub", files). Loads nothing.
 
     Raises SystemExit with every place it looked and how to provide the weights.
@@ -330,7 +330,7 @@ def run(ingest_manifest: Path, out_dir: Path, base: BaseConfig, cfg: SeparateCon
     """Separate every ok row of `ingest_manifest`; returns (the written manifest, number of ids actually processed)."""
     upstream = read_upstream(ingest_manifest, "separate", "ingest")
     labels = label_columns(upstream, INGEST_COLUMNS)
-    set_threads(cfg.torch_threads)
+    set_threads(cfg.threads)
     separator = Separator(base, cfg, out_dir)
     rows, processed = [], 0
     todo = upstream[upstream["status"] == OK]

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 SYSTEMS = ("full", "no_motion")
 ONSET_WINDOW_S = 0.04
-VALIDATION_ONLY = ("select", "beat_clips", "guidance", "temperature", "top_k", "plausibility")
+VALIDATION_ONLY = ("select", "beat_clips", "sampling")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -125,16 +125,9 @@ def model_config(cfg: TrainConfig, system: str, codec: dict, clip_dim: int, flow
     if cfg.flow_norm:
         fusion["flow_norm"] = cfg.flow_norm
     extra = {}
-    for key in ("interpolate", "harmony_track"):  # "" = the preset's
-        value = getattr(cfg, key)
-        if value not in ("", "on", "off"):
-            raise SystemExit(f"train.{key}: {value!r} is not one of '', on, off")
-        if value:
-            extra[key] = value == "on"
-    if cfg.harmony >= 0:
-        extra["harmony"] = cfg.harmony
-    if cfg.harmony_knn >= 0:
-        extra["harmony_knn"] = cfg.harmony_knn
+    for key in ("interpolate", "harmony_track", "harmony", "harmony_knn"):  # null = the preset's
+        if getattr(cfg, key) is not None:
+            extra[key] = getattr(cfg, key)
     return load_preset(cfg.preset, decoder=decoder, fusion=fusion, frame_rate=codec["frame_rate"], **extra)
 
 
@@ -207,8 +200,10 @@ def validate(model: V2M, items: list[dict], codec: dict, cfg: TrainConfig, devic
         chunk = items[: cfg.beat_clips]
         batch = {k: v.to(device) for k, v in collate(chunk, text).items() if k not in ("codes", "code_mask")}
         g = torch.Generator(device=device).manual_seed(0)
-        codes = model.generate(batch, chunk[0]["codes"].shape[1], cfg.guidance, cfg.temperature, cfg.top_k, g,
-                               plausibility=cfg.plausibility)
+        s = cfg.sampling
+        codes = model.generate(batch, chunk[0]["codes"].shape[1], s.guidance, s.temperature, s.top_k, g,
+                               plausibility=s.plausibility,
+                               harmony_bias=s.harmony_bias if model.has_token_chroma() else 0.0)
         scores = []
         for it, c in zip(chunk, codes.cpu(), strict=True):
             wav, sr = decode(c[:, : it["codes"].shape[1]])
@@ -241,8 +236,8 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     device = torch.device(resolve_device(cfg.device))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank())
-    per_process = cores_per_process(world)
-    torch.set_num_threads(min(cfg.torch_threads, per_process) if cfg.torch_threads else per_process)
+    per_process = cores_per_process(world)  # more threads than cores was 7x slower (docs/timings.md)
+    torch.set_num_threads(min(cfg.threads, per_process) if cfg.threads else per_process)
     return rank, world, device
 
 
@@ -250,8 +245,8 @@ def check_settings(cfg: TrainConfig, world: int) -> None:
     """Stop before the first step on settings that would only fail later (at the first validation, say)."""
     if cfg.select not in ("val_beat_f1", "last"):
         raise SystemExit(f"train.select: {cfg.select!r} is not one of val_beat_f1, last")
-    if not 0.0 <= cfg.plausibility <= 1.0:
-        raise SystemExit(f"train.plausibility {cfg.plausibility:g} must be in [0, 1] (0 = every token)")
+    if cfg.sampling.problem("train.sampling"):  # else the first validation, ckpt_every steps in, would stop on it
+        raise SystemExit(cfg.sampling.problem("train.sampling"))
     if cfg.batch_size % world:
         raise SystemExit(f"train: batch_size {cfg.batch_size} is not divisible by the {world} processes")
 
@@ -471,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--system", choices=SYSTEMS, default="full")
     parser.add_argument("--features", help="feature folder with clip/ and flow/ (default: embed.out_dir)")
-    parser.add_argument("--tokens", help="token store (default: train.tokens_dir)")
+    parser.add_argument("--tokens", help="token store (default: {tokenize.out_dir}/{tokenize.codec})")
     parser.add_argument("--manifest", help="ingest manifest with split/caption/beat_times (default: ingest's)")
     parser.add_argument("--out", help="model folder (default: train.out_dir/SYSTEM)")
     parser.add_argument("--metrics", help="metrics folder (default: train.metrics_dir)")
@@ -496,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copyfile(source, tmp)
             log.info("train: %s -> %s", source, args.export)
         return 0
-    tokens_dir = Path(args.tokens or cfg.tokens_dir)
+    tokens_dir = Path(args.tokens or params.tokenize.store_dir)
     codec_obj = load_codec(params, tokens_dir.name) if cfg.beat_clips else None
     items, codec = load_dataset(Path(args.features or params.embed.out_dir), tokens_dir,
                                 Path(args.manifest or Path(params.ingest.out_dir) / "manifest.parquet"),

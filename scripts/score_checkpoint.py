@@ -3,7 +3,7 @@ guidance, harmony bias).
 
     python scripts/score_checkpoint.py MODEL [--params params.yaml] [--split val] [SETTINGS_JSON ...]
 
-SETTINGS_JSON is e.g. '{}' (the params' `generate` section: CFG 3, temperature 0.8, top-k 0, plausibility 0.03,
+SETTINGS_JSON is e.g. '{}' (the params' `generate.sampling`: CFG 3, temperature 0.8, top-k 0, plausibility 0.03,
 harmony bias 8 (none for a model without a token chroma table) in the embedded profile; seed 0) or
 '{"temperature": 0.4, "seed": 1}'. Each setting generates every clip of the split in one batch (cached features, no
 video decoding), decodes with the tokenize stage's codec, writes the wavs to a scratch folder and scores them with the
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import codecs  # noqa: E402
-from pipeline.config import GenerateConfig, load_params  # noqa: E402
+from pipeline.config import SamplingConfig, load_params  # noqa: E402
 from pipeline.dataset import collate, load_dataset  # noqa: E402
 from pipeline.media import write_wav  # noqa: E402
 from pipeline.metrics import chroma  # noqa: E402
@@ -39,8 +39,8 @@ METRICS = ("beat_f1", "tempo_acc", "key_acc", "chroma", "av_align")
 
 
 def score(model: V2M, items: list[dict], rows: pd.DataFrame, codec, setting: dict, scratch: Path,
-          defaults: GenerateConfig) -> dict:
-    """Generate the items under `setting` (what it leaves out: `defaults`, the params' generate section), write them
+          defaults: SamplingConfig) -> dict:
+    """Generate the items under `setting` (what it leaves out: `defaults`, the params' generate.sampling), write them
     as the generate stage does and score each with the evaluate stage's per-clip scorer (`metrics.score.score_pair`,
     labels from the ingest manifest)."""
     batch = {k: v for k, v in collate(items).items() if k not in ("codes", "code_mask")}
@@ -83,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(ckpt["model"])
     model.eval()
     try:
-        codec = codecs.load_codec(Path(params.train.tokens_dir).name, params.tokenize)
+        codec = codecs.load_codec(params.tokenize.codec, params.tokenize)
     except Exception as exc:  # noqa: BLE001 - any reason the codec cannot be built gets the same answer
         raise SystemExit(f"score_checkpoint: the tokenize stage's codec is not available (run `v2m tokenize`): "
                          f"{type(exc).__name__}: {exc}") from None
     manifest = Path(params.ingest.out_dir) / "manifest.parquet"
-    items, _ = load_dataset(Path(params.embed.out_dir), Path(params.train.tokens_dir), manifest, codec.describe())
+    items, _ = load_dataset(Path(params.embed.out_dir), Path(params.tokenize.store_dir), manifest, codec.describe())
     items = [it for it in items if it["split"] == args.split]
     if not items:
         raise SystemExit(f"score_checkpoint: no {args.split} clips in {manifest}")
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.keep) / str(n) if args.keep else Path(scratch)
             out.mkdir(parents=True, exist_ok=True)
             print(json.dumps({"model": args.model, "split": args.split, "clips": len(items), "settings": setting,
-                              **score(model, items, rows, codec, setting, out, params.generate)}), flush=True)
+                              **score(model, items, rows, codec, setting, out, params.generate.sampling)}), flush=True)
     return 0
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.codecs import CodecError, create_codec, list_codecs, load_codec
+from pipeline.codecs.encodec import architecture
 from pipeline.codecs.melvq import MelVQ
 from pipeline.codecs.roundtrip import measure
 from pipeline.config import BaseConfig, ConfigError, EncodecCodecConfig, MelVQConfig, SynthConfig, TokenizeConfig
@@ -34,15 +35,6 @@ def fitted_melvq(cfg: MelVQConfig | None = None, n_train: int = 24, seed: int = 
     return codec
 
 
-def encodec_config():
-    """transformers' EncodecConfig of facebook/encodec_32khz (random weights are all a test can have here)."""
-    from transformers import EncodecConfig
-
-    return EncodecConfig(sampling_rate=32000, audio_channels=1, num_filters=64, upsampling_ratios=[8, 5, 4, 4],
-                         codebook_size=2048, target_bandwidths=[2.2], use_causal_conv=False, use_conv_shortcut=False,
-                         normalize=False)
-
-
 @pytest.fixture(scope="module")
 def encodec_dir(tmp_path_factory):
     import torch
@@ -50,7 +42,7 @@ def encodec_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("encodec_32khz")
-    EncodecModel(encodec_config()).save_pretrained(folder)
+    EncodecModel(architecture()).save_pretrained(folder)  # random weights: all a test can have here
     return folder
 
 

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline import cli, profiles
-from pipeline.config import ConfigError, IngestConfig, Params, load_params, params_from_dict
+from pipeline.config import (
+    ConfigError,
+    IngestConfig,
+    Params,
+    SamplingConfig,
+    load_params,
+    params_from_dict,
+    upgrade,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +46,20 @@ def test_sections_are_frozen_dataclasses():
     ({"base": {"seed": True}}, "base.seed: expected int"),
     ({"ingest": {"require_audio": "yes"}}, "ingest.require_audio: expected bool"),
     ({"ingest": {"download": 3}}, "ingest.download: expected a mapping"),
+    ({"base": {"seed": None}}, r"base.seed: expected int, got null \(this key cannot be unset\)"),
+    ({"train": {"harmony_knn": "3"}}, "train.harmony_knn: expected int or null, got '3'"),
+    ({"train": {"interpolate": "maybe"}}, "train.interpolate: expected bool or null, got 'maybe'"),
+    # renamed keys name their new name
+    ({"embed": {"torch_threads": 1}}, "embed.torch_threads is now embed.threads"),
+    ({"evaluate": {"jobs": 2}}, "evaluate.jobs is now evaluate.workers"),
+    ({"generate": {"guidance": 2.0}}, "generate.guidance is now generate.sampling.guidance"),
+    ({"train": {"plausibility": 0.1}}, "train.plausibility is now train.sampling.plausibility"),
+    # the sentinels that meant "not set" before null
+    ({"train": {"harmony_knn": -1}}, "train.harmony_knn: -1 is now written null"),
+    ({"train": {"harmony": -1.0}}, r"train.harmony: -1.0 is now written null"),
+    ({"train": {"harmony_track": "on"}}, "train.harmony_track: 'on' is now written true"),
+    ({"separate": {"weights_dir": ""}}, "separate.weights_dir: '' is now written null"),
+    ({"embed": {"flow": {"checkpoint": ""}}}, "embed.flow.checkpoint: '' is now written null"),
 ])
 def test_bad_params_fail_naming_file_and_key(tmp_path, data, message):
     path = tmp_path / "params.yaml"
@@ -41,6 +67,33 @@ def test_bad_params_fail_naming_file_and_key(tmp_path, data, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_params(path)
     assert str(path) in str(info.value)
+
+
+def test_null_unsets_optional_keys():
+    params = params_from_dict({"train": {"harmony_knn": None, "interpolate": False, "direction": "both"},
+                               "evaluate": {"flow_cache": None}})
+    assert params.train.harmony_knn is None and params.train.interpolate is False and params.train.direction == "both"
+    assert params.evaluate.flow_cache is None and params.separate.weights_dir is None  # the defaults: not set
+
+
+def test_upgrade_reads_params_written_before_the_renames_and_null():
+    old = {"train": {"harmony_knn": -1, "harmony": 0.5, "interpolate": "off", "direction": ""},
+           "embed": {"torch_threads": 1, "flow": {"checkpoint": "", "grid": 4}}}
+    new = upgrade(old)
+    assert new["train"] == {"harmony_knn": None, "harmony": 0.5, "interpolate": False, "direction": None}
+    assert new["embed"] == {"flow": {"checkpoint": None, "grid": 4}, "threads": 1}
+    assert old["train"]["harmony_knn"] == -1  # a copy
+    params_from_dict(new)
+
+
+def test_train_validation_samples_as_generate_does_without_the_harmony_bias():
+    train, generate = Params().train.sampling, Params().generate.sampling
+    assert isinstance(train, SamplingConfig) and isinstance(generate, SamplingConfig)
+    assert replace(train, harmony_bias=generate.harmony_bias) == generate and train.harmony_bias == 0.0
+    assert generate == SamplingConfig(guidance=3.0, temperature=0.8, top_k=0, plausibility=0.03, harmony_bias=8.0)
+    assert generate.problem("generate.sampling") is None
+    assert replace(generate, plausibility=2.0).problem("x") == "x.plausibility 2 must be in [0, 1] (0 = every token)"
+    assert replace(generate, harmony_bias=-1.0).problem("x") == "x.harmony_bias -1 must be >= 0 (0 = none)"
 
 
 def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():
@@ -79,3 +132,36 @@ def test_bad_profile_is_reported(tmp_path, capsys):
     assert cli.main(["profile", "show", "typo", "--dir", str(tmp_path)]) == 2
     assert "unknown key base.clip_second" in capsys.readouterr().err
     assert profiles.available(REPO / "profiles") == ["embedded", "v2m20k"]
+
+
+def _resolve(text: str, data: dict) -> str:
+    """dvc.yaml's ${a.b.c} interpolation of `text` from a params mapping."""
+    return re.sub(r"\$\{([\w.]+)\}", lambda m: str(functools.reduce(operator.getitem, m.group(1).split("."), data)),
+                  text)
+
+
+@pytest.mark.parametrize("name", profiles.available(REPO / "profiles"))
+def test_each_profile_is_consistent(name):
+    """What a profile trains on is what it tokenized: the train stages read (and depend on) the store of
+    tokenize.codec under tokenize.out_dir, an output of the tokenize stage; the codec and the model preset exist."""
+    from pipeline.codecs import list_codecs
+    from pipeline.model import list_presets
+
+    data = yaml.safe_load(profiles.render(name, REPO / "profiles"))
+    params = params_from_dict(data)
+    assert params.tokenize.codec in list_codecs() and params.train.preset in list_presets()
+    assert params.tokenize.store_dir == f"{params.tokenize.out_dir}/{params.tokenize.codec}"
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    outs = [_resolve(out if isinstance(out, str) else next(iter(out)), data) for out in stages["tokenize"]["outs"]]
+    assert params.tokenize.out_dir in outs
+    for stage in (stages["train"]["do"], stages["train_seed"]):
+        deps = [_resolve(d, data) for d in stage["deps"]]
+        assert params.tokenize.store_dir in deps and "tokenize.codec" in stage["params"]
+    if name == "v2m20k":
+        assert params.tokenize.store_dir == "data/tokens/encodec_32khz"
+
+
+def test_the_old_tokens_dir_key_says_where_train_reads_now():
+    with pytest.raises(ConfigError, match=r"train.tokens_dir was removed: train reads \{tokenize.out_dir\}/"):
+        params_from_dict({"train": {"tokens_dir": "data/tokens/melvq"}})
+

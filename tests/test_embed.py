@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_params(tmp: Path, **embed_overrides) -> Params:
     cfg = {"encoders_dir": str(tmp / "encoders"), "num_shards": 4, "report_path": str(tmp / "flow_beats.png"),
-           "report_clips": 2, "torch_threads": 1, "flow_fps": 8.0, **embed_overrides}  # 8 fps: small, fast tests
+           "report_clips": 2, "threads": 1, "flow_fps": 8.0, **embed_overrides}  # 8 fps: small, fast tests
     return params_from_dict({"base": {"clip_seconds": 2.0, "fps": 12}, "embed": cfg})
 
 

@@ -91,7 +91,7 @@ def stage(tmp_path_factory):
     pd.concat([frame, train]).to_parquet(ingest / "manifest.parquet")
     cfg = replace(EvaluateConfig(), generated_dir=str(gen), music_dir=str(music), ingest_dir=str(ingest),
                   models_dir=str(root / "models"), metrics_path=str(root / "metrics/eval.json"),
-                  report_path=str(root / "reports/eval.md"), bootstrap=50, jobs=1,
+                  report_path=str(root / "reports/eval.md"), bootstrap=50, workers=1,
                   flow_cache=str(root / "flow"), tagger=replace(TAGGER, out_dir=str(root / "models/tagger"),
                                                                 metrics_path=str(root / "tagger.json")))
     (root / "params.yaml").write_text(yaml.safe_dump(to_dict(replace(params, evaluate=cfg))))

@@ -51,7 +51,7 @@ def build_project(root: Path) -> dict:
                      "threads": 1, "eval_max_clips": 1,
                      "melvq": {"codebook_size": 32, "kmeans_iters": 4, "griffin_lim_iters": 4, "nnls_iters": 10}},
         "train": {"preset": "debug", "text": True, "max_steps": 30, "batch_size": 4, "ckpt_every": 30,
-                  "beat_clips": 0, "warmup_steps": 5, "tokens_dir": str(root / "tokens" / "melvq"),
+                  "beat_clips": 0, "warmup_steps": 5,
                   "out_dir": str(root / "models"), "metrics_dir": str(root / "metrics")},
         "generate": {"out_dir": str(root / "generated"), "systems": ["full"], "prompt_seconds": 2.0},
     }
@@ -207,9 +207,26 @@ def test_bad_inputs_one_line_each_and_the_batch_goes_on(project, tmp_path, capsy
     assert run(project, str(good), "-o", str(blocker / "o.mp4")) == 1
     assert "not a writable folder" in capsys.readouterr().err
     assert run(project, str(good), "-o", str(tmp_path / "p.mp4"), "--plausibility", "2") == 1
-    assert "generate.plausibility 2 must be in [0, 1]" in capsys.readouterr().err
+    assert "generate.sampling.plausibility 2 must be in [0, 1]" in capsys.readouterr().err
     assert run(project, str(good), "-o", str(tmp_path / "b.mp4"), "--harmony-bias", "-1") == 1
-    assert "generate.harmony_bias -1 must be >= 0" in capsys.readouterr().err
+    assert "generate.sampling.harmony_bias -1 must be >= 0" in capsys.readouterr().err
+
+
+def test_sampling_options_override_generate_sampling(project, tmp_path, monkeypatch):
+    """--cfg, --top-k, --temperature, --plausibility and --harmony-bias set generate.sampling; the rest is params'."""
+    seen = {}
+
+    def run_files(inputs, out, model, cfg, *rest):
+        seen["cfg"] = cfg
+        return [], []
+
+    monkeypatch.setattr(generate, "run_files", run_files)
+    assert run(project, "in.mp4", "-o", str(tmp_path / "o.mp4"), "--cfg", "1.5", "--top-k", "4", "--temperature",
+               "0.5", "--plausibility", "0.1", "--harmony-bias", "2", "--prompt-seconds", "1") == 0
+    sampling = seen["cfg"].sampling
+    assert (sampling.guidance, sampling.top_k, sampling.temperature, sampling.plausibility, sampling.harmony_bias) == (
+        1.5, 4, 0.5, 0.1, 2.0)
+    assert seen["cfg"].prompt_seconds == 1.0 and seen["cfg"].use_cache is True
 
 
 def test_harmony_bias_on_a_model_without_the_table_is_a_logged_skip(project, tmp_path, caplog):

@@ -245,8 +245,8 @@ def test_val_beat_f1_generates_and_decodes(data, tmp_path, monkeypatch):
 
 
 def test_out_of_range_plausibility_stops_before_training(data, tmp_path):
-    params = write_params(tmp_path / "params.yaml", plausibility=2.0)
-    with pytest.raises(SystemExit, match=r"train.plausibility 2 must be in \[0, 1\]"):
+    params = write_params(tmp_path / "params.yaml", sampling={"plausibility": 2.0})
+    with pytest.raises(SystemExit, match=r"train.sampling.plausibility 2 must be in \[0, 1\]"):
         train.main(argv(data, params, tmp_path))
     assert not (tmp_path / "model" / "last.pt").exists()  # not a step was taken
 
@@ -352,7 +352,7 @@ def test_harmony_track_bank_holds_every_clip_row_and_the_chord_around_it(data, t
 
     music = make_music(tmp_path / "music", data)
     params = write_params(tmp_path / "params.yaml", music_dir=music, max_steps=4, ckpt_every=4, harmony_knn=1,
-                          harmony_track="on")
+                          harmony_track=True)
     assert train.main(argv(data, params, tmp_path)) == 0
     model, ckpt = _trained(tmp_path)
     items, _ = load_dataset(data["features"], data["tokens"], data["manifest"])
@@ -388,15 +388,16 @@ def test_harmony_without_the_music_says_so(data, tmp_path):
         train.main(argv(data, params, tmp_path))
 
 
-def test_on_off_settings_name_the_key_when_wrong():
+def test_train_keys_override_the_preset_and_null_keeps_it():
     from pipeline.config import TrainConfig
 
     codec = {"num_codebooks": 2, "codebook_size": 16, "frame_rate": 25.0}
-    cfg = train.model_config(TrainConfig(preset="debug", harmony_knn=1, harmony_track="on"), "full", codec, 8, 6)
+    cfg = train.model_config(TrainConfig(preset="debug", harmony_knn=1, harmony_track=True), "full", codec, 8, 6)
     assert cfg.harmony_track is True and cfg.harmony_knn == 1
-    for key in ("interpolate", "harmony_track"):
-        with pytest.raises(SystemExit, match=f"train.{key}: 'maybe'"):
-            train.model_config(TrainConfig(preset="debug", **{key: "maybe"}), "full", codec, 8, 6)
+    preset = train.model_config(TrainConfig(preset="debug"), "full", codec, 8, 6)  # debug.yaml: interpolate, no harmony
+    assert preset.interpolate is True and preset.harmony_knn == 0 and preset.harmony == 0.0
+    off = train.model_config(TrainConfig(preset="debug", interpolate=False, harmony=0.5), "full", codec, 8, 6)
+    assert off.interpolate is False and off.harmony == 0.5
 
 
 def test_seed_option_trains_as_base_seed_would(data, tmp_path):

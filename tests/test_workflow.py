@@ -46,7 +46,7 @@ TEAM = known(deep_merge(TINY, {
     "train": {"preset": "debug", "max_steps": 4, "batch_size": 2, "ckpt_every": 4, "log_every": 1, "beat_clips": 0,
               "warmup_steps": 1},
     "generate": {"max_clips": 1, "prompt_seconds": 0.5, "crossfade_seconds": 0.25},  # 2 s clips
-    "evaluate": {"bootstrap": 20, "jobs": 1, "example_clips": 1,
+    "evaluate": {"bootstrap": 20, "workers": 1, "example_clips": 1,
                  "tagger": {"epochs": 2, "crop_s": 1.0, "embed_hop_s": 0.5, "batch_size": 4}},
 }), to_dict(Params()))
 UPSTREAM_OF_TRAIN = {"synth", "ingest", "separate", "encoders", "embed", "tokenize"}

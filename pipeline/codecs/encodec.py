@@ -33,6 +33,16 @@ def from_config(cfg: TokenizeConfig, seed: int = 0) -> EncodecCodec:  # nothing 
     return EncodecCodec(cfg.encodec, threads=cfg.threads)
 
 
+def architecture():
+    """transformers' EncodecConfig of facebook/encodec_32khz: for stand-ins with random weights where the real ones
+    are absent (tests, benchmarks timing the same compute)."""
+    from transformers import EncodecConfig
+
+    return EncodecConfig(sampling_rate=32000, audio_channels=1, num_filters=64, upsampling_ratios=[8, 5, 4, 4],
+                         codebook_size=2048, target_bandwidths=[2.2], use_causal_conv=False, use_conv_shortcut=False,
+                         normalize=False)
+
+
 def resolve_weights(weights: str) -> Path:
     """The local folder of `weights`: the folder itself, or the cached snapshot of a hub id. Raises
     `EncodecWeightsMissing` naming the folder or file that is missing."""

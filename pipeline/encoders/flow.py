@@ -110,7 +110,7 @@ class FlowEncoder:
             ckpt = str(Path(ckpt).expanduser())
         self.model = ptlflow.get_model(name, ckpt_path=ckpt).eval().to(self.device)
         if ckpt is None:
-            log.warning("flow stream: ptlflow %s with RANDOM weights (embed.flow.checkpoint is empty); its flow is "
+            log.warning("flow stream: ptlflow %s with RANDOM weights (embed.flow.checkpoint is null); its flow is "
                         "noise. Give a local checkpoint for real features.", name)
 
     def flows(self, frames: np.ndarray) -> list[np.ndarray]:

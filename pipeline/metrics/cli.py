@@ -1,7 +1,7 @@
 """v2m metrics: score generated audio against reference audio (and videos), folder against folder.
 
     v2m metrics --generated DIR --reference DIR [--videos DIR] [--labels CSV] [--out metrics.json]
-                [--metrics chroma,av_align,...] [--passt CKPT] [--vggish WEIGHTS] [--jobs N]
+                [--metrics chroma,av_align,...] [--passt CKPT] [--vggish WEIGHTS] [--workers N]
                 [--flow-cache DIR | --no-flow-cache]
 
 Files are paired by stem (`gen/clip1.wav` <-> `ref/clip1.mp3` <-> `videos/clip1.mp4`); when a folder holds several
@@ -18,7 +18,7 @@ onsets estimated from the reference audio. kld needs a classifier (`--passt`), f
 
 AV-Align's optical flow is nearly all the cost; each video's flow trajectory is cached by content (default
 `$V2M_CACHE_DIR/av_align_flow`, else `~/.cache/v2m/av_align_flow`), so scoring more systems against the same videos
-is fast. `--jobs N` scores files in N processes. Each pair is scored by `pipeline.metrics.score.score_pair`, the
+is fast. `--workers N` scores files in N processes. Each pair is scored by `pipeline.metrics.score.score_pair`, the
 same function the evaluate stage uses.
 """
 
@@ -109,7 +109,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics", default=",".join(METRICS), help="comma-separated subset of: " + ",".join(METRICS))
     parser.add_argument("--passt", help="PaSST checkpoint for kld (or $V2M_PASST_CHECKPOINT)")
     parser.add_argument("--vggish", help="VGGish weights for fad (or $V2M_VGGISH_WEIGHTS)")
-    parser.add_argument("--jobs", type=int, default=1, help="files scored in parallel processes")
+    parser.add_argument("--workers", "--jobs", type=int, default=1, help="files scored in parallel (processes)")
     parser.add_argument("--flow-cache", type=Path, default=default_flow_cache(),
                         help="keep each video's optical-flow trajectory here, keyed by content (default: %(default)s)")
     parser.add_argument("--no-flow-cache", dest="flow_cache", action="store_const", const=None,
@@ -179,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             if row is None:
                 problems.setdefault(stem, []).append(f"no row for id {stem!r} in {args.labels}")
         tasks.append((stem, gen_files[stem], ref_files[stem], video, row, wanted, args.flow_cache))
-    if args.jobs > 1 and len(tasks) > 1:
+    if args.workers > 1 and len(tasks) > 1:
         import librosa.beat  # noqa: F401  (compiles numba kernels on import: once here, not in every worker)
 
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        with ProcessPoolExecutor(max_workers=args.workers) as pool:
             results = list(tqdm(pool.map(_score_pair_star, tasks), total=len(tasks), desc="metrics", unit="file"))
     else:
         results = [score_pair(*t) for t in tqdm(tasks, desc="metrics", unit="file")]

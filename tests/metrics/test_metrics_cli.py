@@ -119,5 +119,5 @@ def test_bad_arguments_and_missing_models_exit_with_a_message(folders, tmp_path,
 def test_parallel_jobs_give_the_same_numbers(folders):
     one, two = folders / "one.json", folders / "two.json"
     base = ["--generated", str(folders / "gen"), "--reference", str(folders / "ref"), "--metrics", "chroma,onset_f1"]
-    assert main([*base, "--out", str(one)]) == 0 and main([*base, "--out", str(two), "--jobs", "2"]) == 0
+    assert main([*base, "--out", str(one)]) == 0 and main([*base, "--out", str(two), "--workers", "2"]) == 0
     assert json.loads(one.read_text())["files"] == json.loads(two.read_text())["files"]

@@ -1,13 +1,13 @@
 """Codec speed on this machine: encode and decode throughput in audio seconds per wall-clock second, and melvq's fit.
 
-    python benchmarks/tokenize.py [--codecs melvq encodec_32khz] [--clips 8] [--seconds 8] [--threads 2]
-    python benchmarks/tokenize.py --codecs melvq --set griffin_lim_iters=16 --set frame_rate=25 --set subframes=2
-    python benchmarks/tokenize.py --codecs melvq --quality --set num_codebooks=4 --set codebook_size=1024
+    python benchmarks/codec.py [--codecs melvq encodec_32khz] [--clips 8] [--seconds 8] [--threads 2]
+    python benchmarks/codec.py --codecs melvq --set griffin_lim_iters=16 --set frame_rate=25 --set subframes=2
+    python benchmarks/codec.py --codecs melvq --quality --set num_codebooks=4 --set codebook_size=1024
 
 Audio: SynthV2M clips (seed 0) at 32 kHz. melvq is first fitted on `--fit-clips` other clips (its fit time is
 reported); encodec_32khz loads tokenize.encodec.weights and, when they are absent, random weights of the same
 architecture (facebook/encodec_32khz's config: the speed is the same). Each figure is the median of `--repeats`
-passes over the clips. Results go to benchmarks/results/tokenize.json, merged by codec, settings and threads.
+passes over the clips. Results go to benchmarks/results/codec.json, merged by codec, settings and threads.
 
 `--quality` also scores the round trip with the tokenize stage's own scoring (pipeline/codecs/roundtrip.py): on
 `--quality-clips` held-out SynthV2M clips (indices 2000+, never in the fit) against their labelled beats, and on the
@@ -17,26 +17,19 @@ real music in ../shared/data/music (first 20 s of each). That is how the melvq s
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# This file's name shadows the standard library's `tokenize` (which `inspect` imports): run as a script, its folder
-# comes first on sys.path, so it is taken out before anything imports inspect.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-RESULTS = Path(__file__).parent / "results" / "tokenize.json"
+RESULTS = Path(__file__).parent / "results" / "codec.json"
 
 
 def synth_audio(indices, seconds: float) -> list[np.ndarray]:
@@ -64,12 +57,11 @@ def build(name: str, overrides: dict, fit_clips: int, seconds: float, threads: i
         import torch
         from transformers import EncodecModel
 
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from test_codecs import encodec_config
+        from pipeline.codecs.encodec import architecture
 
         folder = Path(tempfile.mkdtemp(prefix="encodec-random-"))
         torch.manual_seed(0)
-        EncodecModel(encodec_config()).save_pretrained(folder)
+        EncodecModel(architecture()).save_pretrained(folder)
         codec = codecs.create_codec(name, dataclasses.replace(cfg, encodec=EncodecCodecConfig(weights=str(folder))))
         return codec, {"weights": "random (facebook/encodec_32khz config)"}
 
@@ -144,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             codec, extra = build(name, overrides, args.fit_clips, args.seconds, args.threads)
             row = {**codec.describe(), **extra, **measure(codec, clips, args.repeats), "threads": args.threads,
                    "settings": overrides if name == "melvq" else {}, "machine": f"{platform.machine()}, cpu",
-                   "command": "python benchmarks/tokenize.py " + " ".join(argv or sys.argv[1:])}
+                   "command": "python benchmarks/codec.py " + " ".join(argv or sys.argv[1:])}
             if args.quality:
                 row["round_trip"] = quality(codec, args.quality_clips, args.seconds, Path(args.real))
             key = f"{name}@{codec.num_codebooks}x{codec.codebook_size}@{codec.frame_rate:g}Hz@{args.threads}t"
