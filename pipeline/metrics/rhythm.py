@@ -203,7 +203,7 @@ def frame_chroma(audio: np.ndarray, sample_rate: int, frame_rate: float, n_frame
     """The STFT chroma around the time of each codec frame: audio [N] or [C, N] at `sample_rate` (resampled to 32 kHz
     when it is not), frame f centred at f / frame_rate s -> [n_frames, 12], each row summing to 1 (flat where there is
     no energy or past the end). librosa `chroma_stft`, n_fft 4096, tuning 0, at 10 ms hops; frame f takes the hop
-    nearest its time. What `V2M.set_token_chroma` averages per token."""
+    nearest its time. What `HarmonyBank.fill_token_chroma` averages per token."""
     import librosa
 
     y = np.asarray(audio, dtype=np.float64)  # float64, as in _mono
