@@ -74,9 +74,11 @@ def ffmpeg_exe() -> str:
 
 
 _LINK_LOCK = threading.Lock()
-# x264's bitstream depends on its thread count, and its default follows the machine's cores: a fixed count gives the
-# same bytes on any machine (docs/reproducibility.md). Stages run two items at a time, so two threads fill 2-4 cores.
-X264_ARGS = ("-c:v", "libx264", "-threads:v", "2")
+# One x264 thread: its default follows the machine's cores and its bitstream depends on the thread count; and with 2
+# frame threads this build's output varied from run to run (1 encode in 10 of the same 8 s clip decoded to other
+# frames), so the same clip could get other features. Single-threaded, every encode of it is the same bytes on any
+# machine (docs/reproducibility.md); the stages encode two items at a time instead.
+X264_ARGS = ("-c:v", "libx264", "-threads:v", "1")
 
 
 @lru_cache(maxsize=1)
