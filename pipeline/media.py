@@ -269,17 +269,20 @@ def normalise_video(src: str | Path, clip: str | Path, n_frames: int, fps: float
     `channels` and padded with silence to n_frames / fps seconds: AAC in `clip` and 16-bit PCM in `wav`. Without it
     the clip has no audio. Raises `MediaError` (reason ``corrupt``) naming `src` when ffmpeg fails.
     """
-    duration = n_frames / fps
     scale = (f"scale=w='if(lte(iw,ih),{short_side},-2)':h='if(lte(iw,ih),-2,{short_side})':flags=bicubic,"
-             f"fps={fps}:start_time=0,setsar=1,format=yuv420p")
-    audio_filter = f"aresample={sample_rate}:resampler=soxr,apad"
-    args = ["-ss", f"{start_s:.6f}", "-i", str(src), "-map", "0:v:0", "-vf", scale, "-frames:v", str(n_frames),
+             f"fps={fps}:start_time=0,trim=end_frame={n_frames},setsar=1,format=yuv420p")
+    # Both streams end in their filters (n_frames frames; the audio padded, then trimmed to n_frames / fps s), not by
+    # output limits (`-frames:v`, `-t`): with those, whether the clip's last AAC frame was written varied from run to
+    # run (ffmpeg's threads), so the same source gave other bytes.
+    samples = int(round(n_frames / fps * sample_rate))
+    audio_filter = (f"aresample={sample_rate}:resampler=soxr,apad=whole_len={samples},"
+                    f"atrim=end_sample={samples}")
+    args = ["-ss", f"{start_s:.6f}", "-i", str(src), "-map", "0:v:0", "-vf", scale,
             *X264_ARGS, "-preset", preset, "-crf", str(crf), "-movflags", "+faststart"]
     if wav is not None:
-        args += ["-map", "0:a:0", "-af", audio_filter, "-ac", str(channels), "-c:a", "aac",
-                 "-b:a", "128k", "-t", f"{duration:.6f}", str(clip),
+        args += ["-map", "0:a:0", "-af", audio_filter, "-ac", str(channels), "-c:a", "aac", "-b:a", "128k", str(clip),
                  "-map", "0:a:0", "-af", audio_filter, "-ac", str(channels),
-                 "-ar", str(sample_rate), "-c:a", "pcm_s16le", "-t", f"{duration:.6f}", str(wav)]
+                 "-ar", str(sample_rate), "-c:a", "pcm_s16le", str(wav)]
     else:
         args += ["-an", str(clip)]
     run_ffmpeg(args, src)

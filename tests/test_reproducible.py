@@ -42,7 +42,7 @@ def tree_digest(*folders: Path) -> dict[str, str]:
 
 
 def run_v2m(args: list[str], cwd: Path, variant: dict[str, str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS_")} | variant
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS_")} | variant | {"PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -71,7 +71,7 @@ def test_codec_fit_tokens_and_round_trip_are_the_same_bytes_under_any_blas(tmp_p
 CLIP_PROBE = """
 import hashlib, sys
 from pipeline.config import ClipEncoderConfig
-from pipeline.encoders import sample_frames
+from pipeline.encoders.streams import sample_frames
 from pipeline.encoders.clip import ClipEncoder, init_seeded
 cfg = ClipEncoderConfig()
 init_seeded(cfg, 0, sys.argv[2])
