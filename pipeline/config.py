@@ -131,6 +131,9 @@ class EmbedConfig:
     flow_fps: float = 24.0  # flow descriptors per second of video (24 = every frame pair; docs/studies/motion.md)
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
     threads: int = 1  # torch/OpenCV threads per process; 0 = cores / processes on the node
+    # processes on this machine, each writing its own shards (runtime.local_ranks); ignored under torchrun / SLURM.
+    # 2: the demo machine's 2 cores (one thread each is faster than one process with 2: docs/timings.md, "Threads")
+    workers: int = 2
     max_fail_ratio: float = 0.1  # exit non-zero when more than this fraction of rows failed
     report_path: str = "reports/flow_beats.png"  # flow speed over time with the true beats of a few SynthV2M clips
     report_clips: int = 4
@@ -261,7 +264,10 @@ class TrainConfig:
     select: str = "last"  # last | val_beat_f1: v2m.pt = the checkpoint with the best val_beat_f1 (needs beat_clips)
     log_every: int = 10
     ckpt_every: int = 100  # steps between checkpoints (atomic) and validation
-    beat_clips: int = 8  # validation clips generated and decoded at every checkpoint for val_beat_f1 (0 = none)
+    beat_clips: int = 8  # validation clips generated and decoded for val_beat_f1 (0 = none)
+    # val_beat_f1 at the first checkpoint this many steps after the last one that had it, and at the last step
+    # (0 = every checkpoint); with select: val_beat_f1 only those are candidates. Each costs ~8 s on 2 cores
+    beat_every: int = 200
     # how those clips are generated: generate's settings but no harmony bias (SamplingConfig says why)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(harmony_bias=0.0))
     # torch threads per process, at most cores / processes (more is slower); 0 = cores / processes.
@@ -286,6 +292,9 @@ class GenerateConfig:
     use_cache: bool = True  # KV cache (False recomputes the prefix every step: for benchmarks and tests)
     mix_db: float = -12.0  # --keep-audio: level of the original soundtrack relative to the music
     threads: int = 1  # torch/OpenCV threads; 0 = every core (more than the free cores is slower: docs/timings.md)
+    # the stage's processes on this machine, each doing every N-th clip (runtime.local_ranks); ignored under
+    # torchrun / SLURM and by `v2m generate VIDEO`. 2: the demo machine's 2 cores
+    workers: int = 2
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
     max_fail_ratio: float = 0.1  # the stage exits non-zero when more than this fraction of rows failed
 

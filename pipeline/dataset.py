@@ -6,6 +6,7 @@ checkpoint on the same items.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -107,3 +108,100 @@ def collate(items: list[dict], text: dict[str, np.ndarray] | None = None) -> dic
         batch["text"] = torch.from_numpy(np.stack([text[it["id"]] for it in items]))
         batch["text_mask"] = torch.tensor([bool(it["caption"]) for it in items])
     return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# harmony targets
+# ----------------------------------------------------------------------------------------------------------------------
+
+HARMONY_CACHE_VERSION = 1  # bump when rhythm.chroma_track / frame_chroma change what they compute
+
+
+def harmony_cache_dir(music_dir: Path) -> Path:
+    """Where add_harmony keeps what it computed: {music_dir}/../.cache/harmony/ (data/.cache/harmony for the default
+    data/music), a side cache DVC does not track, as ingest's. Deleting it only costs the time to compute again."""
+    return Path(music_dir).parent / ".cache" / "harmony"
+
+
+def _harmony_job(job: tuple) -> tuple:
+    """(item id, {harmony, harmony_track[, frame_chroma]} or None, error or None) of one item's music. Top level: it
+    runs in the worker processes of `add_harmony`."""
+    from pipeline.media import load_audio
+    from pipeline.metrics.rhythm import FRAME_CHROMA_SR, SAMPLE_RATE, chroma_track, frame_chroma
+
+    item_id, path, times, frame_rate, n_frames = job
+    try:
+        out = dict(zip(("harmony", "harmony_track"), chroma_track(*load_audio(path, SAMPLE_RATE), times),
+                       strict=True))
+        if frame_rate:
+            out["frame_chroma"] = frame_chroma(*load_audio(path, FRAME_CHROMA_SR), frame_rate, n_frames)
+        return item_id, out, None
+    except (OSError, ValueError, RuntimeError) as exc:
+        return item_id, None, str(exc)
+
+
+def add_harmony(items: list[dict], music_dir: Path, frame_rate: float | None = None, workers: int = 1) -> None:
+    """Set item["harmony"], the pitch-class profile [12] of the item's music (`rhythm.chroma_profile`): the harmony
+    head's target, or what the kNN bank returns; and item["harmony_track"] [Tc, 12], the chroma of the half second
+    around each CLIP row's time (`rhythm.chroma_track`), for `harmony_track`. With `frame_rate` (the codec's), also
+    item["frame_chroma"] [T, 12], the chroma at each token frame (`rhythm.frame_chroma`), for the token chroma table.
+    The music is the separate stage's (music_dir/manifest.parquet, the audio the tokens were made from); an item
+    whose music is missing or silent stops training with the path and the reason.
+
+    Both systems and every seed of the seed study need the same arrays, and the CQT is the slow part (~0.15 s a clip),
+    so each item's arrays are kept in `harmony_cache_dir`, keyed by the music file's sha256, the item's row times and
+    frame count, `frame_rate` and HARMONY_CACHE_VERSION: a cached entry holds the very arrays computed here. Missing
+    ones are computed in `workers` processes."""
+    from pipeline.shards import atomic_write_bytes, sha256_file, stable_hash
+
+    manifest = Path(music_dir) / "manifest.parquet"
+    if not manifest.exists():
+        raise SystemExit(f"train: harmony needs the music the tokens were made from: {manifest} is missing "
+                         "(run `v2m separate`, or set train.harmony_knn: 0 and train.harmony: 0)")
+    paths = dict(pd.read_parquet(manifest, columns=["id", "music_path"]).itertuples(index=False))
+    cache, by_id, todo = harmony_cache_dir(music_dir), {it["id"]: it for it in items}, []
+    for it in items:
+        path = paths.get(it["id"])
+        if not path or not Path(path).is_file():
+            raise SystemExit(f"train: harmony profile of {it['id']}: "
+                             + (f"its music {path} is missing" if path else f"{it['id']} is not in {manifest}"))
+        times = np.arange(it["clip"].shape[0]) / it["clip_fps"]
+        n_frames = int(it["codes"].shape[1])
+        key = stable_hash(json.dumps([HARMONY_CACHE_VERSION, sha256_file(path), len(times), float(it["clip_fps"]),
+                                      frame_rate, n_frames if frame_rate else None]))
+        it["_harmony_key"] = key
+        try:
+            with np.load(cache / f"{key}.npz") as saved:
+                it.update({name: saved[name] for name in saved.files})
+        except (OSError, ValueError, KeyError):
+            todo.append((it["id"], path, times, frame_rate, n_frames))
+    if todo:
+        results = _map_jobs(_harmony_job, todo, workers, "harmony profiles")
+        for (item_id, path, *_), (_, arrays, error) in zip(todo, results, strict=True):
+            if error is not None:
+                raise SystemExit(f"train: harmony profile of {item_id} ({path}): {error}")
+            it = by_id[item_id]
+            it.update(arrays)
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            try:
+                atomic_write_bytes(cache / f"{it['_harmony_key']}.npz", buffer.getvalue())
+            except OSError as exc:  # a read-only data folder: the next run computes them again
+                log.warning("harmony cache not written (%s): %s", cache, exc)
+                break
+        log.info("harmony profiles: %d computed, %d from %s", len(todo), len(items) - len(todo), cache)
+    for it in items:
+        it.pop("_harmony_key", None)
+
+
+def _map_jobs(fn, jobs: list, workers: int, desc: str) -> list:
+    """[fn(job) for job in jobs] with a progress bar, in `workers` spawned processes when there are enough jobs."""
+    from tqdm import tqdm
+
+    if workers <= 1 or len(jobs) < 4 * workers:
+        return [fn(job) for job in tqdm(jobs, desc=desc, unit="clip", disable=None)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(tqdm(pool.map(fn, jobs, chunksize=8), total=len(jobs), desc=desc, unit="clip", disable=None))

@@ -38,7 +38,7 @@ from pipeline.encoders import clip as clip_enc
 from pipeline.encoders import flow as flow_enc
 from pipeline.encoders.streams import Encoders
 from pipeline.manifest import INGEST_COLUMNS, label_columns, read_upstream, skipped_upstream, upstream_hash
-from pipeline.runtime import dist_env, resolve_device, set_threads, wait_for_ranks
+from pipeline.runtime import local_ranks, resolve_device, set_threads, wait_for_ranks
 from pipeline.shards import (
     FAILED,
     OK,
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.init_encoders:
         print(f"embed: wrote {init_encoders(params)} (seed {params.base.seed})")
         return 0
-    rank, world = dist_env()
+    rank, world = local_ranks(cfg.workers, "embed", list(sys.argv[1:] if argv is None else argv))
     out_dir = Path(args.out or cfg.out_dir)
     result = run(params, Path(args.ingest or Path(params.ingest.out_dir) / "manifest.parquet"), out_dir, rank, world)
     print(f"embed: rank {rank}/{world}: computed clip {len(result['computed']['clip'])}, "

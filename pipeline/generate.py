@@ -24,7 +24,9 @@ row per (system, id): status ok / failed, reason, error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -49,8 +51,8 @@ from pipeline.inference import (
     text_embedding,
 )
 from pipeline.media import MediaError, load_audio, write_wav
-from pipeline.runtime import cores_per_process
-from pipeline.shards import FAILED, OK, load_features, report_rows, stable_hash, write_manifest
+from pipeline.runtime import cores_per_process, local_ranks, local_world_size, wait_for_ranks
+from pipeline.shards import FAILED, OK, atomic_write_json, load_features, report_rows, stable_hash, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +103,12 @@ def run_files(inputs: list[Path], out: Path, model: Model, cfg: GenerateConfig, 
 # ----------------------------------------------------------------------------------------------------------------------
 
 def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | None = None,
-              baselines: bool = True) -> pd.DataFrame:
+              baselines: bool = True, rank: int = 0, world: int = 1) -> pd.DataFrame:
     """The eval split through every system (checkpoints models_dir/{system}/v2m.pt, default train.out_dir), then the
-    baselines and the reference unless `baselines` is False -> out_dir/{system}/{id}.{wav,mp4}."""
+    baselines and the reference unless `baselines` is False -> out_dir/{system}/{id}.{wav,mp4}. Rank r of `world`
+    (runtime.local_ranks, `generate.workers`) does every world-th clip; rank 0 writes the manifest (the other ranks
+    return an empty frame). Each clip's music depends on the seed and its id only, so the files are the same for
+    any number of ranks."""
     cfg, seed = params.generate, params.base.seed
     out_dir = Path(out_dir or cfg.out_dir)
     models_dir = Path(models_dir or params.train.out_dir)
@@ -149,10 +154,23 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
             for item_id in eval_ids:
                 records.append({"system": system, "id": item_id, "status": FAILED, "reason": "no_model",
                                 "error": str(exc)})
-    for system, model in models.items():
-        torch.set_num_threads(cfg.threads or cores_per_process(1))
-        for item_id in tqdm(eval_ids, desc=f"generate {system}", unit="clip", disable=None):
-            def make(model=model, item_id=item_id):
+    if rank != 0:
+        records.clear()  # rank 0 writes those
+    # the work in a fixed order, each rank taking every world-th job: (system, id) per trained system, then per id
+    # the baselines; the merged rows are in that order whatever the number of ranks
+    jobs = [(system, item_id) for system in models for item_id in eval_ids]
+    jobs += [("baselines", item_id) for item_id in (eval_ids if baselines else [])]
+    codec = next(iter(models.values())).codec if models else _stage_codec(params)
+    means = {i: _unit(np.asarray(clip[i], np.float64).mean(0)) for i in train_ids + eval_ids}
+    train_matrix = np.stack([means[i] for i in train_ids]) if train_ids else None
+    torch.set_num_threads(cfg.threads or cores_per_process(local_world_size()))
+    label = f"generate [rank {rank}/{world}]" if world > 1 else "generate"
+    for job, (system, item_id) in enumerate(tqdm(jobs, desc=label, unit="job", disable=None)):
+        if job % world != rank:
+            continue
+        start = len(records)
+        if system in models:
+            def make(model=models[system], item_id=item_id):
                 feats = {"clip": np.asarray(clip[item_id]), "flow": np.asarray(flow[item_id]),
                          "clip_fps": fps["clip"], "flow_fps": fps["flow"]}
                 n_samples = int(round(float(rows[item_id]["duration_s"]) * model.codec.sample_rate))
@@ -161,26 +179,54 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
                 wav = decode_windows(model.codec, codes, starts, prompt, n_samples, cfg.crossfade_seconds)
                 return wav, model.codec.sample_rate
             emit(system, item_id, make)
-
-    if not baselines:
-        eval_ids = []
-    codec = next(iter(models.values())).codec if models else _stage_codec(params)
-    means = {i: _unit(np.asarray(clip[i]).mean(0)) for i in train_ids + eval_ids}
-    train_matrix = np.stack([means[i] for i in train_ids]) if train_ids else None
-    for item_id in tqdm(eval_ids, desc="generate baselines", unit="clip", disable=None):
-        emit("reference", item_id,
-             lambda i=item_id: (codec.decode(codec.encode(load_audio(music_dir / f"{i}.wav", codec.sample_rate)[0])),
-                                codec.sample_rate))
-        if train_matrix is None:
-            continue
-        nearest = train_ids[int(np.argmax(train_matrix @ means[item_id]))]
-        emit("retrieval", item_id, lambda j=nearest: load_audio(music_dir / f"{j}.wav", sr, mono=False), nearest)
-        rng = np.random.default_rng([seed, int(stable_hash(item_id), 16)])
-        chosen = train_ids[int(rng.integers(len(train_ids)))]
-        emit("random", item_id, lambda j=chosen: load_audio(music_dir / f"{j}.wav", sr, mono=False), chosen)
-    frame = pd.DataFrame(records, columns=STAGE_COLUMNS)
+        else:
+            emit("reference", item_id,
+                 lambda i=item_id: (codec.decode(codec.encode(load_audio(music_dir / f"{i}.wav",
+                                                                         codec.sample_rate)[0])), codec.sample_rate))
+            if train_matrix is not None:
+                nearest = train_ids[nearest_row(train_matrix, means[item_id])]
+                emit("retrieval", item_id, lambda j=nearest: load_audio(music_dir / f"{j}.wav", sr, mono=False),
+                     nearest)
+                rng = np.random.default_rng([seed, int(stable_hash(item_id), 16)])
+                chosen = train_ids[int(rng.integers(len(train_ids)))]
+                emit("random", item_id, lambda j=chosen: load_audio(music_dir / f"{j}.wav", sr, mono=False), chosen)
+        for rec in records[start:]:
+            rec["_job"] = job
+    records = _gather(records, out_dir, rank, world, stable_hash(json.dumps([list(models), jobs])))
+    if records is None:
+        return pd.DataFrame(columns=STAGE_COLUMNS)  # rank > 0: rank 0 writes the manifest
+    frame = pd.DataFrame([{k: v for k, v in rec.items() if k != "_job"} for rec in records], columns=STAGE_COLUMNS)
     write_manifest(out_dir / "manifest.csv", frame.to_dict("records"), columns=STAGE_COLUMNS)
     return frame
+
+
+def _gather(records: list[dict], out_dir: Path, rank: int, world: int, token: str) -> list[dict] | None:
+    """Every rank's rows on rank 0, in job order (None on the other ranks): each rank writes its rows to
+    {out_dir}/.ranks/rows-R.json, and rank 0 reads them after the barrier and removes them."""
+    if world == 1:
+        return records
+    folder = out_dir / ".ranks"
+    if rank != 0:
+        atomic_write_json(folder / f"rows-{rank:05d}.json", records)
+    wait_for_ranks(out_dir, rank, world, token, "generate")
+    if rank != 0:
+        return None
+    for r in range(1, world):
+        path = folder / f"rows-{r:05d}.json"
+        records = records + json.loads(path.read_text())
+        path.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+    order = {id(rec): n for n, rec in enumerate(records)}  # a job's rows keep their order; no-model rows first
+    return sorted(records, key=lambda rec: (rec.get("_job", -1), order[id(rec)]))
+
+
+def nearest_row(matrix: np.ndarray, query: np.ndarray) -> int:
+    """Index of the row of `matrix` [N, D] with the largest dot product with `query` [D], the same on any machine:
+    float64 products rounded to 2^-30 before the argmax (BLAS kernels differ in the last bits, far below that);
+    equal scores go to the first row."""
+    scores = np.rint((np.asarray(matrix, np.float64) @ np.asarray(query, np.float64)) * 2.0**30)
+    return int(np.argmax(scores))
 
 
 def fit_length(audio: np.ndarray, n: int) -> np.ndarray:
@@ -237,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params, missing_ok=True)
     if args.stage:
         out_dir = args.out or Path(params.generate.out_dir)
-        frame = run_stage(params, out_dir, args.models, baselines=not args.no_baselines)
+        rank, world = local_ranks(params.generate.workers, "generate", list(sys.argv[1:] if argv is None else argv))
+        frame = run_stage(params, out_dir, args.models, baselines=not args.no_baselines, rank=rank, world=world)
+        if rank != 0:
+            return 0
         return report_rows("generate", frame, params.generate.max_fail_ratio,
                            label=lambda rec: f"{rec['system']}/{rec['id']}", suffix=f" -> {out_dir}")
     if not args.inputs or args.out is None:

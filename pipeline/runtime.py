@@ -2,21 +2,31 @@
 its thread count. Shared by the stages so that scale-out and thread choice behave the same in every one of them.
 
 Rank and world size come from torchrun (RANK / WORLD_SIZE) or SLURM (SLURM_PROCID / SLURM_NTASKS); one process alone
-is rank 0 of 1. Threads: more threads than free cores makes every small op wait for a descheduled thread, so a count
-of 0 means the cores divided by the processes sharing them; scale out with processes, not threads.
+is rank 0 of 1, or `local_ranks` starts the ranks itself on this machine (a stage's `workers` param). Threads: more
+threads than free cores makes every small op wait for a descheduled thread, so a count of 0 means the cores divided
+by the processes sharing them; scale out with processes, not threads.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
 from pipeline.shards import atomic_write_json, stable_hash
 
 BARRIER_TIMEOUT = timedelta(hours=12)  # ranks can finish far apart on skewed shards
+LAUNCH_ENV = "V2M_LAUNCH_ID"  # set by local_ranks in every rank it runs: keys the barrier's marker files
+_children: list[tuple[int, subprocess.Popen]] = []  # (rank, process) that local_ranks started
+_launch: dict = {}  # rank 0 of local_ranks' launch: {"id", "world"}
 
 
 def dist_env() -> tuple[int, int]:
@@ -36,8 +46,8 @@ def local_rank() -> int:
 
 
 def local_world_size() -> int:
-    """The processes on this node (torchrun's LOCAL_WORLD_SIZE; 1 alone)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    """The processes on this node (torchrun's LOCAL_WORLD_SIZE, or local_ranks' workers; 1 alone)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", _launch.get("world", 1)))
 
 
 def cores_per_process(processes: int) -> int:
@@ -45,12 +55,67 @@ def cores_per_process(processes: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
+def local_ranks(workers: int, command: str, argv: list[str]) -> tuple[int, int]:
+    """(rank, world) of this process for a sharded stage whose `workers` param is `workers`.
+
+    Under torchrun or SLURM (dist_env's world > 1), or with workers <= 1: dist_env's answer. Else this process
+    becomes rank 0 of `workers` and starts ranks 1 .. workers-1 itself: `python -m pipeline.cli COMMAND ARGV` with
+    RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and a fresh launch id (which keys the barrier's marker files, so
+    markers of an earlier launch never count). They write their shards and exit; rank 0 does its own, waits for them
+    in `wait_for_ranks` (which stops at once, naming the rank, when one exits with an error) and writes what rank 0
+    writes. Same shards, same bytes as one process (each rank writes whole shards). This process's environment is
+    left as it was (a later call starts a new launch); the ranks it started are terminated when it exits, and get
+    SIGTERM when it dies (Linux)."""
+    rank, world = dist_env()
+    if world > 1 or workers <= 1:
+        return rank, world
+    _stop_children()
+    _launch.update(id=uuid.uuid4().hex, world=workers)
+    shared = {"WORLD_SIZE": str(workers), "LOCAL_WORLD_SIZE": str(workers), LAUNCH_ENV: _launch["id"]}
+    for r in range(1, workers):
+        env = {**os.environ, **shared, "RANK": str(r), "LOCAL_RANK": str(r)}
+        env.pop("MASTER_ADDR", None)  # marker files, not a gloo rendezvous
+        _children.append((r, subprocess.Popen([sys.executable, "-m", "pipeline.cli", command, *argv], env=env,
+                                              preexec_fn=_die_with_parent)))
+    atexit.register(_stop_children)
+    return 0, workers
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _stop_children() -> None:
+    for _, proc in _children:
+        if proc.poll() is None:
+            proc.terminate()
+    for _, proc in _children:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    _children.clear()
+    _launch.clear()
+
+
+def _failed_child() -> str | None:
+    """'rank R exited with status S' for the first rank local_ranks started that failed, else None."""
+    for rank, proc in _children:
+        if proc.poll() not in (None, 0):
+            return f"rank {rank} exited with status {proc.returncode}"
+    return None
+
+
 def wait_for_ranks(out_dir: Path, rank: int, world: int, token: str, stage: str) -> None:
     """Return on rank 0 once every rank has finished its shards; other ranks return at once (after the barrier).
 
     A gloo barrier when MASTER_ADDR and MASTER_PORT are set (as under torchrun); else marker files in
-    {out_dir}/.ranks/ holding `token` keyed by the SLURM job step, so markers of another run never count. `stage`
-    names the stage in the error when rank 0 gives up after BARRIER_TIMEOUT.
+    {out_dir}/.ranks/ holding `token` keyed by the SLURM job step (or local_ranks' launch id), so markers of another
+    run never count; rank 0 removes them once all are in. `stage` names the stage in the error when rank 0 gives up
+    after BARRIER_TIMEOUT, or at once when a rank local_ranks started has failed.
     """
     if world == 1:
         return
@@ -63,7 +128,9 @@ def wait_for_ranks(out_dir: Path, rank: int, world: int, token: str, stage: str)
         dist.destroy_process_group()
         return
     # no rendezvous (e.g. plain `srun python -m pipeline.embed`): marker files, keyed by the job step and the inputs
-    token = stable_hash(f"{os.environ.get('SLURM_JOB_ID', '')}.{os.environ.get('SLURM_STEP_ID', '')}:{token}")
+    launch = os.environ.get(LAUNCH_ENV) or _launch.get("id", "")
+    job = f"{os.environ.get('SLURM_JOB_ID', '')}.{os.environ.get('SLURM_STEP_ID', '')}.{launch}"
+    token = stable_hash(f"{job}:{token}")
     markers = out_dir / ".ranks"
     atomic_write_json(markers / f"{rank:05d}.json", {"token": token, "world": world})
     if rank != 0:
@@ -77,8 +144,15 @@ def wait_for_ranks(out_dir: Path, rank: int, world: int, token: str, stage: str)
             except (OSError, ValueError, KeyError):
                 tokens.append(None)
         if all(t == token for t in tokens):
+            for r in range(world):  # every rank is past its marker: the output folder keeps none (DVC hashes it)
+                (markers / f"{r:05d}.json").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                markers.rmdir()
+            _stop_children()  # they have all exited (or are exiting): this launch is over
             return
-        time.sleep(2.0)
+        if failed := _failed_child():
+            raise SystemExit(f"{stage}: {failed}; its shards are kept, rerun to finish")
+        time.sleep(0.5 if _children else 2.0)
     raise SystemExit(f"{stage}: rank 0 waited {BARRIER_TIMEOUT} for the other ranks' markers in {markers}")
 
 

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from pipeline import codecs
 from pipeline.config import Params, TrainConfig, load_params, to_dict
-from pipeline.dataset import collate, load_dataset
+from pipeline.dataset import add_harmony, collate, load_dataset
 from pipeline.encoders.text import TEXT_DIM, caption_embeddings
 from pipeline.model import V2M, HarmonyBank, ModelConfig, create_model, load_preset, num_params
 from pipeline.runtime import cores_per_process, dist_env, local_rank, resolve_device
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 SYSTEMS = ("full", "no_motion")
 ONSET_WINDOW_S = 0.04
-VALIDATION_ONLY = ("select", "beat_clips", "sampling")
+VALIDATION_ONLY = ("select", "beat_clips", "beat_every", "sampling")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -77,34 +77,6 @@ def onset_frames(items: list[dict], n_frames: int, frame_rate: float) -> torch.T
         if len(it["beats"]):
             out[b] = (np.abs(centres[:, None] - it["beats"][None]) <= ONSET_WINDOW_S).any(1)
     return torch.from_numpy(out)
-
-
-def add_harmony(items: list[dict], music_dir: Path, frame_rate: float | None = None) -> None:
-    """Set item["harmony"], the pitch-class profile [12] of the item's music (`rhythm.chroma_profile`): the harmony
-    head's target, or what the kNN bank returns; and item["harmony_track"] [Tc, 12], the chroma of the half second
-    around each CLIP row's time (`rhythm.chroma_track`), for `harmony_track`. With `frame_rate` (the codec's), also
-    item["frame_chroma"] [T, 12], the chroma at each token frame (`rhythm.frame_chroma`), for the token chroma table.
-    The music is the separate stage's (music_dir/manifest.parquet, the audio the tokens were made from); an item
-    whose music is missing or silent stops training with the path and the reason."""
-    from pipeline.media import load_audio
-    from pipeline.metrics.rhythm import FRAME_CHROMA_SR, SAMPLE_RATE, chroma_track, frame_chroma
-
-    manifest = Path(music_dir) / "manifest.parquet"
-    if not manifest.exists():
-        raise SystemExit(f"train: harmony needs the music the tokens were made from: {manifest} is missing "
-                         "(run `v2m separate`, or set train.harmony_knn: 0 and train.harmony: 0)")
-    paths = dict(pd.read_parquet(manifest, columns=["id", "music_path"]).itertuples(index=False))
-    for it in tqdm(items, desc="harmony profiles", unit="clip", disable=None):
-        path = paths.get(it["id"])
-        try:
-            if not path:
-                raise FileNotFoundError(f"{it['id']} is not in {manifest}")
-            times = np.arange(it["clip"].shape[0]) / it["clip_fps"]
-            it["harmony"], it["harmony_track"] = chroma_track(*load_audio(path, SAMPLE_RATE), times)
-            if frame_rate:
-                it["frame_chroma"] = frame_chroma(*load_audio(path, FRAME_CHROMA_SR), frame_rate, it["codes"].shape[1])
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise SystemExit(f"train: harmony profile of {it['id']} ({path}): {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -247,6 +219,8 @@ def check_settings(cfg: TrainConfig, world: int) -> None:
         raise SystemExit(f"train.select: {cfg.select!r} is not one of val_beat_f1, last")
     if cfg.sampling.problem("train.sampling"):  # else the first validation, ckpt_every steps in, would stop on it
         raise SystemExit(cfg.sampling.problem("train.sampling"))
+    if cfg.beat_every < 0:
+        raise SystemExit(f"train.beat_every {cfg.beat_every} must be >= 0 (0 = at every checkpoint)")
     if cfg.batch_size % world:
         raise SystemExit(f"train: batch_size {cfg.batch_size} is not divisible by the {world} processes")
 
@@ -269,7 +243,8 @@ class Trainer:
                             params.embed.flow.grid ** 2)
         if mcfg.harmony or mcfg.harmony_knn:
             add_harmony(self.train_items, Path(params.tokenize.music_dir),
-                        mcfg.frame_rate if mcfg.harmony_track else None)
+                        mcfg.frame_rate if mcfg.harmony_track else None,
+                        workers=1 if world > 1 else cfg.threads or cores_per_process(1))
         self.mcfg, harmony = build_harmony(self.train_items, mcfg, device)
         torch.manual_seed(self.seed)
         self.model = create_model(self.mcfg, cfg.pretrained_dir, harmony).to(device)
@@ -371,6 +346,14 @@ class Trainer:
                                                "model": self.selected.state_dict()})
         return self.evals[-1]
 
+    def beat_due(self) -> bool:
+        """Whether this checkpoint's validation scores val_beat_f1: at least train.beat_every steps after the last
+        one that did (every checkpoint with 0), and always at the last step. From the eval curve: a resumed run
+        scores the same checkpoints."""
+        cfg = self.cfg
+        last = max((e["step"] for e in self.evals if e.get("val_beat_f1") is not None), default=0)
+        return not cfg.beat_every or self.step - last >= cfg.beat_every or self.step >= cfg.max_steps
+
     def save_checkpoint(self) -> None:
         """last.pt (rank 0), everything a rerun needs to resume and end at the same weights."""
         if self.rank == 0:
@@ -427,7 +410,7 @@ def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: 
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{trainer.tokens_per_s:,.0f}")
         if trainer.step % cfg.ckpt_every == 0 or trainer.step == cfg.max_steps:
             if rank == 0:
-                row = trainer.evaluate(decode)
+                row = trainer.evaluate(decode if trainer.beat_due() else None)
                 bar.write(f"{system} step {trainer.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
                                                                          if isinstance(v, float)))
             trainer.save_checkpoint()

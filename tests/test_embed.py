@@ -351,3 +351,20 @@ def test_dvc_flow_fps_change_reruns_embed_only_and_recomputes_flow_only(tmp_path
     assert mtimes(repo / "data/music") == music_before and mtimes(repo / "data/features/clip") == clip_before
     assert set(pd.read_parquet(repo / "data/features/manifest.parquet")["flow_fps"]) == {4.0}
     assert changed() == set()
+
+
+def test_embed_workers_start_local_ranks_that_write_the_single_process_shards(tmp_path, clip, encoders_dir):
+    """embed.workers: 2 (the demo's): `v2m embed` starts rank 1 itself; the shards and the manifest are byte for byte
+    those of one process, and no rank marker is left in the output (DVC hashes the folder)."""
+    params, manifest = tmp_path / "params.yaml", fake_ingest(tmp_path, clip, 9)
+    one = make_params(encoders_dir)
+    assert one.embed.workers == 2  # the default
+    params.write_text(json.dumps(to_dict(one)))
+    embed.run(one, manifest, tmp_path / "one")
+    proc = run_embed_cli(params, manifest, tmp_path / "two")
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    assert "rank 0/2" in output
+    assert digests(tmp_path / "one") == digests(tmp_path / "two")
+    assert sha256_file(tmp_path / "one" / "manifest.parquet") == sha256_file(tmp_path / "two" / "manifest.parquet")
+    assert not (tmp_path / "two" / ".ranks").exists()

@@ -325,3 +325,22 @@ def test_a_checkpoint_that_runs_code_is_refused_in_one_line(project, tmp_path, c
     torch.save({"config": {"decoder": "?"}, "model": {"w": torch.zeros(1)}}, wrong)
     assert run(project, str(video), "-o", str(tmp_path / "out.mp4"), model=wrong) == 2
     assert f"{wrong}: not a v2m checkpoint" in capsys.readouterr().err
+
+
+def test_stage_with_two_workers_writes_what_one_process_writes(project, tmp_path):
+    """generate.workers: 2 (the demo's): `v2m generate --stage` starts rank 1 itself and each rank does every other
+    job; every wav and the manifest are byte for byte those of one process, and nothing of the ranks is left."""
+    from pipeline.shards import sha256_file
+
+    params = load_params(project["params"])
+    assert params.generate.workers == 2
+    generate.run_stage(params, tmp_path / "one")
+    assert generate.main(["--stage", "--out", str(tmp_path / "two"), "--params", str(project["params"])]) == 0
+
+    def files(root: Path) -> dict:
+        return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
+                if p.is_file() and p.suffix in (".wav", ".csv")}
+
+    one = files(tmp_path / "one")
+    assert len(one) == 1 + 4 * 2 and files(tmp_path / "two") == one  # 2 test clips x (full + 3 baselines)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())

@@ -253,7 +253,8 @@ def test_out_of_range_plausibility_stops_before_training(data, tmp_path):
 
 def test_select_keeps_the_checkpoint_with_the_best_val_beat_f1(data, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "load_codec", lambda params, name: ClickCodec())
-    params = write_params(tmp_path / "params.yaml", max_steps=12, ckpt_every=2, beat_clips=2, select="val_beat_f1")
+    params = write_params(tmp_path / "params.yaml", max_steps=12, ckpt_every=2, beat_clips=2, select="val_beat_f1",
+                          beat_every=0)
     assert train.main(argv(data, params, tmp_path)) == 0
     evals = pd.read_csv(tmp_path / "metrics" / "full_eval.csv")
     best = evals.loc[evals["val_beat_f1"].idxmax()]  # the first of equal scores, as training keeps it
@@ -265,11 +266,65 @@ def test_select_keeps_the_checkpoint_with_the_best_val_beat_f1(data, tmp_path, m
     assert all(torch.equal(kept["model"][k], v) for k, v in saved["model"].items())
 
     # select: last (a validation-only setting: the finished run is resumed, not retrained) -> the final weights
-    params = write_params(tmp_path / "params.yaml", max_steps=12, ckpt_every=2, beat_clips=2, select="last")
+    params = write_params(tmp_path / "params.yaml", max_steps=12, ckpt_every=2, beat_clips=2, select="last",
+                          beat_every=0)
     assert train.main(argv(data, params, tmp_path)) == 0
     final = torch.load(tmp_path / "model" / "last.pt", map_location="cpu", weights_only=False)
     saved = torch.load(tmp_path / "model" / "v2m.pt", map_location="cpu", weights_only=False)
     assert saved["step"] == 12 and all(torch.equal(final["model"][k], v) for k, v in saved["model"].items())
+
+
+def test_val_beat_f1_every_few_checkpoints_leaves_the_training_as_it_was(data, tmp_path, monkeypatch):
+    """train.beat_every: val_beat_f1 only every so many steps and at the last; validation draws from its own
+    generator, so the weights are those of a run that scores every checkpoint."""
+    monkeypatch.setattr(train, "load_codec", lambda params, name: ClickCodec())
+    weights = {}
+    for every in (0, 4):
+        out = tmp_path / f"every{every}"
+        out.mkdir()
+        params = write_params(out / "params.yaml", max_steps=10, ckpt_every=2, beat_clips=2, beat_every=every)
+        assert train.main(argv(data, params, out)) == 0
+        evals = pd.read_csv(out / "metrics" / "full_eval.csv")
+        scored = evals.loc[evals["val_beat_f1"].notna(), "step"].tolist()
+        assert scored == ([2, 4, 6, 8, 10] if every == 0 else [4, 8, 10])
+        assert evals["val_loss"].notna().all()  # the losses at every checkpoint still
+        weights[every] = torch.load(out / "model" / "v2m.pt", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(weights[0][k], v) for k, v in weights[4].items())
+    params = write_params(tmp_path / "bad.yaml", beat_every=-1)
+    with pytest.raises(SystemExit, match=r"train.beat_every -1 must be >= 0"):
+        train.main(argv(data, params, tmp_path / "bad"))
+
+
+def test_harmony_arrays_come_from_the_cache_the_second_time(data, tmp_path):
+    """dataset.add_harmony keeps each clip's arrays beside the music (a side cache): the second call (the other
+    system, another seed) reads the very arrays the first computed, and a changed music file is computed again."""
+    from pipeline.dataset import add_harmony, harmony_cache_dir
+    from pipeline.media import load_audio
+    from pipeline.metrics.rhythm import SAMPLE_RATE, chroma_track
+
+    music = make_music(tmp_path / "music", data)
+    items, _ = load_dataset(data["features"], data["tokens"], data["manifest"])
+    first = [dict(it) for it in items]
+    add_harmony(first, music, FRAME_RATE, workers=2)
+    cached = sorted(harmony_cache_dir(music).glob("*.npz"))
+    assert len(cached) == len(items)
+    again = [dict(it) for it in items]
+    add_harmony(again, music, FRAME_RATE)
+    assert sorted(harmony_cache_dir(music).glob("*.npz")) == cached
+    for a, b in zip(first, again, strict=True):
+        for name in ("harmony", "harmony_track", "frame_chroma"):
+            assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name])
+    it = items[0]
+    profile, track = chroma_track(*load_audio(music / f"{it['id']}.wav", SAMPLE_RATE),
+                                  np.arange(len(it["clip"])) / it["clip_fps"])  # computed here, in this process
+    np.testing.assert_allclose(first[0]["harmony"], profile, atol=1e-6)
+    np.testing.assert_allclose(first[0]["harmony_track"], track, atol=1e-6)
+    # other music under the same id (the cache is keyed by content): that music's arrays, not the stale ones
+    shutil.copyfile(music / f"{items[1]['id']}.wav", music / f"{it['id']}.wav")
+    changed = [dict(it)]
+    add_harmony(changed, music, FRAME_RATE)
+    assert np.array_equal(changed[0]["harmony"], first[1]["harmony"])
+    assert not np.array_equal(changed[0]["harmony"], first[0]["harmony"])
 
 
 def make_music(root: Path, data: dict) -> Path:
