@@ -285,6 +285,7 @@ class GenerateConfig:
     crossfade_seconds: float = 0.5  # window audio is crossfaded over this much of the shared (prompt) tokens
     use_cache: bool = True  # KV cache (False recomputes the prefix every step: for benchmarks and tests)
     mix_db: float = -12.0  # --keep-audio: level of the original soundtrack relative to the music
+    max_duration_s: float = 3600.0  # `v2m generate` refuses longer videos (memory grows ~0.5 GB per hour of music)
     threads: int = 1  # torch/OpenCV threads; 0 = every core (more than the free cores is slower: docs/timings.md)
     device: str = "auto"  # auto = cuda when there is one, else cpu | cpu | cuda | cuda:N
     max_fail_ratio: float = 0.1  # the stage exits non-zero when more than this fraction of rows failed

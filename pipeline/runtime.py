@@ -8,15 +8,39 @@ of 0 means the cores divided by the processes sharing them; scale out with proce
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 from pipeline.shards import atomic_write_json, stable_hash
 
 BARRIER_TIMEOUT = timedelta(hours=12)  # ranks can finish far apart on skewed shards
+
+
+@contextlib.contextmanager
+def exit_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
+    """While inside: SIGTERM and SIGHUP raise SystemExit(128 + signal), as Ctrl-C raises KeyboardInterrupt, so context
+    managers and finally blocks (temp files, scratch folders, ffmpeg children) clean up before the process ends. A
+    no-op off the main thread (Python delivers signals there only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def dist_env() -> tuple[int, int]:
