@@ -13,6 +13,7 @@ tests/test_generate.py (they need its trained model); the SIGKILL matrix of the 
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -178,6 +179,28 @@ def test_temps_deleted_under_a_running_ingest_are_retried_not_corrupt(tmp_path, 
     assert list(frame["status"]) == ["ok"] * 4 and processed == len(failed)
 
 
+def test_hostile_manifest_rows_are_bad_rows_and_nothing_escapes_the_out_dir(tmp_path, videos):
+    """Ids that are paths or options, sources that are options or odd schemes, a BOM, a huge caption: each row gets
+    its row, the good one is ingested, and nothing is written outside the out dir."""
+    hostile_ids = ["../escape", "a/b", "/abs", "-rf", "--exec=touch pwned", ".hidden", "x" * 200, "nul\x00byte",
+                   "new\nline", ""]
+    rows = [row(i, videos[0]) for i in hostile_ids]
+    rows += [row("opt", "-i"), row("opt2", "--version"), row("blank", "  "), row("good", videos[1])]
+    frame = pd.DataFrame(rows, columns=["id", "source", "start_s", "split"]).assign(caption="c" * 100_000)
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + frame.to_csv(index=False).encode())  # a BOM, as Excel writes
+    (tmp_path / "sandbox").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    frame, _ = ingest.run(path, tmp_path / "sandbox" / "out", BASE, CFG)
+    assert len(frame) == len(rows)
+    assert dict(zip(frame["id"], frame["status"], strict=True))["good"] == "ok"
+    bad = frame[frame["id"] != "good"]
+    assert set(bad["status"]) == {"failed"} and set(bad["reason"]) <= {"bad_row", "missing"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not Path("pwned").exists()
+    assert sorted(p.name for p in (tmp_path / "sandbox").iterdir()) == [".cache", "out"]  # + the side cache
+    assert sorted(p.name for p in (tmp_path / "sandbox" / "out" / "clips").iterdir()) == ["good.mp4"]
+
+
 # ---------------------------------------------------------------------------------------------------- wrong data
 
 
@@ -254,3 +277,67 @@ def test_outputs_follow_the_umask(tmp_path, videos, umask):
     assert len(files) >= 5
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+# ---------------------------------------------------------------------------------------------------- SIGKILL matrix
+# The default suite kills ingest (tests/test_ingest.py), embed (tests/test_embed.py), train (tests/test_train.py) and
+# generate (tests/test_generate.py) once each; here: more kill points, and tokenize.
+
+
+def kill_when(cmd: list[str], ready, timeout: float = 120.0, cwd: Path | None = None) -> bool:
+    """Start cmd, SIGKILL its process group once ready() holds; False when it finished first."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            cwd=cwd)
+    deadline = time.time() + timeout
+    while proc.poll() is None and not ready() and time.time() < deadline:
+        time.sleep(0.002)
+    finished = proc.poll() is not None
+    if not finished:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return not finished
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["first_temp", "three_rows", "seven_rows"])
+def test_ingest_killed_at_any_point_resumes_to_the_same_bytes(tmp_path, point):
+    sources = [make_video(tmp_path / f"s{i}.mp4", seconds=3, size="96x64", audio=f"sine=frequency={200 + 40 * i}")
+               for i in range(8)]
+    m = manifest(tmp_path / "m.csv", [row(f"s{i}", s) for i, s in enumerate(sources)])
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(to_dict(Params(base=BASE, ingest=IngestConfig(short_side=64, workers=1)))))
+    cmd = [sys.executable, "-m", "pipeline.cli", "ingest", "--params", str(params), "--manifest", str(m), "--out",
+           "out"]  # relative, as in dvc.yaml: the records name their outputs by it
+    killed, clean = tmp_path / "killed" / "out", tmp_path / "clean" / "out"
+    killed.parent.mkdir()
+    clean.parent.mkdir()
+    ready = {"first_temp": lambda: any((killed / "clips").glob(".*.tmp*")) if (killed / "clips").is_dir() else False,
+             "three_rows": lambda: len(list((killed / "rows").glob("*.json"))) >= 3,
+             "seven_rows": lambda: len(list((killed / "rows").glob("*.json"))) >= 7}[point]
+    assert kill_when(cmd, ready, cwd=killed.parent), "the run finished before it could be killed"
+    assert not (killed / "manifest.parquet").exists()
+    assert subprocess.run(cmd, capture_output=True, cwd=killed.parent).returncode == 0
+    assert subprocess.run(cmd, capture_output=True, cwd=clean.parent).returncode == 0
+    assert tree(killed) == tree(clean)  # every file, the records and manifest included: no temp left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["codec_fitted", "one_shard"])
+def test_tokenize_killed_then_rerun_gives_the_same_tokens(tmp_path, point, monkeypatch):
+    from tests.test_tokenize import make_music, write_params
+
+    cmd = [sys.executable, "-m", "pipeline.cli", "tokenize", "--params", "params.yaml"]
+    for name in ("clean", "killed"):  # relative paths, as in dvc.yaml: manifests and done files name them
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        make_music(Path("music"))
+        write_params(Path("."), max_fail_ratio=1.0)
+    root = tmp_path / "killed"
+    ready = {"codec_fitted": lambda: any((root / "models").rglob("*.json")) if (root / "models").is_dir() else False,
+             "one_shard": lambda: any((root / "tokens").rglob("*.done.json")) if (root / "tokens").is_dir()
+             else False}[point]
+    assert kill_when(cmd, ready, cwd=root), "the run finished before it could be killed"
+    for name in ("killed", "clean"):
+        assert subprocess.run(cmd, capture_output=True, cwd=tmp_path / name).returncode == 0
+    for sub in ("tokens", "models"):
+        assert tree(tmp_path / "killed" / sub) == tree(tmp_path / "clean" / sub)
