@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("id", "source")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}$")
 RETRY_ON_RERUN = download.TRANSIENT_REASONS | {"error", "output_error"}
+TEMP_IN_ERROR = re.compile(r"/\.[^/\s]+\.[a-z0-9_]{8}\.tmp\.")  # an error message that names one of our temp files
 URL_SCHEMES = ("http://", "https://")  # what yt-dlp is asked to fetch; file://, ftp:// ... are bad rows
 
 
@@ -161,6 +162,8 @@ class Ingester:
         same = same and math.isclose(float(rec.get("start_s") or 0), row["start_s"])
         if not same or (rec["status"] == FAILED and rec.get("reason") in RETRY_ON_RERUN):
             return None
+        if rec["status"] == FAILED and TEMP_IN_ERROR.search(rec.get("error") or ""):
+            return None  # an older run's "corrupt" that was about its own temp file (see OutputError): retried
         if not download.is_url(row["source"]):
             src = self.resolve(row["source"])
             if not src.exists():

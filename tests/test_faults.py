@@ -12,6 +12,7 @@ tests/test_generate.py (they need its trained model); the SIGKILL matrix of the 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -199,6 +200,18 @@ def test_hostile_manifest_rows_are_bad_rows_and_nothing_escapes_the_out_dir(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == before and not Path("pwned").exists()
     assert sorted(p.name for p in (tmp_path / "sandbox").iterdir()) == [".cache", "out"]  # + the side cache
     assert sorted(p.name for p in (tmp_path / "sandbox" / "out" / "clips").iterdir()) == ["good.mp4"]
+
+
+def test_a_corrupt_row_that_was_about_a_temp_file_is_retried(tmp_path, videos):
+    """What an earlier version recorded when another run deleted its temp file: `corrupt`, which then stuck."""
+    out, m = tmp_path / "out", manifest(tmp_path / "m.csv", [row("v0", videos[0])])
+    ingest.run(m, out, BASE, CFG)
+    record = json.loads((out / "rows" / "v0.json").read_text())
+    record.update(status="failed", reason="corrupt", error=f"{videos[0]}: ffmpeg failed: Unable to re-open "
+                  f"{out}/clips/.v0.9lloyta0.tmp.mp4 output file for shifting data")
+    (out / "rows" / "v0.json").write_text(json.dumps(record))
+    frame, processed = ingest.run(m, out, BASE, CFG)
+    assert processed == 1 and list(frame["status"]) == ["ok"]
 
 
 # ---------------------------------------------------------------------------------------------------- wrong data
