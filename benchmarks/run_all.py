@@ -146,6 +146,13 @@ def figures() -> list[tuple[str, str, str]]:
     else:
         rows.append(("generate real-time factor", "not run" if generate is None else "no real-time figure in it",
                      "generate.json"))
+    memory = load("generate_memory")
+    for res in (memory or {}).get("results", []):
+        whole = f", {fmt(res['whole']['peak_rss_mb'])} MB whole (before)" if "whole" in res else ""
+        rows.append((f"generate peak RSS, {res['minutes']:g} min video", f"{fmt(res['streamed']['peak_rss_mb'])} MB "
+                     f"streamed{whole}", "generate_memory.json"))
+    if not memory:
+        rows.append(("generate peak RSS vs video length", "not run", "generate_memory.json"))
     return rows
 
 

@@ -291,6 +291,7 @@ class GenerateConfig:
     crossfade_seconds: float = 0.5  # window audio is crossfaded over this much of the shared (prompt) tokens
     use_cache: bool = True  # KV cache (False recomputes the prefix every step: for benchmarks and tests)
     mix_db: float = -12.0  # --keep-audio: level of the original soundtrack relative to the music
+    max_duration_s: float = 3600.0  # `v2m generate` refuses longer videos (memory grows ~0.5 GB per hour of music)
     threads: int = 1  # torch/OpenCV threads; 0 = every core (more than the free cores is slower: docs/timings.md)
     # the stage's processes on this machine, each doing every N-th clip (runtime.local_ranks); ignored under
     # torchrun / SLURM and by `v2m generate VIDEO`. 2: the demo machine's 2 cores

@@ -5,7 +5,8 @@
 - Our own retries with exponential backoff, for transient errors only (network, rate limiting); yt-dlp's request
   and inter-download sleeps; a height cap on the format; live and upcoming streams rejected.
 - Errors classified into manifest reasons: unavailable, private, geo_blocked, age_restricted, live (skipped: retrying
-  cannot help) and rate_limited, network, download_error (failed).
+  cannot help) and rate_limited, network, download_error (failed). Any other exception yt-dlp raises is a
+  download_error with a one-line message, not retried. A cached file is `{id}.{ext}` exactly.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ def download_dir(cfg: DownloadConfig, start_s: float, clip_seconds: float) -> Pa
 
 
 def _existing(dest: Path, item_id: str) -> Path | None:
+    """The finished download of exactly `item_id` (`{id}.{ext}`): not `{id}.part`, nor another id's `{id}.x.mp4`."""
     for path in sorted(dest.glob(f"{item_id}.*")):
-        if path.suffix not in (".part", ".ytdl", ".json") and not path.name.endswith((".part", ".temp")):
+        if path.stem == item_id and path.suffix not in (".part", ".ytdl", ".json", ".temp", ".txt"):
             return path
     return None
 
@@ -176,6 +178,11 @@ def download(url: str, item_id: str, start_s: float, clip_seconds: float, cfg: D
         except yt_dlp.utils.DownloadError as exc:
             message = re.sub(r"^ERROR:\s*", "", str(exc)).strip()
             reason = classify(message)
+        except DownloadFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - yt-dlp's other errors (and its bugs): one line, not retried
+            message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+            reason = "download_error"
         if reason not in TRANSIENT_REASONS or attempt == cfg.retries:
             break
         delay = cfg.backoff_s * (2**attempt)

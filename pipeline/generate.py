@@ -12,7 +12,9 @@ stream is copied); this module is its command line and the DVC stage.
 the music alone. Bad input (missing, not a video, no video stream, corrupt, unwritable output) ends in one line
 naming the file and the problem and a non-zero exit status, and leaves no partial output (every file is written under
 a temporary name and renamed). A batch goes on past a bad file and lists the failures at the end. Deterministic for a
-fixed seed.
+fixed seed. Refused before any work: an output that is an input (also through a link: `-o same.mp4`, `-o .` in the
+inputs' folder), two inputs whose outputs would have one name, a video longer than `generate.max_duration_s`. SIGTERM,
+SIGHUP and Ctrl-C remove the temporary files and scratch folders; after a SIGKILL the next run removes them.
 
 The stage reads the cached features of the eval split (exactly the training-time inputs), writes the trained systems
 (`generate.systems`), two baselines with no learning of their own, `retrieval` (the music of the training clip whose
@@ -28,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,7 +54,7 @@ from pipeline.inference import (
     text_embedding,
 )
 from pipeline.media import MediaError, load_audio, write_wav
-from pipeline.runtime import cores_per_process, local_ranks, local_world_size, wait_for_ranks
+from pipeline.runtime import cores_per_process, exit_on_signals, local_ranks, local_world_size, wait_for_ranks
 from pipeline.shards import FAILED, OK, atomic_write_json, load_features, report_rows, stable_hash, write_manifest
 
 log = logging.getLogger(__name__)
@@ -72,16 +75,36 @@ def output_path(src: Path, out: Path, many: bool, wav_only: bool) -> Path:
     return out / f"{src.stem}{suffix}"
 
 
+def check_outputs(inputs: list[Path], dests: list[Path]) -> None:
+    """Refuse, before any work, a batch that would destroy data: an output that is one of the inputs (the same file,
+    also through a link or a hard link: `-o same.mp4`, or `-o .` in the inputs' folder), or two inputs whose outputs
+    have the same name (a/x.mp4 and b/x.mp4 into one folder). Raises GenerateError naming the files."""
+    for dest in dests:
+        for src in inputs:
+            if dest.exists() and src.exists() and os.path.samefile(src, dest):
+                raise GenerateError(f"{dest}: is the input {src}; writing it would replace the video, so choose "
+                                    "another output")
+    taken: dict[Path, Path] = {}
+    for src, dest in zip(inputs, dests, strict=True):
+        key = dest.parent.resolve() / dest.name
+        if key in taken:
+            raise GenerateError(f"{taken[key]} and {src} would both be written to {dest}; rename one, or run them "
+                                "with separate output folders")
+        taken[key] = src
+
+
 def run_files(inputs: list[Path], out: Path, model: Model, cfg: GenerateConfig, seed: int, text: str | None,
               wav_only: bool, keep_audio: bool) -> tuple[list[dict], list[str]]:
     """Every input in turn; a bad one is reported and skipped. Returns (results, failure lines)."""
     many = len(inputs) > 1
     if many and out.suffix and not out.is_dir():
         raise GenerateError(f"{out}: several inputs need an output folder, not a file")
+    dests = [output_path(src, out, many, wav_only) for src in inputs]
+    check_outputs(inputs, dests)
     vector = text_embedding(model, text)
     results, failures = [], []
-    for src in tqdm(inputs, desc="generate", unit="file", disable=None if len(inputs) > 1 else True):
-        dest = output_path(src, out, many, wav_only)
+    for src, dest in tqdm(list(zip(inputs, dests, strict=True)), desc="generate", unit="file",
+                          disable=None if len(inputs) > 1 else True):
         try:
             result = generate_one(model, src, dest, cfg, seed, vector, wav_only, keep_audio)
         except (MediaError, GenerateError) as exc:
@@ -257,6 +280,11 @@ def _stage_codec(params: Params):
 # ----------------------------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
+    with exit_on_signals():  # SIGTERM / SIGHUP clean up temp files and scratch folders, as Ctrl-C does
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="v2m generate", description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="*", type=Path, help="video files")
     parser.add_argument("-o", "--out", type=Path, help="output file (one input) or folder")

@@ -32,12 +32,17 @@ Deterministic for a fixed seed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+import re
+import shutil
+import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +67,7 @@ from pipeline.media import (
 )
 from pipeline.model import V2M, ModelConfig
 from pipeline.runtime import resolve_device, set_threads
-from pipeline.shards import Item, atomic_path
+from pipeline.shards import atomic_path
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
@@ -85,6 +90,70 @@ DECODE_CHUNK_S = 30.0  # audio is decoded in chunks of at least this long (bound
 
 class GenerateError(RuntimeError):
     """A problem with one input or output; its message names the file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# temporary files: owned by this process, removed on exit and signals, and after a crash by the next run
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _owner() -> str:
+    """This process, as it appears in its temporary names: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _dead(owner: str) -> bool:
+    """Whether the process named by `_owner()` ran on this host and has ended (only then is its temp ours to remove)."""
+    host, _, pid = owner.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+SCRATCH_RE = re.compile(r"^v2m-(?:generate|mux)-(?P<owner>.+-\d+)-[a-z0-9_]{8}$")
+OUTPUT_TEMP_RE = re.compile(r"^\.\.?(?P<stem>.+)\.v2m-(?P<owner>.+?-\d+)\.tmp(?:\.|$)")
+
+
+def scratch_dir(kind: str) -> tempfile.TemporaryDirectory:
+    """A scratch folder in $TMPDIR named after this process (`v2m-{kind}-{host}-{pid}-xxxxxxxx`), removed on exit."""
+    return tempfile.TemporaryDirectory(prefix=f"v2m-{kind}-{_owner()}-")
+
+
+@contextlib.contextmanager
+def owned_output(dest: Path) -> Iterator[Path]:
+    """A temporary path beside `dest` (`.{stem}.v2m-{host}-{pid}.tmp{suffix}`, same container) renamed to `dest` on
+    success and removed on any exception; a killed process's is removed by the next `clean_stale_temps`."""
+    tmp = dest.with_name(f".{dest.stem}.v2m-{_owner()}.tmp{dest.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def clean_stale_temps(folders: list[Path]) -> int:
+    """Remove what killed `v2m generate` runs of this host left: their scratch folders in $TMPDIR and their temporary
+    outputs in `folders`. Only names this module makes, and only of processes that no longer run. Returns the count."""
+    removed = 0
+    tmp = Path(tempfile.gettempdir())
+    for path in tmp.glob("v2m-*-*"):
+        if (m := SCRATCH_RE.match(path.name)) and path.is_dir() and path.stat().st_uid == os.getuid() \
+                and _dead(m["owner"]):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    for folder in {f for f in folders if f.is_dir()}:
+        for path in folder.glob(".*.v2m-*.tmp*"):
+            if (m := OUTPUT_TEMP_RE.match(path.name)) and path.is_file() and _dead(m["owner"]):
+                path.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log.info("removed %d temporary file(s) or folder(s) of earlier generate runs that were killed", removed)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -187,6 +256,10 @@ def video_features(model: Model, path: Path, scratch: Path) -> dict:
     if not info.has_video:
         raise MediaError(path, "no video stream (an audio file?)", "no_video")
     duration, native_fps = video_duration(path)  # of the video stream: what is normalised and checked
+    limit = model.params.generate.max_duration_s
+    if max(duration, info.duration_s) > limit:
+        raise GenerateError(f"{path}: {max(duration, info.duration_s) / 60:.1f} min is longer than "
+                            f"generate.max_duration_s ({limit:g} s); cut it (ffmpeg -t) or raise the limit")
     base = model.params.base
     n_frames = max(1, int(math.floor(duration * base.fps + 1e-6)))
     clip, cfg = scratch / "normalised.mp4", model.params.ingest
@@ -198,9 +271,8 @@ def video_features(model: Model, path: Path, scratch: Path) -> dict:
     set_threads(model.params.generate.threads)
     if model.encoders is None:
         model.encoders = Encoders(model.params.embed, str(model.device))
-    item = Item(path.name, "", str(clip))
-    clip_rows, clip_meta = model.encoders.clip(item)
-    flow_rows, flow_meta = model.encoders.flow(item)
+    clip_rows, clip_meta = model.encoders.clip_streamed(clip)  # a chunk of frames in memory at a time
+    flow_rows, flow_meta = model.encoders.flow_streamed(clip)
     return {"clip": clip_rows, "clip_fps": clip_meta["fps"], "flow": flow_rows, "flow_fps": flow_meta["fps"],
             "video_duration_s": duration, "fps": native_fps, "info": info,
             "duration_s": max(duration, info.duration_s)}  # the music: as long as the input (a longer audio too)
@@ -313,9 +385,9 @@ def _ramp(x: np.ndarray) -> np.ndarray:
 # output files
 # ----------------------------------------------------------------------------------------------------------------------
 
-def mux(video: Path, audio: np.ndarray, sample_rate: int, out: Path) -> str:
+def mux(video: Path, audio: np.ndarray, sample_rate: int, out: Path, name: Path | None = None) -> str:
     """Write `out`: video's first video stream (copied when `out`'s container takes its codec) + audio [C, N].
-    Returns "copy" or "re-encode"."""
+    `name`: the path errors name (the final output, when `out` is a temporary name). Returns "copy" or "re-encode"."""
     suffix = out.suffix.lower()
     codec = probe(video).video_codec
     allowed = COPYABLE.get(suffix, set())
@@ -324,7 +396,7 @@ def mux(video: Path, audio: np.ndarray, sample_rate: int, out: Path) -> str:
         log.warning("%s: its %s video cannot go into %s: re-encoding the video", video, codec, suffix)
     audio_args = ["-c:a", "libopus", "-b:a", "128k", "-ar", "48000"] if suffix == ".webm" else \
         ["-c:a", "aac", "-b:a", "160k"]
-    with atomic_path(out) as tmp, tempfile.TemporaryDirectory(prefix="v2m-mux-") as scratch:
+    with atomic_path(out) as tmp, scratch_dir("mux") as scratch:
         wav = Path(scratch) / "music.wav"
         write_wav(wav, audio, sample_rate)
         for mode in modes:
@@ -339,7 +411,7 @@ def mux(video: Path, audio: np.ndarray, sample_rate: int, out: Path) -> str:
                     "-map_metadata", "0"]
             args += ["-movflags", "+faststart"] if suffix in (".mp4", ".m4v", ".mov") else []
             try:
-                run_ffmpeg([*args, str(tmp)], out, reason="mux")
+                run_ffmpeg([*args, str(tmp)], name or out, reason="mux")
                 break
             except MediaError as exc:
                 if mode != "copy":
@@ -373,8 +445,9 @@ def generate_one(model: Model, src: Path, dest: Path, cfg: GenerateConfig, seed:
                  wav_only: bool = False, keep_audio: bool = False, progress: bool = True) -> dict:
     """Music for one video, written to `dest`; returns what was done (durations, windows, copy or re-encode)."""
     check_writable(dest, wav_only)
+    clean_stale_temps([dest.parent])
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="v2m-generate-") as scratch:
+    with scratch_dir("generate") as scratch, owned_output(dest) as tmp:
         feats = video_features(model, src, Path(scratch))
         sr = model.codec.sample_rate
         n_samples = int(round(feats["duration_s"] * sr))
@@ -390,10 +463,10 @@ def generate_one(model: Model, src: Path, dest: Path, cfg: GenerateConfig, seed:
         elif keep_audio:
             log.warning("%s: no audio stream to keep; the music alone", src)
         if wav_only:
-            write_wav(dest, audio, sr)
+            write_wav(tmp, audio, sr)
             mode = "wav"
         else:
-            mode = mux(src, audio, sr, dest)
+            mode = mux(src, audio, sr, tmp, name=dest)
     return {"input": str(src), "output": str(dest), "duration_in_s": feats["duration_s"],
             "windows": len(starts), "prompt_s": prompt / model.frame_rate, "video": mode, "codes": codes,
             "seconds": time.perf_counter() - t0}

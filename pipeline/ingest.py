@@ -7,14 +7,21 @@ kept) and resampled to `base.sample_rate`. One decode writes both outputs (`pipe
 generation uses too).
 
 Bad input never stops the batch: every input ends in exactly one manifest row, status ok / skipped / failed with a
-reason (no_audio, silent_audio, too_short, start_past_end, corrupt, missing, bad_row, duplicate_id, the download
-reasons). Each finished id gets a small record in {out}/rows/ written after its media, so a rerun does no work for
-ids whose source and params are unchanged, and a killed run resumes where it stopped. The exit status is non-zero
-only when the failed fraction exceeds `ingest.max_fail_ratio`.
+reason (no_audio, silent_audio, too_short, start_past_end, corrupt, missing, bad_row, duplicate_id, output_error, the
+download reasons). `bad_row`: an id that is not a safe file name, an empty source, a `start_s` that is not a finite
+number >= 0, a URL that is not http(s). `output_error`: the source was fine but writing its outputs failed (disk full,
+files removed under the run); retried on the next run, like the transient download reasons. Each finished id gets a
+small record in {out}/rows/ written after its media, so a rerun does no work for ids whose source and params are
+unchanged, and a killed run resumes where it stopped. The exit status is non-zero only when the failed fraction exceeds
+`ingest.max_fail_ratio`.
 
 The records hold nothing machine-local (DVC hashes them, and a teammate's rebuild must match): a source's size and
 mtime, used to skip re-hashing it, live in a side cache beside the out dir, `{out}/../.cache/{out name}/`, which
-neither DVC nor git tracks.
+neither DVC nor git tracks. So does the lock that keeps a second run off the same out dir (`shards.out_dir_lock`).
+
+The out dir must be new, empty, or an earlier ingest's (`manifest.parquet` or `rows/` in it): a folder of other files is
+refused. Outputs of ids no longer in the manifest are removed, but only those the stage recorded making; a manifest
+with no usable rows removes nothing unless `--prune-all` is given.
 """
 
 from __future__ import annotations
@@ -28,13 +35,14 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import av
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from pipeline import download
 from pipeline.config import BaseConfig, IngestConfig, load_params, to_dict
-from pipeline.manifest import INGEST_COLUMNS, label_columns, prune
+from pipeline.manifest import INGEST_COLUMNS, check_out_dir, label_columns, prune
 from pipeline.media import (
     MediaError,
     load_audio,
@@ -49,9 +57,11 @@ from pipeline.shards import (
     FAILED,
     OK,
     SKIPPED,
+    TEMP_RE,
     atomic_path,
     atomic_write_json,
     clean_stale_temps,
+    out_dir_lock,
     params_hash,
     report_rows,
     sha256_file,
@@ -62,13 +72,21 @@ log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("id", "source")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}$")
-RETRY_ON_RERUN = download.TRANSIENT_REASONS | {"error"}
+RETRY_ON_RERUN = download.TRANSIENT_REASONS | {"error", "output_error"}
+TEMP_IN_ERROR = re.compile(r"/\.[^/\s]+\.[a-z0-9_]{8}\.tmp\.")  # an error message that names one of our temp files
+URL_SCHEMES = ("http://", "https://")  # what yt-dlp is asked to fetch; file://, ftp:// ... are bad rows
 
 
 class Skip(Exception):
     def __init__(self, status: str, reason: str, message: str):
         super().__init__(message)
         self.status, self.reason = status, reason
+
+
+class OutputError(Exception):
+    """Writing or re-reading an id's own outputs failed: not the source's fault, so the row is retried on rerun."""
+
+    reason = "output_error"
 
 
 def read_input_manifest(path: str | Path) -> pd.DataFrame:
@@ -144,6 +162,8 @@ class Ingester:
         same = same and math.isclose(float(rec.get("start_s") or 0), row["start_s"])
         if not same or (rec["status"] == FAILED and rec.get("reason") in RETRY_ON_RERUN):
             return None
+        if rec["status"] == FAILED and TEMP_IN_ERROR.search(rec.get("error") or ""):
+            return None  # an older run's "corrupt" that was about its own temp file (see OutputError): retried
         if not download.is_url(row["source"]):
             src = self.resolve(row["source"])
             if not src.exists():
@@ -173,6 +193,16 @@ class Ingester:
             rec.update(status=status, reason=exc.reason, error=exc.message[:500], attempts=exc.attempts)
         except MediaError as exc:
             rec.update(status=FAILED, reason=exc.reason, error=str(exc)[:500])
+        except OutputError as exc:
+            rec.update(status=FAILED, reason=exc.reason, error=str(exc)[:500])
+        except OSError as exc:
+            if not (exc.filename and TEMP_RE.match(Path(str(exc.filename)).name)):
+                log.exception("%s: unexpected error", row["id"])
+                rec.update(status=FAILED, reason="error", error=f"{type(exc).__name__}: {exc}"[:500])
+            else:  # a temp file of ours vanished (removed under the run): the outputs, not the source
+                rec.update(status=FAILED, reason=OutputError.reason,
+                           error=f"{row['source']}: writing its outputs in {self.out} failed ({exc.strerror}); "
+                           "retried on the next run"[:500])
         except Exception as exc:  # noqa: BLE001 - one bad item must not stop the batch; recorded, and retried on rerun
             log.exception("%s: unexpected error", row["id"])
             rec.update(status=FAILED, reason="error", error=f"{type(exc).__name__}: {exc}"[:500])
@@ -208,16 +238,26 @@ class Ingester:
         clip_path = self.out / "clips" / f"{row['id']}.mp4"
         audio_path = self.out / "audio" / f"{row['id']}.wav"
         with atomic_path(clip_path) as tmp_clip, atomic_path(audio_path) as tmp_wav:
-            normalise_video(src, tmp_clip, n_frames, base.fps, cfg.short_side, cfg.video_crf, cfg.video_preset, start_s,
-                            tmp_wav if info.has_audio else None, base.sample_rate, cfg.audio_channels)
-            out = probe(tmp_clip)
-            got = stored_frame_count(tmp_clip)
+            try:
+                normalise_video(src, tmp_clip, n_frames, base.fps, cfg.short_side, cfg.video_crf, cfg.video_preset,
+                                start_s, tmp_wav if info.has_audio else None, base.sample_rate, cfg.audio_channels)
+            except MediaError:
+                if tmp_clip.exists() and (tmp_wav.exists() or not info.has_audio):
+                    raise  # about the source
+                raise OutputError(f"{src}: its outputs in {self.out} were removed while ffmpeg wrote them (another "
+                                  "process in this folder?); retried on the next run") from None
+            try:  # reading back what ffmpeg wrote: a failure here is about our outputs, not the source
+                out = probe(tmp_clip)
+                got = stored_frame_count(tmp_clip)
+                audio = load_audio(tmp_wav, mono=False)[0] if info.has_audio else None
+            except (MediaError, OSError, av.error.FFmpegError, IndexError) as exc:
+                raise OutputError(f"{src}: its normalised clip in {self.out} could not be read back "
+                                  f"({_why(exc)}); retried on the next run") from None
             if got < n_frames - 1:
                 raise MediaError(src, f"decoded only {got / base.fps:.2f} s of the expected {duration:.2f} s "
                                  "(truncated or damaged file)")
             level = -200.0
             if info.has_audio:
-                audio, _ = load_audio(tmp_wav, mono=False)
                 audio = _exact_length(audio, int(round(got / base.fps * base.sample_rate)))
                 write_wav(tmp_wav, audio, base.sample_rate)
                 level = rms_db(audio)
@@ -227,6 +267,11 @@ class Ingester:
         return dict(clip_path=str(clip_path), audio_path=str(audio_path) if info.has_audio else "",
                     duration_s=round(got / base.fps, 6), n_frames=got, fps=base.fps, width=out.display_width,
                     height=out.display_height, audio_rms_db=round(level, 2), silent=bool(level < cfg.silence_db))
+
+
+def _why(exc: Exception) -> str:
+    """An exception in a few words, without the temp file's name."""
+    return getattr(exc, "strerror", None) or getattr(exc, "reason", None) or type(exc).__name__
 
 
 def _exact_length(audio: np.ndarray, n_samples: int) -> np.ndarray:
@@ -244,15 +289,21 @@ def validate_rows(frame: pd.DataFrame) -> list[tuple[dict, dict | None]]:
         row = {**raw, "id": str(raw.get("id", "")).strip(), "source": str(raw.get("source", "")).strip()}
         row["split"] = str(row.get("split") or "train")
         bad = None
+        start = raw.get("start_s")
         try:
-            row["start_s"] = float(row.get("start_s") or 0.0)
+            row["start_s"] = 0.0 if start is None or start == "" else float(start)
         except (TypeError, ValueError):
-            bad = ("bad_row", f"start_s {raw.get('start_s')!r} is not a number")
+            row["start_s"] = math.nan
+        if not (math.isfinite(row["start_s"]) and row["start_s"] >= 0):
+            bad = ("bad_row", f"start_s {start!r}: must be a finite number of seconds >= 0")
             row["start_s"] = 0.0
         if not ID_RE.match(row["id"]):
             bad = ("bad_row", f"id {row['id']!r}: use letters, digits, '_', '-', '.', '=' (max 128)")
         elif not row["source"]:
             bad = ("bad_row", "empty source")
+        elif download.is_url(row["source"]) and not row["source"].lower().startswith(URL_SCHEMES):
+            bad = ("bad_row", f"source {row['source'][:200]!r}: only http(s) URLs are downloaded; give a local file "
+                   "as a path")
         elif row["id"] in seen:
             bad = ("duplicate_id", f"id {row['id']!r} appears more than once; only the first is ingested")
         seen.add(row["id"])
@@ -264,9 +315,19 @@ def validate_rows(frame: pd.DataFrame) -> list[tuple[dict, dict | None]]:
     return out
 
 
-def run(manifest: Path, out_dir: Path, base: BaseConfig, cfg: IngestConfig) -> tuple[pd.DataFrame, int]:
-    """Ingest every row of `manifest`; returns (the written manifest frame, number of items actually processed)."""
+def run(manifest: Path, out_dir: Path, base: BaseConfig, cfg: IngestConfig,
+        prune_all: bool = False) -> tuple[pd.DataFrame, int]:
+    """Ingest every row of `manifest`; returns (the written manifest frame, number of items actually processed).
+    `prune_all`: a manifest with no usable rows empties out_dir (else it is refused)."""
     frame = read_input_manifest(manifest)
+    check_out_dir(out_dir, "ingest")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with out_dir_lock(out_dir, "ingest"):
+        return _run_locked(manifest, frame, out_dir, base, cfg, prune_all)
+
+
+def _run_locked(manifest: Path, frame: pd.DataFrame, out_dir: Path, base: BaseConfig, cfg: IngestConfig,
+                prune_all: bool) -> tuple[pd.DataFrame, int]:
     extra = label_columns(frame, INGEST_COLUMNS)
     ingester = Ingester(base, cfg, out_dir, manifest.parent)
     pairs = validate_rows(frame)
@@ -288,7 +349,7 @@ def run(manifest: Path, out_dir: Path, base: BaseConfig, cfg: IngestConfig) -> t
     processed = sum(1 for r in results.values() if not r.get("_reused"))
     log.debug("%d of %d items reused from an earlier run", len(results) - processed, len(results))
     keep = {r["id"] for r, f in pairs if f is None}
-    if removed := prune(out_dir, ("clips/*.mp4", "audio/*.wav", "rows/*.json"), keep):
+    if removed := prune(out_dir, ("clips/{id}.mp4", "audio/{id}.wav"), keep, "ingest", manifest, prune_all):
         log.info("removed %d outputs of ids no longer in the manifest", removed)
     written = write_manifest(out_dir / "manifest.parquet", rows, columns=INGEST_COLUMNS + extra)
     return written, processed
@@ -299,11 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--manifest", help="input manifest CSV (default: ingest.manifest)")
     parser.add_argument("--out", help="output folder (default: ingest.out_dir)")
+    parser.add_argument("--prune-all", action="store_true", help="let a manifest with no usable rows remove every "
+                        "earlier output (refused without it)")
     args = parser.parse_args(argv)
     params = load_params(args.params, missing_ok=True)
     manifest = Path(args.manifest or params.ingest.manifest)
     out_dir = Path(args.out or params.ingest.out_dir)
-    frame, processed = run(manifest, out_dir, params.base, params.ingest)
+    frame, processed = run(manifest, out_dir, params.base, params.ingest, args.prune_all)
     print(f"ingest: {len(frame)} rows, {processed} processed, the rest unchanged since the last run -> {out_dir}")
     return report_rows("ingest", frame, params.ingest.max_fail_ratio, show=lambda rec: rec["status"] != OK)
 

@@ -56,13 +56,29 @@ def skipped_upstream(row: dict, upstream: str) -> dict:
     return {"status": SKIPPED, "reason": f"upstream_{row['status']}", "error": f"{upstream}: {row['reason']}"}
 
 
-def prune(out_dir: Path, patterns: Iterable[str], keep: set[str]) -> int:
-    """Remove the files matching `patterns` (globs under `out_dir`) whose stem is not in `keep`, so the folder is a
-    function of its inputs. Returns how many were removed."""
-    removed = 0
-    for pattern in patterns:
-        for path in out_dir.glob(pattern):
-            if path.stem not in keep:
-                path.unlink()
-                removed += 1
-    return removed
+def check_out_dir(out_dir: Path, stage: str) -> None:
+    """Refuse to write into an existing folder that is not this stage's output: a non-empty folder without the
+    stage's `manifest.parquet` or `rows/` records (a user's folder given as --out). SystemExit names the folder."""
+    if not out_dir.is_dir() or (out_dir / "manifest.parquet").is_file() or (out_dir / "rows").is_dir():
+        return
+    if next((p for p in out_dir.rglob("*") if not p.is_dir()), None) is not None:  # stops at the first file
+        raise SystemExit(f"{stage}: {out_dir}: not a v2m {stage} output folder (it holds files but no manifest.parquet "
+                         "or rows/); give an empty or new folder as --out")
+
+
+def prune(out_dir: Path, layout: Iterable[str], keep: set[str], stage: str, source: str | Path,
+          allow_empty: bool = False) -> int:
+    """Remove the outputs of ids no longer wanted, so the folder stays a function of its inputs: only ids the stage
+    itself recorded (`rows/{id}.json`, written after an id's outputs), and of those only the files of the stage's
+    layout (`layout`: e.g. "clips/{id}.mp4"), then the record. A file without a record is never touched. An empty
+    `keep` while records exist (a header-only manifest, an upstream with nothing usable) is refused with SystemExit
+    unless `allow_empty`. Returns how many ids were removed."""
+    stale = sorted(p for p in (out_dir / "rows").glob("*.json") if p.stem not in keep)
+    if stale and not keep and not allow_empty:
+        raise SystemExit(f"{stage}: {source}: no usable rows; refusing to remove the outputs of all {len(stale)} ids "
+                         f"in {out_dir} (pass --prune-all to empty it)")
+    for record in stale:
+        for pattern in layout:
+            (out_dir / pattern.format(id=record.stem)).unlink(missing_ok=True)
+        record.unlink()
+    return len(stale)

@@ -240,22 +240,30 @@ def rms_db(audio: np.ndarray) -> float:
     return 20.0 * np.log10(max(rms, 1e-10))
 
 
-def iter_frames(path: str | Path, gray: bool = False) -> Iterator[np.ndarray]:
-    """Decode every video frame at the native rate, rotated for display: [H, W, 3] RGB or [H, W] gray uint8."""
+def decode_video(path: str | Path) -> Iterator[tuple[av.VideoFrame, float]]:
+    """Every frame of the first video stream, one at a time, with the stream's nominal frame rate (25 when it has
+    none). Raises `MediaError` naming `path`: reason ``no_video`` without a video stream, else ``corrupt``."""
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise MediaError(path, "no video stream", "no_video")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
+            native = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
             for frame in container.decode(stream):
-                image = frame.to_ndarray(format="gray" if gray else "rgb24")
-                rotation = int(round(getattr(frame, "rotation", 0) or 0)) % 360
-                if rotation:
-                    image = np.ascontiguousarray(np.rot90(image, k=rotation // 90))
-                yield image
+                yield frame, native
     except av.error.FFmpegError as exc:
         raise MediaError(path, f"video cannot be decoded ({exc.strerror or exc})") from None
+
+
+def iter_frames(path: str | Path, gray: bool = False) -> Iterator[np.ndarray]:
+    """Decode every video frame at the native rate, rotated for display: [H, W, 3] RGB or [H, W] gray uint8."""
+    for frame, _ in decode_video(path):
+        image = frame.to_ndarray(format="gray" if gray else "rgb24")
+        rotation = int(round(getattr(frame, "rotation", 0) or 0)) % 360
+        if rotation:
+            image = np.ascontiguousarray(np.rot90(image, k=rotation // 90))
+        yield image
 
 
 def normalise_video(src: str | Path, clip: str | Path, n_frames: int, fps: float, short_side: int, crf: int,

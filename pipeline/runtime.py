@@ -16,8 +16,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +29,26 @@ BARRIER_TIMEOUT = timedelta(hours=12)  # ranks can finish far apart on skewed sh
 LAUNCH_ENV = "V2M_LAUNCH_ID"  # set by local_ranks in every rank it runs: keys the barrier's marker files
 _children: list[tuple[int, subprocess.Popen]] = []  # (rank, process) that local_ranks started
 _launch: dict = {}  # rank 0 of local_ranks' launch: {"id", "world"}
+
+
+@contextlib.contextmanager
+def exit_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
+    """While inside: SIGTERM and SIGHUP raise SystemExit(128 + signal), as Ctrl-C raises KeyboardInterrupt, so context
+    managers and finally blocks (temp files, scratch folders, ffmpeg children) clean up before the process ends. A
+    no-op off the main thread (Python delivers signals there only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def dist_env() -> tuple[int, int]:

@@ -14,6 +14,8 @@ that says where it looked and how to provide them.
 Bad input never stops the batch: every upstream id gets one row; ids not ok upstream are skipped(upstream_<status>),
 an undecodable wav is failed(corrupt), and out-of-memory retries with half the segment, then on the CPU, then is
 failed(oom). Each finished id gets {out}/rows/{id}.json after its wav, so reruns redo only new or changed ids.
+As in ingest: the out dir is locked for the run, a folder that is not an earlier separate's is refused, and only
+recorded outputs are pruned, never all of them unless `--prune-all` is given.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pipeline.config import BaseConfig, SeparateConfig, load_params
 from pipeline.manifest import (
     INGEST_COLUMNS,
     SEPARATE_COLUMNS,
+    check_out_dir,
     label_columns,
     prune,
     read_upstream,
@@ -53,6 +56,7 @@ from pipeline.shards import (
     atomic_path,
     atomic_write_json,
     clean_stale_temps,
+    out_dir_lock,
     params_hash,
     report_rows,
     sha256_file,
@@ -326,9 +330,19 @@ class Separator:
                     channels=mix.shape[0], device=device, segment_s=round(segment, 4))
 
 
-def run(ingest_manifest: Path, out_dir: Path, base: BaseConfig, cfg: SeparateConfig) -> tuple[pd.DataFrame, int]:
-    """Separate every ok row of `ingest_manifest`; returns (the written manifest, number of ids actually processed)."""
+def run(ingest_manifest: Path, out_dir: Path, base: BaseConfig, cfg: SeparateConfig,
+        prune_all: bool = False) -> tuple[pd.DataFrame, int]:
+    """Separate every ok row of `ingest_manifest`; returns (the written manifest, number of ids actually processed).
+    `prune_all`: an upstream with nothing usable empties out_dir (else it is refused)."""
     upstream = read_upstream(ingest_manifest, "separate", "ingest")
+    check_out_dir(out_dir, "separate")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with out_dir_lock(out_dir, "separate"):
+        return _run_locked(ingest_manifest, upstream, out_dir, base, cfg, prune_all)
+
+
+def _run_locked(ingest_manifest: Path, upstream: pd.DataFrame, out_dir: Path, base: BaseConfig, cfg: SeparateConfig,
+                prune_all: bool) -> tuple[pd.DataFrame, int]:
     labels = label_columns(upstream, INGEST_COLUMNS)
     set_threads(cfg.threads)
     separator = Separator(base, cfg, out_dir)
@@ -350,7 +364,8 @@ def run(ingest_manifest: Path, out_dir: Path, base: BaseConfig, cfg: SeparateCon
             bar.update()
         rows.append({**{c: row.get(c) for c in labels}, **rec, "split": row["split"]})  # a reused record's may be stale
     bar.close()
-    prune(out_dir, ("*.wav", "rows/*.json"), {r["id"] for r in rows if r["status"] != SKIPPED})
+    prune(out_dir, ("{id}.wav",), {r["id"] for r in rows if r["status"] != SKIPPED}, "separate", ingest_manifest,
+          prune_all)
     return write_manifest(out_dir / "manifest.parquet", rows, columns=SEPARATE_COLUMNS + labels), processed
 
 
@@ -359,12 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--ingest", help="ingest manifest (default: {ingest.out_dir}/manifest.parquet)")
     parser.add_argument("--out", help="output folder (default: separate.out_dir)")
+    parser.add_argument("--prune-all", action="store_true", help="let an upstream with nothing usable remove every "
+                        "earlier output (refused without it)")
     args = parser.parse_args(argv)
     params = load_params(args.params, missing_ok=True)
     cfg = params.separate
     out_dir = Path(args.out or cfg.out_dir)
     frame, processed = run(Path(args.ingest or Path(params.ingest.out_dir) / "manifest.parquet"), out_dir,
-                           params.base, cfg)
+                           params.base, cfg, args.prune_all)
     print(f"separate: {len(frame)} rows, {processed} processed, the rest unchanged since the last run -> {out_dir}")
     return report_rows("separate", frame, cfg.max_fail_ratio)
 

@@ -1,18 +1,24 @@
 """Atomic writes, stable hashing and manifests: the bookkeeping every stage shares.
 
 Every output is written under a temporary name in its final directory and renamed into place, so a stage killed at
-any moment leaves either the old file or the new one, never half of one. Every stage records exactly one manifest row
-per input id with `status` in {ok, skipped, failed}, a machine-readable `reason` and a human `error` message.
+any moment leaves either the old file or the new one, never half of one; the file gets the mode any new file gets
+(0666 less the umask), as if it had been opened directly. `out_dir_lock` keeps a second run off a folder a run is
+writing. Every stage records exactly one manifest row per input id with `status` in {ok, skipped, failed}, a
+machine-readable `reason` and a human `error` message.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -36,7 +42,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a shared folder needs what the umask allows
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -44,6 +53,54 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only be read by setting it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+class Busy(SystemExit):
+    """Another run holds the output folder's lock."""
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: str | Path, stage: str) -> Iterator[None]:
+    """An exclusive lock on a stage's output folder for the whole run, so two runs never interleave their writes (or
+    clean up each other's temp files). The lock file lives in the side cache `{out}/../.cache/{out name}/` (machine-
+    local, tracked by neither DVC nor git) and is keyed by the folder's real path, so a link to it locks the same
+    folder. A second run exits at once with one line naming the folder (and the pid holding it); the kernel drops the
+    lock when its holder exits, however it exits (SIGKILL included), so no stale lock survives a crash."""
+    real = Path(out_dir).resolve()
+    lock = real.parent / ".cache" / real.name / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise Busy(f"{stage}: {out_dir} is in use by another run (pid {holder}); wait for it to finish or use "
+                       "another output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -81,14 +138,18 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")  # what atomic_path's mkstemp makes
+
+
 def clean_stale_temps(directory: str | Path) -> int:
-    """Remove temporary files left by a killed run (`.name.xxxx.tmp.ext`). Returns how many were removed."""
+    """Remove temporary files left by a killed run (`atomic_path`'s `.name.xxxxxxxx.tmp.ext`, nothing else). Returns
+    how many were removed."""
     directory = Path(directory)
     if not directory.is_dir():
         return 0
     removed = 0
     for tmp in directory.glob(".*.tmp*"):
-        if tmp.is_file():
+        if tmp.is_file() and TEMP_RE.match(tmp.name):
             tmp.unlink()
             removed += 1
     return removed

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -97,7 +98,9 @@ def convert(files: list[Path], default_split: str | None) -> tuple[list[dict], l
             try:
                 start = float(start_raw)
             except (TypeError, ValueError):
-                problems.append(f"{path}:{line}: start time {start_raw!r} is not a number")
+                start = math.nan
+            if not (math.isfinite(start) and start >= 0):
+                problems.append(f"{path}:{line}: start time {start_raw!r} is not a finite number of seconds >= 0")
                 continue
             split = SPLIT_WORDS.get(str(rec.get("split") or "").lower(), file_split)
             if (ytid, start) in seen:

@@ -21,7 +21,7 @@ from pipeline.config import FlowEncoderConfig, Params, deep_merge, params_from_d
 from pipeline.encoders import flow as flow_enc
 from pipeline.encoders.streams import Encoders, sample_frames, sample_indices
 from pipeline.runtime import set_threads
-from pipeline.shards import load_features, sha256_file, shard_of, write_manifest
+from pipeline.shards import Item, load_features, sha256_file, shard_of, write_manifest
 from tests.conftest import make_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,6 +292,23 @@ def test_frame_sampling_follows_k_over_fps(clip):
     frames, native, n = sample_frames(clip, 2.0)
     assert frames.shape == (4, 64, 96, 3) and native == 12.0 and n == 24
     assert sample_frames(clip, 24.0, gray=True)[0].shape == (48, 64, 96)  # above the native rate: repeats
+
+
+def test_streamed_encoders_give_the_rows_of_the_whole_clip(tmp_path, encoders_dir):
+    """Generation streams a video's frames chunk by chunk (flat memory in the duration, issue 18): the rows must be
+    the ones embed computes on the whole clip, at rates below and above the native one and across chunk seams."""
+    video = make_video(tmp_path / "v.mp4", seconds=5.0, size="96x64", rate="10", audio=None)
+    for clip_fps, flow_fps in ((2.0, 8.0), (3.0, 24.0)):
+        params = make_params(encoders_dir, clip_fps=clip_fps, flow_fps=flow_fps,
+                             clip={"model": "v2m-tiny-vit", "pretrained": "none", "batch_size": 4})
+        encoders = Encoders(params.embed, "cpu")
+        whole_clip, clip_meta = encoders.clip(Item("v", "", str(video)))
+        whole_flow, flow_meta = encoders.flow(Item("v", "", str(video)))
+        for chunk in (1, 2, 7, 1000):
+            rows, meta = encoders.clip_streamed(video, batches_per_chunk=chunk)
+            assert np.array_equal(rows, whole_clip) and meta == clip_meta
+            rows, meta = encoders.flow_streamed(video, chunk_frames=chunk + 1)
+            assert np.array_equal(rows, whole_flow) and meta == flow_meta
 
 
 def test_report_on_synthv2m_flow_peaks_on_the_beats(tmp_path, encoders_dir):

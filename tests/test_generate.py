@@ -10,7 +10,13 @@ same encoders, codec and params that made the training data.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import av
@@ -344,3 +350,86 @@ def test_stage_with_two_workers_writes_what_one_process_writes(project, tmp_path
     one = files(tmp_path / "one")
     assert len(one) == 1 + 4 * 2 and files(tmp_path / "two") == one  # 2 test clips x (full + 3 baselines)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the fault-and-abuse cases of `v2m generate` (issue 18; the data stages' are in tests/test_faults.py)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(project, tmp_path, capsys):
+    src = make_video(tmp_path / "same.mp4", seconds=2.0, size="128x96")
+    other = make_video(tmp_path / "other.mp4", seconds=2.0, size="128x96", audio="sine=frequency=660")
+    digests = {src: sha(src), other: sha(other)}
+    (tmp_path / "link.mp4").symlink_to(src)
+    os.link(src, tmp_path / "hard.mp4")
+    for out in (src, tmp_path / "link.mp4", tmp_path / "hard.mp4"):
+        assert run(project, str(src), "-o", str(out)) == 2
+        err = capsys.readouterr().err
+        assert f"{out}: is the input {src}" in err and len(err.strip().splitlines()) == 1, err
+    assert run(project, str(src), str(other), "-o", str(tmp_path)) == 2  # `-o .` in the inputs' folder
+    assert "is the input" in capsys.readouterr().err
+    assert {p: sha(p) for p in digests} == digests
+
+
+def test_a_batch_whose_outputs_share_a_name_is_refused(project, tmp_path, capsys):
+    a = make_video((tmp_path / "a").mkdir() or tmp_path / "a" / "x.mp4", seconds=2.0, size="128x96")
+    b = make_video((tmp_path / "b").mkdir() or tmp_path / "b" / "x.mp4", seconds=2.0, size="96x128")
+    assert run(project, str(a), str(b), "-o", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert f"{a} and {b} would both be written to {tmp_path / 'out' / 'x.mp4'}" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_video_longer_than_the_limit_is_one_line(project, tmp_path, capsys):
+    params = yaml.safe_load(Path(project["params"]).read_text())
+    params["generate"]["max_duration_s"] = 2.5
+    short_limit = tmp_path / "params.yaml"
+    short_limit.write_text(yaml.safe_dump(params))
+    src = make_video(tmp_path / "v.mp4", seconds=3.0, size="128x96")
+    assert generate.main([str(src), "-o", str(tmp_path / "o.mp4"), "--params", str(short_limit),
+                          "--model", str(project["model"])]) == 1
+    err = capsys.readouterr().err
+    assert f"{src}: 0.1 min is longer than generate.max_duration_s (2.5 s)" in err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def cli(project: dict, *args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "generate", *args, "--params", str(project["params"]),
+            "--model", str(project["model"])]
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_signals_leave_no_temps_and_a_killed_runs_go_at_the_next_run(project, tmp_path, monkeypatch):
+    """SIGTERM (what `kill`, systemd and SLURM send) cleans up like Ctrl-C; SIGKILL cannot, so the next run removes
+    what the dead one left in $TMPDIR and beside the output, and writes what an uninterrupted run writes."""
+    src = make_video(tmp_path / "v.mp4", seconds=5.0, size="128x96", rate="24")
+    assert run(project, str(src), "-o", str(tmp_path / "clean.mp4")) == 0
+    scratch, out = tmp_path / "tmp", tmp_path / "out"
+    scratch.mkdir()
+    out.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    proc = subprocess.Popen(cli(project, str(src), "-o", str(out / "v.mp4")), env=env, stderr=subprocess.PIPE)
+    wait_for(lambda: any(scratch.iterdir()))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 128 + signal.SIGTERM
+    assert not any(scratch.iterdir()) and not any(out.iterdir())
+    proc = subprocess.Popen(cli(project, str(src), "-o", str(out / "v.mp4")), env=env, stderr=subprocess.PIPE)
+    wait_for(lambda: any(p.name.startswith(".") for p in out.iterdir()))  # killed while the muxer writes
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any(scratch.iterdir()) and any(p.name.startswith(".") for p in out.iterdir())  # what SIGKILL leaks
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read $TMPDIR
+    assert run(project, str(src), "-o", str(out / "v.mp4")) == 0
+    assert not any(scratch.iterdir()) and [p.name for p in out.iterdir()] == ["v.mp4"]
+    assert sha(out / "v.mp4") == sha(tmp_path / "clean.mp4")

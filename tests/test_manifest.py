@@ -26,10 +26,15 @@ def test_labels_hashes_and_skipped_rows(tmp_path):
     assert list(read_upstream(tmp_path / "m.parquet", "embed", "ingest")["id"]) == ["a"]
 
 
-def test_prune_keeps_only_the_wanted_stems(tmp_path):
-    for name in ("clips/a.mp4", "clips/b.mp4", "rows/a.json", "rows/b.json", "keep.txt"):
+def test_prune_removes_only_recorded_ids_and_never_all_without_the_flag(tmp_path):
+    for name in ("clips/a.mp4", "clips/b.mp4", "clips/c.mp4", "rows/a.json", "rows/b.json", "keep.txt"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
-    assert prune(tmp_path, ("clips/*.mp4", "rows/*.json"), {"a"}) == 2
+    assert prune(tmp_path, ("clips/{id}.mp4",), {"a"}, "ingest", "m.csv") == 1  # c has no record: not ours
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.*")) == [
-        "clips/a.mp4", "keep.txt", "rows/a.json"]
+        "clips/a.mp4", "clips/c.mp4", "keep.txt", "rows/a.json"]
+    with pytest.raises(SystemExit, match=r"ingest: m\.csv: no usable rows; refusing to remove the outputs of all 1"):
+        prune(tmp_path, ("clips/{id}.mp4",), set(), "ingest", "m.csv")
+    assert (tmp_path / "clips" / "a.mp4").exists()
+    assert prune(tmp_path, ("clips/{id}.mp4",), set(), "ingest", "m.csv", allow_empty=True) == 1
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.*")) == ["clips/c.mp4", "keep.txt"]

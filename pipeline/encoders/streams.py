@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -17,7 +18,7 @@ import numpy as np
 from pipeline.config import EmbedConfig
 from pipeline.encoders import clip as clip_enc
 from pipeline.encoders import flow as flow_enc
-from pipeline.media import MediaError
+from pipeline.media import MediaError, decode_video
 from pipeline.shards import Item
 
 log = logging.getLogger(__name__)
@@ -30,41 +31,58 @@ def sample_indices(n_frames: int, native_fps: float, fps: float) -> list[int]:
     return [min(n_frames - 1, int(math.floor(k * step + 0.5))) for k in range(count)]
 
 
-def sample_frames(path: str | Path, fps: float, gray: bool = False) -> tuple[np.ndarray, float, int]:
-    """Decode a clip and keep the frames nearest to k / fps.
+def iter_samples(path: str | Path, fps: float, gray: bool = False, info: dict | None = None) -> Iterator[np.ndarray]:
+    """The frames nearest to k / fps, k = 0, 1, ..., decoded and yielded one at a time (memory: one frame, whatever
+    the duration). A rate above the native one yields the same array again (do not modify them).
 
     Args:
         path: a video file with a constant frame rate (every ingested clip is one).
-        fps: samples per second; a rate above the native one repeats frames.
-        gray: luma only ([T, H, W] uint8) instead of RGB ([T, H, W, 3] uint8).
+        fps: samples per second.
+        gray: luma only ([H, W] uint8) instead of RGB ([H, W, 3] uint8).
+        info: when given, receives `native_fps` and `n_frames` (native frames decoded) once the video is exhausted.
 
-    Returns:
-        (frames, native fps, number of native frames). Raises `MediaError` (reason ``corrupt``) on undecodable input.
+    Raises `MediaError` (reason ``corrupt``) on undecodable input.
     """
-    kept: dict[int, np.ndarray] = {}
-    n, last = 0, None
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise MediaError(path, "no video stream", "no_video")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            native = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-            step, k = native / fps, 0
-            for frame in container.decode(stream):  # the frame count is known only at the end: keep as we go
-                while math.floor(k * step + 0.5) < n:
-                    k += 1
-                if math.floor(k * step + 0.5) == n:
-                    kept[n] = _to_array(frame, gray)
-                n, last = n + 1, frame
-    except av.error.FFmpegError as exc:
-        raise MediaError(path, f"video cannot be decoded ({exc.strerror or exc})") from None
+    k, n, last, step = 0, 0, None, 1.0
+    for frame, native in decode_video(path):
+        step, array = native / fps, None
+        while math.floor(k * step + 0.5) == n:  # the frame count is known only at the end: yield as we go
+            array = _to_array(frame, gray) if array is None else array
+            yield array
+            k += 1
+        n, last = n + 1, frame
     if last is None:
         raise MediaError(path, "no decodable video frame")
-    if n - 1 not in kept:
-        kept[n - 1] = _to_array(last, gray)
-    frames = [kept[i] for i in sample_indices(n, native, fps)]
-    return np.stack(frames), native, n
+    count = max(1, math.ceil(n / step - 1e-9))  # as sample_indices: the samples past the last frame repeat it
+    if k < count:
+        array = _to_array(last, gray)
+        for _ in range(count - k):
+            yield array
+    if info is not None:
+        info.update(native_fps=native, n_frames=n)
+
+
+def sample_frames(path: str | Path, fps: float, gray: bool = False) -> tuple[np.ndarray, float, int]:
+    """Decode a clip and keep the frames nearest to k / fps (`iter_samples`, stacked).
+
+    Returns:
+        (frames [T, H, W(, 3)] uint8, native fps, number of native frames).
+    """
+    info: dict = {}
+    frames = np.stack(list(iter_samples(path, fps, gray, info)))
+    return frames, info["native_fps"], info["n_frames"]
+
+
+def _chunks(frames: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Consecutive frames stacked `size` at a time (the last chunk may be shorter)."""
+    chunk: list[np.ndarray] = []
+    for frame in frames:
+        chunk.append(frame)
+        if len(chunk) == size:
+            yield np.stack(chunk)
+            chunk = []
+    if chunk:
+        yield np.stack(chunk)
 
 
 def _to_array(frame: av.VideoFrame, gray: bool) -> np.ndarray:
@@ -104,6 +122,37 @@ class Encoders:
         frames, native_fps, n = sample_frames(item.payload, self.cfg.flow_fps, gray=self._flow.gray)
         return self._flow(frames, self.cfg.flow_fps), {"fps": self.cfg.flow_fps,
                                                        "duration_s": round(n / native_fps, 6)}  # (T, Df)
+
+
+    # Streamed: what generation calls on a video of any length. Same rows as clip() / flow() on the same file (CLIP
+    # chunks are whole batches, flow chunks carry the previous chunk's last frame), frames decoded one chunk at a time.
+
+    def clip_streamed(self, path: str | Path, batches_per_chunk: int = 8) -> tuple[np.ndarray, dict]:
+        """clip(), `batches_per_chunk` CLIP batches of frames in memory at a time -> (rows [T, Dc], metadata)."""
+        _check_exists(path)
+        if self._clip is None:
+            self._clip = _load("clip", clip_enc.ClipEncoder, self.cfg.clip, self.cfg.encoders_dir, self.device)
+        info: dict = {}
+        size = self.cfg.clip.batch_size * max(1, batches_per_chunk)
+        rows = [self._clip(frames) for frames in _chunks(iter_samples(path, self.cfg.clip_fps, False, info), size)]
+        return np.concatenate(rows), {"fps": self.cfg.clip_fps,
+                                      "duration_s": round(info["n_frames"] / info["native_fps"], 6)}
+
+    def flow_streamed(self, path: str | Path, chunk_frames: int = 240) -> tuple[np.ndarray, dict]:
+        """flow(), `chunk_frames` frames in memory at a time -> (rows [T, Df], metadata)."""
+        _check_exists(path)
+        if self._flow is None:
+            self._flow = _load("flow", flow_enc.FlowEncoder, self.cfg.flow, self.device)
+        info: dict = {}
+        rows, previous = [], None
+        for frames in _chunks(iter_samples(path, self.cfg.flow_fps, self._flow.gray, info), max(2, chunk_frames)):
+            if previous is None:
+                rows.append(self._flow(frames, self.cfg.flow_fps))  # its first row: no motion before frame 0
+            else:  # the pair (previous chunk's last frame, this chunk's first) belongs to this chunk
+                rows.append(self._flow(np.concatenate([previous[None], frames]), self.cfg.flow_fps)[1:])
+            previous = frames[-1]
+        return np.concatenate(rows), {"fps": self.cfg.flow_fps,
+                                      "duration_s": round(info["n_frames"] / info["native_fps"], 6)}
 
 
 def _load(stream: str, cls, *args):
