@@ -72,10 +72,12 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.upload_limit if scope["path"] == "/api/jobs" else FORM_LIMIT
-        started = False
+        started = refused = False
 
         async def guarded_send(message):
             nonlocal started
+            if refused and message["type"].startswith("http.response"):
+                return  # the 413 is out: what the app tries to send after it (its 500) is dropped
             if message["type"] == "http.response.start":
                 started = True
                 message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
@@ -87,19 +89,21 @@ class Guard:
         received = 0
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, refused
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > limit:
+                if received > limit:  # no Content-Length (chunked), or a body longer than it said
+                    if not started:
+                        await self._refuse(guarded_send, limit)
+                    refused = True
                     raise _TooLarge
             return message
 
         try:
             await self.app(scope, limited_receive, guarded_send)
         except _TooLarge:
-            if not started:
-                await self._refuse(guarded_send, limit)
+            pass  # answered 413 above
 
     async def _refuse(self, send, limit: int) -> None:
         what = "file" if limit > FORM_LIMIT else "request"

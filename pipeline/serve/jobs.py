@@ -176,8 +176,7 @@ class JobQueue:
         self.db.execute("UPDATE jobs SET status = ?, step = ?, progress = ?, output = ?, error = ?, finished_at = ? "
                         "WHERE token = ?", (status, status, 1.0 if status == "done" else 0.0, output, error,
                                             time.time(), token))
-        if status == "failed":
-            (self.uploads / f"{token}.video").unlink(missing_ok=True)
+        (self.uploads / f"{token}.video").unlink(missing_ok=True)  # the upload is not kept past its job
 
     def _work(self) -> None:
         while (token := self.queue.get()) is not None:
