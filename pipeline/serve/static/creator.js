@@ -81,7 +81,7 @@ form.addEventListener("submit", async (event) => {
   const file = document.getElementById("video").files[0];
   if (!file) { showError("choose a video file to upload"); return; }
   if (file.size > Number(form.dataset.maxBytes)) {
-    showError(`the file is larger than the limit of ${form.dataset.maxMb} MB`);
+    showError(`${file.name}: the file is larger than the limit of ${form.dataset.maxMb} MB`);
     return;
   }
   const button = document.getElementById("submit");
@@ -92,7 +92,7 @@ form.addEventListener("submit", async (event) => {
     const response = await fetch("/api/jobs", { method: "POST", body: new FormData(form) });
     let body;
     try { body = await response.json(); } catch { body = { error: `the server answered ${response.status}` }; }
-    if (!response.ok) { showError(body.error); return; }
+    if (!response.ok) { showError(`${file.name}: ${body.error}`); return; }
     refreshJobs();
     await follow(body.token);
   } catch (err) {
