@@ -362,7 +362,7 @@ def _plot(s: dict, systems: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
     width = 0.8 / len(CRITERIA)
     for k, criterion in enumerate(CRITERIA):
         rank = {r["system"]: r for r in s["criteria"][criterion]["ranking"]}
@@ -378,7 +378,7 @@ def _plot(s: dict, systems: list[str], path: Path) -> None:
     ax.set_ylabel("Bradley-Terry log-strength")
     title = "Listening test: ranking per criterion (95 % CI)"
     ax.set_title(title + (" - SIMULATED raters" if s["simulated"] else ""))
-    ax.legend(fontsize=7, ncols=5, loc="lower left")
+    ax.legend(fontsize=8, ncols=5, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
