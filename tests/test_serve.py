@@ -256,3 +256,23 @@ def _record(name: str, figures: dict) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     data[name] = figures
     save_artifact("load_test.json", json.dumps(data, indent=2) + "\n")
+
+
+def test_jobs_a_stopped_server_left_are_failed_and_their_files_removed(trained_project, tmp_path):
+    from pipeline.serve.jobs import JobQueue
+
+    params = serve_params(trained_project, tmp_path)
+    db = Database(params.serve.db_path)
+    uploads = tmp_path / "serve" / "uploads"
+    uploads.mkdir(parents=True)
+    for token, status in (("t1", "queued"), ("t2", "running")):
+        db.execute("INSERT INTO jobs (token, status, model, seed, original_name, size_bytes, created_at) "
+                   "VALUES (?, ?, 'full/v2m.pt', 0, 'a.mp4', 1, 0)", (token, status))
+        (uploads / f"{token}.video").write_bytes(b"x")
+    (uploads / "t3.part").write_bytes(b"half an upload")
+    queue = JobQueue(db, params, [])
+    queue.start()
+    queue.stop()
+    rows = db.all("SELECT status, error FROM jobs ORDER BY token")
+    assert [r["status"] for r in rows] == ["failed", "failed"] and "upload again" in rows[0]["error"]
+    assert files_under(uploads) == []
