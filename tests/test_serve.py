@@ -94,7 +94,8 @@ def test_size_limit_is_enforced_before_the_body_is_read(app, shared_data):
     assert reply.startswith("HTTP/1.1 413"), reply[:200]
     status, _, body = request(app["base"], "POST", "/listen/x/answer", b"a=" + b"1" * 70000,
                               {"Content-Type": "application/x-www-form-urlencoded"})
-    assert status == 413 and uploads_left(app) == []
+    assert status == 413 and json.loads(body)["error"] == "the request is larger than the limit of 64 kB"
+    assert uploads_left(app) == []
 
 
 def test_three_concurrent_uploads_all_come_back_scored(app, shared_data):

@@ -106,10 +106,11 @@ class Guard:
             pass  # answered 413 above
 
     async def _refuse(self, send, limit: int) -> None:
-        what = "file" if limit > FORM_LIMIT else "request"
-        mb = (limit - MULTIPART_SLACK) / 1e6 if limit > FORM_LIMIT else limit / 1e6
-        response = JSONResponse({"error": f"the {what} is larger than the limit of {mb:g} MB"}, 413,
-                                headers={"connection": "close"})
+        if limit > FORM_LIMIT:
+            message = f"the file is larger than the limit of {(limit - MULTIPART_SLACK) / 1e6:g} MB"
+        else:
+            message = f"the request is larger than the limit of {limit // 1024} kB"
+        response = JSONResponse({"error": message}, 413, headers={"connection": "close"})
         await response({"type": "http"}, None, send)
 
 
