@@ -12,13 +12,14 @@ BENCH_ARGS ?=
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv demo seeds test test-all lint bench clean-data
+.PHONY: help venv browser demo seeds test test-all lint bench clean-data
 
 help:
 	@echo "make demo      create .venv, run the whole pipeline on the embedded SynthV2M profile (dvc repro)"
 	@echo "make seeds     after make demo: the seed study, both systems over seed_study.seeds (reports/seeds.md, ~25 min)"
 	@echo "make test      create/update .venv and run the test suite (slow end-to-end tests excluded)"
 	@echo "make test-all  the whole suite, slow tests included"
+	@echo "make browser   headless Chromium for the web app's browser tests (Debian chromium + chromium-driver; root)"
 	@echo "make lint      ruff"
 	@echo "make bench     every benchmarks/*.py, then the summary in benchmarks/README.md (~30 min on 2 cores)"
 
@@ -31,6 +32,18 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 venv: $(STAMP)
+
+# Headless Chromium for tests/test_serve_browser.py, from Debian's packages (nothing downloads a browser build). Installed
+# when missing and apt is usable (root, or passwordless sudo); otherwise those tests are skipped with the reason.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then echo "make browser: no apt-get: the browser tests will be skipped"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else echo "make browser: not root and no passwordless sudo: the browser tests will be skipped"; exit 0; fi; \
+	echo "make browser: apt-get install chromium chromium-driver"; \
+	$$sudo apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq \
+		--no-install-recommends chromium chromium-driver >/dev/null \
+		|| echo "make browser: apt-get failed: the browser tests will be skipped"
 
 demo: venv
 	@test -d .dvc || { if git rev-parse --git-dir >/dev/null 2>&1; then dvc init -q; else dvc init -q --no-scm; fi; }
@@ -45,10 +58,10 @@ seeds: demo
 	dvc repro evaluate_seeds
 	@cat reports/seeds.md
 
-test: venv
+test: venv browser
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: venv
+test-all: venv browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv

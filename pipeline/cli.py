@@ -16,6 +16,8 @@
     v2m metrics   --generated DIR --reference DIR [...]     the metrics library on any folders
     v2m profile   list | show NAME | use NAME               switch params.yaml between profiles
     v2m summary                                             what the pipeline produced, and where
+    v2m serve     [--host H] [--port P]                     the web app: creator page + listening tests
+    v2m human-eval create|invite|report|list                listening tests: define, invite raters, report
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ COMMANDS = {
     "metrics": ("pipeline.metrics.cli:main", "compute the metrics for generated vs reference folders"),
     "profile": ("pipeline.profiles:main", "list, show or apply a params profile"),
     "summary": ("pipeline.summary:main", "summarise the outputs of the pipeline"),
+    "serve": ("pipeline.serve.app:main", "the web app: upload a video -> scored mp4; listening tests (loopback)"),
+    "human-eval": ("pipeline.human_eval:main", "listening tests: create, invite raters, report (--simulate N)"),
 }
 
 

@@ -360,6 +360,38 @@ class SeedStudyConfig:
 
 
 @dataclass(frozen=True)
+class StudyConfig:
+    """The listening test (pipeline/human_eval.py): how an experiment is drawn from the evaluate stage's renders and how
+    `v2m human-eval report` folds the answers."""
+
+    generated_dir: str = "data/generated"  # {system}/{id}.mp4 of the generate stage: what raters compare
+    systems: tuple[str, ...] = ("full", "no_motion", "retrieval", "reference")  # compared pairwise (>= 2)
+    max_clips: int = 20  # test clips per rater (the first ids all systems have, in sorted order)
+    # attention checks: the same render twice (expect tie), and check_good vs check_bad (expect check_good on alignment)
+    check_good: str = "reference"
+    check_bad: str = "random"
+    bootstrap: int = 1000  # resamples of the raters for the 95 % confidence intervals
+    report_path: str = "reports/human_eval.md"  # the plot is written beside it as human_eval.png
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The web app (`v2m serve`, pipeline/serve/): the creator page and the listening test. Not a DVC stage."""
+
+    host: str = "127.0.0.1"  # loopback: only this machine can connect (--host 0.0.0.0 to share on a network)
+    port: int = 8000
+    data_dir: str = "data/serve"  # uploads/ and outputs/ (random names), and the database
+    db_path: str = "data/serve/v2m.sqlite"  # SQLite (WAL): jobs, experiments, raters, answers
+    models_dir: str = "models"  # checkpoints offered on the creator page: {models_dir}/*.pt and {models_dir}/*/v2m.pt
+    max_upload_mb: float = 200.0  # larger requests are refused before their body is read (HTTP 413)
+    max_video_seconds: float = 120.0  # longer videos are refused after probing
+    workers: int = 1  # generation jobs run at once (each holds its own copy of the model)
+    queue_size: int = 8  # jobs waiting beyond those running; a full queue refuses new uploads (HTTP 503)
+    recent_jobs: int = 10  # jobs listed on the creator page
+    study: StudyConfig = field(default_factory=StudyConfig)
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseConfig = field(default_factory=BaseConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -371,6 +403,7 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     seed_study: SeedStudyConfig = field(default_factory=SeedStudyConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 # Keys renamed since earlier params files: {old dotted key: new dotted key}. One name per idea in every section:

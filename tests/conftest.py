@@ -49,3 +49,12 @@ def make_video(path: Path, seconds: float = 3.0, size: str = "320x240", rate: st
     args += [*(extra or []), str(path)]
     ffmpeg(*args)
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory) -> dict:
+    """A trained debug model (text on) made by the pipeline's own stages in a temporary folder
+    (tests/test_generate.build_project): built once per session for the generate and the serve tests."""
+    from tests.test_generate import build_project
+
+    return build_project(tmp_path_factory.mktemp("gen"))

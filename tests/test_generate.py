@@ -37,8 +37,8 @@ SECONDS = 4.0  # the model's window here
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> dict:
-    return build_project(tmp_path_factory.mktemp("gen"))
+def project(trained_project) -> dict:
+    return trained_project  # tests/conftest.py: build_project below, once per session (the serve tests use it too)
 
 
 def build_project(root: Path) -> dict:
