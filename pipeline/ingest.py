@@ -17,7 +17,7 @@ unchanged, and a killed run resumes where it stopped. The exit status is non-zer
 
 The records hold nothing machine-local (DVC hashes them, and a teammate's rebuild must match): a source's size and
 mtime, used to skip re-hashing it, live in a side cache beside the out dir, `{out}/../.cache/{out name}/`, which
-neither DVC nor git tracks. So does the lock that keeps a second run off the same out dir (`shards.out_dir_lock`).
+neither DVC nor git tracks. So does the lock that keeps a second run off the same out dir (`manifest.owned_out_dir`).
 
 The out dir must be new, empty, or an earlier ingest's (`manifest.parquet` or `rows/` in it): a folder of other files is
 refused. Outputs of ids no longer in the manifest are removed, but only those the stage recorded making; a manifest
@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from pipeline import download
 from pipeline.config import BaseConfig, IngestConfig, load_params, to_dict
-from pipeline.manifest import INGEST_COLUMNS, check_out_dir, label_columns, prune
+from pipeline.manifest import INGEST_COLUMNS, label_columns, owned_out_dir, prune
 from pipeline.media import (
     MediaError,
     load_audio,
@@ -61,7 +61,6 @@ from pipeline.shards import (
     atomic_path,
     atomic_write_json,
     clean_stale_temps,
-    out_dir_lock,
     params_hash,
     report_rows,
     sha256_file,
@@ -320,9 +319,7 @@ def run(manifest: Path, out_dir: Path, base: BaseConfig, cfg: IngestConfig,
     """Ingest every row of `manifest`; returns (the written manifest frame, number of items actually processed).
     `prune_all`: a manifest with no usable rows empties out_dir (else it is refused)."""
     frame = read_input_manifest(manifest)
-    check_out_dir(out_dir, "ingest")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with out_dir_lock(out_dir, "ingest"):
+    with owned_out_dir(out_dir, "ingest"):
         return _run_locked(manifest, frame, out_dir, base, cfg, prune_all)
 
 

@@ -12,13 +12,14 @@ stage imports another to learn it.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pandas as pd
 
-from pipeline.shards import SKIPPED, read_manifest, stable_hash
+from pipeline.shards import SKIPPED, out_dir_lock, read_manifest, stable_hash
 
 # data/ingest/manifest.parquet: these, then the input manifest's own columns (labels) in their order
 INGEST_COLUMNS = [
@@ -64,6 +65,16 @@ def check_out_dir(out_dir: Path, stage: str) -> None:
     if next((p for p in out_dir.rglob("*") if not p.is_dir()), None) is not None:  # stops at the first file
         raise SystemExit(f"{stage}: {out_dir}: not a v2m {stage} output folder (it holds files but no manifest.parquet "
                          "or rows/); give an empty or new folder as --out")
+
+
+@contextlib.contextmanager
+def owned_out_dir(out_dir: Path, stage: str) -> Iterator[Path]:
+    """`check_out_dir`, create the folder, and hold its lock (`shards.out_dir_lock`) while inside: how ingest and
+    separate take their output folder before they write or prune anything in it."""
+    check_out_dir(out_dir, stage)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with out_dir_lock(out_dir, stage):
+        yield out_dir
 
 
 def prune(out_dir: Path, layout: Iterable[str], keep: set[str], stage: str, source: str | Path,

@@ -40,8 +40,8 @@ from pipeline.config import BaseConfig, SeparateConfig, load_params
 from pipeline.manifest import (
     INGEST_COLUMNS,
     SEPARATE_COLUMNS,
-    check_out_dir,
     label_columns,
+    owned_out_dir,
     prune,
     read_upstream,
     skipped_upstream,
@@ -56,7 +56,6 @@ from pipeline.shards import (
     atomic_path,
     atomic_write_json,
     clean_stale_temps,
-    out_dir_lock,
     params_hash,
     report_rows,
     sha256_file,
@@ -335,9 +334,7 @@ def run(ingest_manifest: Path, out_dir: Path, base: BaseConfig, cfg: SeparateCon
     """Separate every ok row of `ingest_manifest`; returns (the written manifest, number of ids actually processed).
     `prune_all`: an upstream with nothing usable empties out_dir (else it is refused)."""
     upstream = read_upstream(ingest_manifest, "separate", "ingest")
-    check_out_dir(out_dir, "separate")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with out_dir_lock(out_dir, "separate"):
+    with owned_out_dir(out_dir, "separate"):
         return _run_locked(ingest_manifest, upstream, out_dir, base, cfg, prune_all)
 
 
