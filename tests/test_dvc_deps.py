@@ -106,7 +106,9 @@ class _Imports(ast.NodeVisitor):
             self.add(f"{mod}.{alias.name}", "import", node)
 
     def visit_Constant(self, node):
-        if isinstance(node.value, str) and REGISTRY_STRING.fullmatch(node.value):
+        # "pipeline.cli" is the dispatcher (NOT_LISTED): runtime.local_ranks starts `python -m pipeline.cli STAGE`,
+        # the same stage's module again, which is in the closure already; following it would pull in every command
+        if isinstance(node.value, str) and REGISTRY_STRING.fullmatch(node.value) and node.value != module_name(CLI):
             self.add(node.value.partition(":")[0], "string", node)
 
     def visit_BinOp(self, node):
