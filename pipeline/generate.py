@@ -51,6 +51,7 @@ from pipeline.inference import (
     generate_one,
     load_model,
     mux,
+    remove_own_scratch,
     text_embedding,
 )
 from pipeline.media import MediaError, load_audio, write_wav
@@ -281,7 +282,10 @@ def _stage_codec(params: Params):
 
 def main(argv: list[str] | None = None) -> int:
     with exit_on_signals():  # SIGTERM / SIGHUP clean up temp files and scratch folders, as Ctrl-C does
-        return _main(argv)
+        try:
+            return _main(argv)
+        finally:
+            remove_own_scratch()
 
 
 def _main(argv: list[str] | None = None) -> int:

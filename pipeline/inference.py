@@ -136,6 +136,17 @@ def owned_output(dest: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_own_scratch() -> int:
+    """Remove this process's own scratch folders in $TMPDIR: what a signal landing mid-cleanup (an ffmpeg child still
+    writing while its folder is removed) could leave. `v2m generate` calls it on its way out. Returns the count."""
+    removed = 0
+    for path in Path(tempfile.gettempdir()).glob(f"v2m-*-{_owner()}-*"):
+        if (m := SCRATCH_RE.match(path.name)) and m["owner"] == _owner() and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def clean_stale_temps(folders: list[Path]) -> int:
     """Remove what killed `v2m generate` runs of this host left: their scratch folders in $TMPDIR and their temporary
     outputs in `folders`. Only names this module makes, and only of processes that no longer run. Returns the count."""

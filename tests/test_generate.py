@@ -429,7 +429,9 @@ def test_signals_leave_no_temps_and_a_killed_runs_go_at_the_next_run(project, tm
     wait_for(lambda: any(scratch.iterdir()))
     proc.send_signal(signal.SIGTERM)
     assert proc.wait() == 128 + signal.SIGTERM
-    assert not any(scratch.iterdir()) and not any(out.iterdir())
+    left = sorted(p.name for folder in (scratch, out) for p in folder.iterdir())
+    assert not [name for name in left if name.startswith(("v2m-", "."))], left  # v2m's own scratch and temps
+    assert not any(out.iterdir())
     proc = subprocess.Popen(cli(project, str(src), "-o", str(out / "v.mp4")), env=env, stderr=subprocess.PIPE)
     wait_for(lambda: any(p.name.startswith(".") for p in out.iterdir()))  # killed while the muxer writes
     proc.send_signal(signal.SIGKILL)
