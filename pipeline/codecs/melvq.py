@@ -5,11 +5,15 @@ Encode: audio [N] at `sample_rate` -> codes [K, T], T = ceil(N / hop), hop = sam
   1. STFT at the token rate (periodic Hann, `n_fft`, hop, centred: frame t is centred at sample t * hop) -> |X|^2.
   2. HTK mel filterbank (`n_mels` triangles of peak 1 up to `fmax`), relative to a full-scale sine's power.
   3. max(mel, floor) ** compression -> one token frame [D = n_mels].
-  4. Residual VQ: K codebooks of `codebook_size` entries, each picks the entry nearest to what the previous left.
+  4. Residual VQ: K codebooks of `codebook_size` entries, each picks the entry nearest to what the previous left,
+     on the frame times the band weights (`band_weight` in the pitch band `band_low_hz`..`band_high_hz`, 1 elsewhere:
+     the squared distance counts the bands that carry chords and melody band_weight^2 times). The codebooks hold
+     weighted entries.
 Decode: codes [K, T] -> audio [T * hop].
-  1. The sum of the K entries -> compressed mel; a band within `gate_sigmas` residual standard deviations (measured
-     on the fit frames) of the floor is silence: VQ noise in silent bands otherwise reads as onsets (onset precision
-     0.66 -> 0.9 on SynthV2M). Then linear interpolation to `subframes` synthesis frames per token.
+  1. The sum of the K entries, divided by the band weights -> compressed mel; a band within `gate_sigmas` residual
+     standard deviations (measured on the fit frames) of the floor is silence: VQ noise in silent bands otherwise
+     reads as onsets (onset precision 0.66 -> 0.9 on SynthV2M). Then linear interpolation to `subframes` synthesis
+     frames per token.
   2. Compression undone; mel -> linear power by non-negative least squares with multiplicative updates.
   3. Phase: single-pass spectrogram inversion (SPSI; Beauregard, Harish & Wyse, 2015: each spectral peak's phase
      advances at its quadratically interpolated frequency, the bins around it are locked to it) as the start of fast
@@ -89,6 +93,9 @@ class MelVQ(Codec):
         self.window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(cfg.n_fft) / cfg.n_fft)  # float64
         self.ref_power = float(self.window.sum() / 2) ** 2  # |X|^2 of a full-scale sine at a bin centre
         self.floor = float((10 ** (cfg.floor_db / 10)) ** cfg.compression)  # in compressed units
+        centres = librosa.mel_frequencies(cfg.n_mels + 2, fmin=0.0, fmax=cfg.fmax, htk=True)[1:-1]
+        pitch_band = (centres >= cfg.band_low_hz) & (centres <= cfg.band_high_hz)
+        self.band_weights = np.where(pitch_band, float(cfg.band_weight), 1.0)  # (D,) whole numbers, float64
         self.codebooks: np.ndarray | None = None  # (K, codebook_size, D) float32
         self.residual_std: np.ndarray | None = None  # (D,) of the fit frames after the last stage
         self.fit_info: dict = {}
@@ -161,12 +168,12 @@ class MelVQ(Codec):
     # ------------------------------------------------------------------------------------------------------- codec
     def encode(self, wav: np.ndarray) -> np.ndarray:
         self._require_fit()
-        return rvq_encode(self.features(wav), self.codebooks)
+        return rvq_encode(self.features(wav), self.codebooks, self.band_weights)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         self._require_fit()
         codes = self.check_codes(codes)
-        return self.synthesize(rvq_decode(codes, self.codebooks))
+        return self.synthesize(rvq_decode(codes, self.codebooks, self.band_weights))
 
     def _require_fit(self) -> None:
         if self.codebooks is None:
@@ -188,7 +195,7 @@ class MelVQ(Codec):
         if len(data) < cfg.codebook_size:
             log.warning("melvq: only %d frames to fit %d-entry codebooks; entries will repeat", len(data),
                         cfg.codebook_size)
-        residual = data.astype(np.float64) / GRID  # whole numbers: every step below is exact
+        residual = data.astype(np.float64) / GRID * self.band_weights  # whole numbers: every step below is exact
         books, distortion = [], []
         for _ in range(cfg.num_codebooks):
             book = kmeans(residual, cfg.codebook_size, cfg.kmeans_iters, rng)
@@ -196,7 +203,7 @@ class MelVQ(Codec):
             books.append(book * GRID)
             distortion.append(float(np.mean((residual * GRID) ** 2)))
         self.codebooks = np.stack(books).astype(np.float32)  # whole multiples of GRID below 2^24 GRID: exact
-        self.residual_std = (residual * GRID).std(axis=0).astype(np.float32)
+        self.residual_std = (residual / self.band_weights * GRID).std(axis=0).astype(np.float32)
         self.fit_info = {"items": n_items, "frames": int(len(data)), "seed": self.seed,
                          "mse_per_stage": [round(d, 8) for d in distortion]}
         return dict(self.fit_info)
@@ -235,7 +242,8 @@ class MelVQ(Codec):
             raise CodecError(f"{directory}: no saved melvq state ({Path(exc.filename).name} is missing); "
                              "run `v2m tokenize` to fit it") from None
         decode = {k: getattr(self.cfg, k) for k in DECODE_ONLY}
-        self.__init__(MelVQConfig(**{**meta["config"], **decode}), seed=meta.get("seed", 0))
+        fitted = {"band_weight": 1, **meta["config"]}  # states saved before the band weights were fitted without
+        self.__init__(MelVQConfig(**{**fitted, **decode}), seed=meta.get("seed", 0))
         if codebooks.shape != (self.num_codebooks, self.codebook_size, self.cfg.n_mels):
             raise CodecError(f"{directory}/codebooks.npy: shape {codebooks.shape} does not match melvq.json")
         self.codebooks, self.residual_std, self.fit_info = codebooks, std, meta.get("fit", {})
@@ -262,6 +270,11 @@ def _check(cfg: MelVQConfig) -> None:
         problems.append(f"{key}.subframes / n_fft: need subframes >= 1 and n_fft >= the STFT hop")
     if not 0 < cfg.compression <= 1 or not 0 < cfg.fmax <= cfg.sample_rate / 2:
         problems.append(f"{key}.compression / fmax: need 0 < compression <= 1 and 0 < fmax <= sample_rate / 2")
+    if not 1 <= cfg.band_weight <= 8 or int(cfg.band_weight) != cfg.band_weight \
+            or not 0 <= cfg.band_low_hz < cfg.band_high_hz:
+        problems.append(f"{key}.band_weight / band_low_hz / band_high_hz: need a whole band_weight in 1..8 (it "
+                        f"keeps the VQ exact) and 0 <= band_low_hz < band_high_hz, got {cfg.band_weight}, "
+                        f"{cfg.band_low_hz}, {cfg.band_high_hz}")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -311,9 +324,12 @@ def kmeans(x: np.ndarray, k: int, iters: int, rng: np.random.Generator) -> np.nd
     return centroids
 
 
-def rvq_encode(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
-    """Residual VQ: frames [T, D] -> codes [K, T] int64 (frames and entries on the GRID; exact, see nearest)."""
+def rvq_encode(x: np.ndarray, codebooks: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Residual VQ: frames [T, D] -> codes [K, T] int64 (frames and entries on the GRID; exact, see nearest). The
+    frames are multiplied by the whole-number band `weights` [D] (the codebooks hold weighted entries)."""
     residual = to_grid(np.asarray(x, np.float64)) / GRID
+    if weights is not None:
+        residual = residual * np.asarray(weights, np.float64)
     books = np.rint(np.asarray(codebooks, np.float64) / GRID)
     codes = np.empty((len(books), len(x)), np.int64)
     for k, book in enumerate(books):
@@ -322,12 +338,12 @@ def rvq_encode(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
     return codes
 
 
-def rvq_decode(codes: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
-    """Codes [K, T] -> frames [T, D]: the sum of the chosen entries."""
+def rvq_decode(codes: np.ndarray, codebooks: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Codes [K, T] -> frames [T, D]: the sum of the chosen entries, divided by the band `weights` [D]."""
     frames = np.zeros((codes.shape[1], codebooks.shape[2]), np.float32)
     for k in range(codes.shape[0]):
         frames += codebooks[k][codes[k]]
-    return frames
+    return frames if weights is None else (frames / np.asarray(weights, np.float32)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------- inversion
