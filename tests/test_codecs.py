@@ -112,6 +112,9 @@ def test_registry_and_unknown_names():
     ({"num_codebooks": 5}, "tokenize.melvq.num_codebooks"),
     ({"codebook_size": 2048}, "tokenize.melvq.codebook_size"),
     ({"frame_rate": 50.0, "subframes": 3}, "divisible by subframes"),
+    ({"band_weight": 2.5}, "whole band_weight"),
+    ({"band_weight": 0}, "whole band_weight"),
+    ({"band_low_hz": 3000.0}, "band_low_hz < band_high_hz"),
 ])
 def test_melvq_rejects_settings_outside_the_issue_limits(change, key):
     with pytest.raises(ConfigError, match=key):
@@ -157,6 +160,46 @@ def test_melvq_quantiser_works_on_whole_numbers_so_no_blas_can_flip_a_choice():
         nearest(big, np.zeros((2, 4)))
     with pytest.raises(ValueError, match="whole-number"):
         nearest(points + 0.5, book)
+
+
+def test_melvq_band_weight_spends_the_codebooks_on_the_pitch_band():
+    """With band_weight the squared VQ distance counts the pitch band (band_low_hz..band_high_hz) band_weight^2 times:
+    held-out frames come back closer there than with the plain distance, while the codebooks stay on the exact grid
+    and decoding divides the weight out again."""
+    from pipeline.codecs.melvq import GRID, rvq_decode, rvq_encode
+
+    small = dataclasses.replace(MelVQConfig(), codebook_size=32, kmeans_iters=5)
+    plain, weighted = (fitted_melvq(dataclasses.replace(small, band_weight=w), n_train=12) for w in (1, 3))
+    band = weighted.band_weights > 1
+    assert plain.band_weights.tolist() == [1.0] * small.n_mels and 20 < band.sum() < 90
+    assert np.array_equal(weighted.codebooks / GRID, np.rint(weighted.codebooks.astype(np.float64) / GRID))
+
+    def band_error(codec: MelVQ) -> tuple[float, float]:
+        frames = np.concatenate([codec.features(synth_clip(i)[0]) for i in range(60, 66)])
+        codes = rvq_encode(frames, codec.codebooks, codec.band_weights)
+        decoded = rvq_decode(codes, codec.codebooks, codec.band_weights)
+        err = (decoded - frames) ** 2
+        return float(err[:, band].mean()), float(err[:, ~band].mean())
+
+    (plain_in, plain_out), (weighted_in, weighted_out) = band_error(plain), band_error(weighted)
+    assert weighted_in < 0.9 * plain_in, (weighted_in, plain_in)
+    assert weighted_out > plain_out  # the price: the other bands are coarser
+
+
+def test_melvq_state_saved_before_band_weights_loads_as_unweighted(tmp_path):
+    """A melvq.json written before band_weight existed was fitted with the plain distance: it loads with weight 1
+    (not today's default), so its tokens decode as they always did."""
+    codec = fitted_melvq(dataclasses.replace(MelVQConfig(), codebook_size=16, kmeans_iters=3, band_weight=1), 4)
+    codec.save(tmp_path)
+    meta = json.loads((tmp_path / "melvq.json").read_text())
+    for key in ("band_weight", "band_low_hz", "band_high_hz"):
+        meta["config"].pop(key, None)
+    (tmp_path / "melvq.json").write_text(json.dumps(meta))
+    loaded = MelVQ()  # today's default band_weight is 3: the saved state's (none = 1) wins
+    loaded.load(tmp_path)
+    wav = synth_clip(42)[0]
+    assert loaded.band_weights.max() == 1 and np.array_equal(loaded.encode(wav), codec.encode(wav))
+    assert loaded.state_hash() == codec.state_hash()
 
 
 def test_melvq_round_trip_meets_the_floors_on_synthv2m():

@@ -60,6 +60,7 @@ FGLA_MOMENTUM = 0.99
 # and a loaded state takes them from the current params rather than from the saved file.
 DECODE_ONLY = ("subframes", "gate_sigmas", "nnls_iters", "griffin_lim_iters")
 MAX_FRAME_RATE, MAX_CODEBOOKS, MAX_CODEBOOK_SIZE = 50.0, 4, 1024
+BAND_KEYS = ("band_weight", "band_low_hz", "band_high_hz")
 GRID = 2.0**-14  # token frames are whole multiples of this (compressed mel units): see "Same bytes on any machine"
 MAX_FEATURE = 32.0  # token frames are clipped here (a full-scale sine's band is ~1): keeps every VQ sum exact
 EXACT = 2.0**53  # integers below this are exact in float64
@@ -210,8 +211,13 @@ class MelVQ(Codec):
 
     # ------------------------------------------------------------------------------------------------------- state
     def fit_settings(self) -> dict:
-        """The settings a fit depends on (all but the decode-only ones)."""
-        return {k: v for k, v in asdict(self.cfg).items() if k not in DECODE_ONLY}
+        """The settings a fit depends on (all but the decode-only ones; without the band keys when band_weight is 1,
+        so a state saved before they existed keeps its hash)."""
+        out = {k: v for k, v in asdict(self.cfg).items() if k not in DECODE_ONLY}
+        if self.cfg.band_weight == 1:
+            for key in BAND_KEYS:
+                out.pop(key)
+        return out
 
     def state_hash(self) -> str:
         """Hash of what determines the tokens: the analysis settings and the codebooks (not the decode-only ones)."""
@@ -242,7 +248,7 @@ class MelVQ(Codec):
             raise CodecError(f"{directory}: no saved melvq state ({Path(exc.filename).name} is missing); "
                              "run `v2m tokenize` to fit it") from None
         decode = {k: getattr(self.cfg, k) for k in DECODE_ONLY}
-        fitted = {"band_weight": 1, **meta["config"]}  # states saved before the band weights were fitted without
+        fitted = {"band_weight": 1, **meta["config"]}  # a state saved before the band weights: the plain distance
         self.__init__(MelVQConfig(**{**fitted, **decode}), seed=meta.get("seed", 0))
         if codebooks.shape != (self.num_codebooks, self.codebook_size, self.cfg.n_mels):
             raise CodecError(f"{directory}/codebooks.npy: shape {codebooks.shape} does not match melvq.json")
