@@ -266,6 +266,9 @@ def iter_frames(path: str | Path, gray: bool = False) -> Iterator[np.ndarray]:
         yield image
 
 
+SEEK_MIN_S = 1.0  # normalise_video: starts before this are cut by the filters, not by an input seek
+
+
 def normalise_video(src: str | Path, clip: str | Path, n_frames: int, fps: float, short_side: int, crf: int,
                     preset: str, start_s: float = 0.0, wav: str | Path | None = None, sample_rate: int = 0,
                     channels: int = 0) -> None:
@@ -277,15 +280,21 @@ def normalise_video(src: str | Path, clip: str | Path, n_frames: int, fps: float
     `channels` and padded with silence to n_frames / fps seconds: AAC in `clip` and 16-bit PCM in `wav`. Without it
     the clip has no audio. Raises `MediaError` (reason ``corrupt``) naming `src` when ffmpeg fails.
     """
-    scale = (f"scale=w='if(lte(iw,ih),{short_side},-2)':h='if(lte(iw,ih),-2,{short_side})':flags=bicubic,"
+    # A start within the first second is cut by the filters, not by an input seek: `-ss` to a time inside the first
+    # AAC frame of a source without B-frames (x264 baseline / ultrafast) dropped that whole frame on top of the
+    # encoder's priming, so the audio came out 1024 samples (32 ms at 32 kHz) ahead of the picture.
+    seek, head = (start_s, 0.0) if start_s >= SEEK_MIN_S else (0.0, start_s)
+    vhead = f"trim=start={head:.6f},setpts=PTS-STARTPTS," if head else ""
+    ahead = f"atrim=start={head:.6f},asetpts=PTS-STARTPTS," if head else ""
+    scale = (f"{vhead}scale=w='if(lte(iw,ih),{short_side},-2)':h='if(lte(iw,ih),-2,{short_side})':flags=bicubic,"
              f"fps={fps}:start_time=0,trim=end_frame={n_frames},setsar=1,format=yuv420p")
     # Both streams end in their filters (n_frames frames; the audio padded, then trimmed to n_frames / fps s), not by
     # output limits (`-frames:v`, `-t`): with those, whether the clip's last AAC frame was written varied from run to
     # run (ffmpeg's threads), so the same source gave other bytes.
     samples = int(round(n_frames / fps * sample_rate))
-    audio_filter = (f"aresample={sample_rate}:resampler=soxr,apad=whole_len={samples},"
+    audio_filter = (f"{ahead}aresample={sample_rate}:resampler=soxr,apad=whole_len={samples},"
                     f"atrim=end_sample={samples}")
-    args = ["-ss", f"{start_s:.6f}", "-i", str(src), "-map", "0:v:0", "-vf", scale,
+    args = [*(["-ss", f"{seek:.6f}"] if seek else []), "-i", str(src), "-map", "0:v:0", "-vf", scale,
             *X264_ARGS, "-preset", preset, "-crf", str(crf), "-movflags", "+faststart"]
     if wav is not None:
         args += ["-map", "0:a:0", "-af", audio_filter, "-ac", str(channels), "-c:a", "aac", "-b:a", "128k", str(clip),

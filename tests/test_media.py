@@ -51,3 +51,25 @@ def test_no_audio_and_rotation(tmp_path):
         load_audio(silent)
     assert info.value.reason == "no_audio"
     assert probe(silent).has_audio is False and probe(silent).rotation == 0
+
+
+@pytest.mark.parametrize("preset", ["ultrafast", "veryfast"])  # without and with B-frames
+@pytest.mark.parametrize("start_s", [0.0, 0.02, 0.3, 1.3])
+def test_normalised_audio_stays_on_the_source_clock_whatever_the_start_and_encoder(tmp_path, preset, start_s):
+    """Clicks every 0.5 s (at 0.1, 0.6, ...) come out of normalise_video where the source has them, minus the start.
+    An input seek to a time inside the first AAC frame of a source without B-frames (x264 ultrafast) dropped that
+    whole frame: the audio came out 1024 samples (32 ms) early. Starts before 1 s are cut by the filters now."""
+    import soundfile as sf
+
+    from pipeline.media import normalise_video
+
+    clicks = "aevalsrc='if(between(mod(t\\,0.5)\\,0.1\\,0.1015)\\,0.8\\,0)':s=32000:c=mono:d=3"
+    src = make_video(tmp_path / f"src_{preset}.mp4", seconds=3, audio=clicks, extra=["-preset", preset])
+    clip, wav = tmp_path / "clip.mp4", tmp_path / "music.wav"
+    normalise_video(src, clip, 24, 24.0, 224, 20, "ultrafast", start_s, wav, 32000, 1)
+    audio, rate = sf.read(wav)
+    assert rate == 32000 and len(audio) == 32000
+    first = int(np.argmax(np.abs(audio) > 0.3))  # the first click's attack
+    due = ((0.1 - start_s) % 0.5) * rate
+    assert abs(first - due) < 48, (first, due)  # 1.5 ms: AAC smears an attack, it does not move it
+    assert count_frames(clip) == 24
