@@ -161,10 +161,11 @@ class MelVQConfig:
     kmeans_iters: int = 20  # Lloyd iterations per codebook
     nnls_iters: int = 30  # multiplicative-update iterations of the mel -> linear inversion
     griffin_lim_iters: int = 16  # fast Griffin-Lim iterations after the SPSI start (docs/studies/codec.md)
-    # The VQ distance counts the mel bands between band_low_hz and band_high_hz (where chords and melody sound)
-    # band_weight times: the codebooks spend their entries on pitch, and the round trip keeps the key (0.60 -> 0.75
-    # on 40 held-out SynthV2M clips with 3; docs/studies/codec.md). A whole number, so the VQ stays exact; 1 = off.
-    band_weight: int = 3
+    # band_weight > 1: the VQ distance counts the mel bands between band_low_hz and band_high_hz (where chords and
+    # melody sound) band_weight times. With 3 the round trip keeps the key better (0.60 -> 0.75 on 40 held-out
+    # SynthV2M clips) but the decoder trained on it did not (docs/studies/codec.md), so 1 (off) stays the default.
+    # A whole number, so the VQ stays exact.
+    band_weight: int = 1
     band_low_hz: float = 120.0
     band_high_hz: float = 2500.0
 
