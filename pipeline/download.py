@@ -5,8 +5,12 @@
 - Our own retries with exponential backoff, for transient errors only (network, rate limiting); yt-dlp's request
   and inter-download sleeps; a height cap on the format; live and upcoming streams rejected.
 - Errors classified into manifest reasons: unavailable, private, geo_blocked, age_restricted, live (skipped: retrying
-  cannot help) and rate_limited, network, download_error (failed). Any other exception yt-dlp raises is a
+  cannot help) and rate_limited, network, truncated, download_error (failed). Any other exception yt-dlp raises is a
   download_error with a one-line message, not retried. A cached file is `{id}.{ext}` exactly.
+- Account and network settings from the environment, never from params.yaml (which is committed, and they change
+  no output): `V2M_YTDLP_COOKIES` (a Netscape cookies.txt of your own account, yt-dlp's `cookiefile`),
+  `V2M_YTDLP_PROXY` (yt-dlp's `proxy`, e.g. `socks5://127.0.0.1:1080`) and `V2M_YTDLP_LIMIT_RATE` (bytes per
+  second, `2M`, `500K`: yt-dlp's `ratelimit`). A cookies file that does not exist is an error naming it.
 """
 
 from __future__ import annotations
@@ -38,13 +42,16 @@ _CLASSES: list[tuple[str, tuple[str, ...]]] = [
     ("unavailable", ("video unavailable", "is unavailable", "no longer available", "has been removed",
                      "http error 404", "http error 410", "account associated with this video has been terminated",
                      "does not exist", "unsupported url", "copyright claim")),
+    # a download cut off: yt-dlp's HTTP downloader ("19989 bytes read, 51734 more expected"), or ffmpeg (section
+    # downloads) exiting with AVERROR_INVALIDDATA & 0xff = 183 on data that ends or breaks mid-stream
+    ("truncated", ("more expected", "content too short", "ffmpeg exited with code 183")),
     ("network", ("failed to resolve", "name or service not known", "temporary failure in name resolution",
                  "timed out", "connection refused", "connection reset", "network is unreachable",
                  "remote end closed", "urlopen error", "transporterror", "http error 500", "http error 502",
                  "http error 503", "http error 504", "incompleteread", "ssl")),
 ]
 SKIP_REASONS = {"unavailable", "private", "geo_blocked", "age_restricted", "live"}
-TRANSIENT_REASONS = {"network", "rate_limited"}
+TRANSIENT_REASONS = {"network", "rate_limited", "truncated"}
 
 
 def is_url(source: str) -> bool:
@@ -141,9 +148,33 @@ def ydl_options(cfg: DownloadConfig, dest: Path, item_id: str, start_s: float, c
         "match_filter": _reject_live,
         "ffmpeg_location": ffmpeg_dir(),
     }
+    opts.update(environment_options())
     if cfg.section_only:
         opts["download_ranges"] = yt_dlp.utils.download_range_func(None, [(start_s, start_s + clip_seconds)])
         opts["force_keyframes_at_cuts"] = True  # re-encode at the cut: the file starts exactly at start_s
+    return opts
+
+
+COOKIES_ENV, PROXY_ENV, LIMIT_RATE_ENV = "V2M_YTDLP_COOKIES", "V2M_YTDLP_PROXY", "V2M_YTDLP_LIMIT_RATE"
+
+
+def environment_options() -> dict:
+    """yt-dlp options from V2M_YTDLP_COOKIES / _PROXY / _LIMIT_RATE (unset or empty: not passed)."""
+    import yt_dlp.utils
+
+    opts = {}
+    if cookies := os.environ.get(COOKIES_ENV, "").strip():
+        path = Path(cookies).expanduser()
+        if not path.is_file():
+            raise ValueError(f"${COOKIES_ENV}: {path}: no such cookies file (a Netscape cookies.txt)")
+        opts["cookiefile"] = str(path)
+    if proxy := os.environ.get(PROXY_ENV, "").strip():
+        opts["proxy"] = proxy
+    if rate := os.environ.get(LIMIT_RATE_ENV, "").strip():
+        parsed = yt_dlp.utils.parse_bytes(rate)
+        if not parsed:
+            raise ValueError(f"${LIMIT_RATE_ENV}: {rate!r} is not a rate in bytes per second (e.g. 2M, 500K)")
+        opts["ratelimit"] = parsed
     return opts
 
 

@@ -22,14 +22,12 @@ Random weights make noise, not music: the run proves plumbing, shapes, formats, 
 from __future__ import annotations
 
 import argparse
-import functools
-import http.server
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import demo_stages  # noqa: E402 - benchmarks/ is not a package: its copy, run and poller are reused here
+from loopback_server import THROTTLED, TRUNCATED, LoopbackServer  # noqa: E402
 import production_weights  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "production_smoke.json"
@@ -46,7 +45,9 @@ REPORT = REPO / "reports" / "production_smoke.md"
 PROFILE = "production-smoke"
 TARGETS = ["evaluate", "train_report"]
 # (id, path under ../shared/data, start_s, split): clip_seconds 8 from start_s. The videos without music (room
-# sound, a silent track, no audio stream) test the skip paths; `missing` is not on the server (HTTP 404).
+# sound, a silent track, no audio stream) test the skip paths; `missing` is not on the server (HTTP 404); the
+# loopback server answers the first request for the frog with HTTP 429 and cuts the rabbit off halfway
+# (scripts/loopback_server.py).
 CLIPS = [
     ("bbb_a", "videos_with_music/big_buck_bunny_0-30s.webm", 2.0, "train"),
     ("sintel_a", "videos_with_music/sintel_excerpt_26s.mp4", 0.0, "train"),
@@ -57,30 +58,9 @@ CLIPS = [
     ("nasa_silent", "videos/nasa_earth_night_30s.mp4", 0.0, "test"),
     ("rocket_no_audio", "videos/rocket_launch_17s.mp4", 0.0, "test"),
     ("missing", "videos_with_music/not_on_the_server.mp4", 0.0, "test"),
+    ("toy_frog_throttled", f"{THROTTLED[1:]}/videos/mdn_toy_frog_8s.webm", 0.0, "train"),
+    ("toy_rabbit_truncated", f"{TRUNCATED[1:]}/videos/mdn_toy_rabbit_8s.webm", 0.0, "test"),
 ]
-
-
-class LoopbackServer:
-    """A read-only static file server for `folder` on 127.0.0.1:port, in a thread (start / stop)."""
-
-    def __init__(self, folder: Path, port: int = 0):
-        handler = functools.partial(_QuietHandler, directory=str(folder))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> LoopbackServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
 
 
 def write_manifest(path: Path, url: str) -> None:
@@ -182,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with LoopbackServer(shared, args.port), open(log_path, "a") as log:
         order = demo_stages.pipeline_order(repo, env)
-        needed = set(subprocess.run(["dvc", "repro", "--dry", *TARGETS], cwd=repo, env=env, capture_output=True,
-                                    text=True).stdout.split("'")[1::2]) | set(TARGETS)
+        needed = {name for target in TARGETS for name in re.findall(r'^"([^"]+)";$', subprocess.run(
+            ["dvc", "dag", "--dot", target], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout,
+            re.M)}
         stages = []
         for stage in [s for s in order if s in needed]:
             row = demo_stages.run(["dvc", "repro", "--single-item", stage], repo, env, log)
