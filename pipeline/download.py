@@ -178,6 +178,55 @@ def environment_options() -> dict:
     return opts
 
 
+SECTION_SLACK_S = 0.5  # a section this much shorter than the source allows is a download cut off
+
+
+class _Retry(Exception):
+    """The attempt failed in a way the loop's (reason, message) already say."""
+
+
+def _short_section(path: Path, url: str, info: dict | None, start_s: float, clip_seconds: float,
+                   cfg: DownloadConfig) -> str | None:
+    """Why the section in `path` is shorter than the source allows, or None when it is whole.
+
+    ffmpeg (yt-dlp's section downloader) ends a stream that stops mid-way (a connection cut) without an error, so a
+    cut-off section looks like a short video. The source's length is yt-dlp's `duration`, or, for a direct media URL,
+    PyAV's reading of its header; when neither is known, the file is taken as it is (ingest checks it further)."""
+    import av
+
+    from pipeline.media import MediaError, probe
+
+    try:
+        got = probe(path).duration_s
+    except MediaError as exc:
+        return f"the downloaded section does not read ({exc})"
+    if got >= clip_seconds - SECTION_SLACK_S:
+        return None
+    total = (info or {}).get("duration")
+    if total is None and (info or {}).get("direct"):
+        try:
+            with av.open(url, timeout=cfg.socket_timeout_s) as container:
+                total = container.duration / 1e6 if container.duration else None
+        except Exception:  # noqa: BLE001 - unknown length: nothing to compare with
+            total = None
+    if total is None or got >= min(clip_seconds, total - start_s) - SECTION_SLACK_S:
+        return None
+    return (f"the section downloaded is {got:.2f} s, the source has {min(clip_seconds, total - start_s):.2f} s from "
+            f"{start_s:g} s: the download was cut off")
+
+
+def _forget(dest: Path, path: Path, info: dict | None) -> None:
+    """Remove a bad download and its line in yt-dlp's archive."""
+    path.unlink(missing_ok=True)
+    archive = dest / "archive.txt"
+    if info and archive.exists():
+        key = f"{str(info.get('extractor_key', '')).lower()} {info.get('id')}"
+        lines = [line for line in archive.read_text().splitlines() if line.strip() != key]
+        tmp = archive.with_name(f".archive.txt.tmp{os.getpid()}")
+        tmp.write_text("".join(f"{line}\n" for line in lines))
+        os.replace(tmp, archive)
+
+
 def download(url: str, item_id: str, start_s: float, clip_seconds: float, cfg: DownloadConfig) -> Downloaded:
     """Fetch `url` (or only its section) into the download folder; reuse a file already there.
 
@@ -201,7 +250,12 @@ def download(url: str, item_id: str, start_s: float, clip_seconds: float, cfg: D
             if info is not None and (rejected := _reject_live(info)):
                 raise DownloadFailed(url, "live", rejected, attempts)
             if (found := _existing(dest, item_id)) is not None:
-                return Downloaded(found, attempts, section_start)
+                short = _short_section(found, url, info, start_s, clip_seconds, cfg) if cfg.section_only else None
+                if short is None:
+                    return Downloaded(found, attempts, section_start)
+                _forget(dest, found, info)  # so that the retry (now or on the next run) downloads it again
+                reason, message = "truncated", f"{url}: {short}"
+                raise _Retry
             reason, message = "download_error", "yt-dlp reported success but wrote no file"
             if info is None:  # filtered out by match_filter (live) or already in the archive without a file
                 reason, message = "live", "rejected by the live/upcoming filter or archived without a file"
@@ -209,6 +263,8 @@ def download(url: str, item_id: str, start_s: float, clip_seconds: float, cfg: D
         except yt_dlp.utils.DownloadError as exc:
             message = re.sub(r"^ERROR:\s*", "", str(exc)).strip()
             reason = classify(message)
+        except _Retry:
+            pass
         except DownloadFailed:
             raise
         except Exception as exc:  # noqa: BLE001 - yt-dlp's other errors (and its bugs): one line, not retried

@@ -107,3 +107,21 @@ def test_cookies_proxy_and_rate_reach_yt_dlp(tmp_path, host, monkeypatch):
                                      "ffmpeg exited with code 183"])
 def test_truncated_downloads_are_transient(message):
     assert download.classify(message) == "truncated" and "truncated" in download.TRANSIENT_REASONS
+
+
+def test_a_stream_cut_off_mid_section_is_truncated_not_a_short_clip(tmp_path):
+    """ffmpeg ends a Matroska / WebM section whose connection is cut without an error: the section's length against the
+    source's is what tells a cut-off download from a short video."""
+    folder = tmp_path / "host"
+    folder.mkdir()
+    make_video(folder / "stream.mkv", seconds=4)
+    cfg = ingest_cfg(tmp_path).download
+    with loopback.LoopbackServer(folder, faults={"/stream.mkv": "truncated"}) as host:
+        with pytest.raises(download.DownloadFailed) as cut:
+            download.download(f"{host.url}/stream.mkv", "s", 0.0, 3.0, cfg)
+        assert cut.value.reason == "truncated" and cut.value.attempts == cfg.retries + 1
+        assert "the download was cut off" in cut.value.message and "stream.mkv" in cut.value.message
+        assert not list((tmp_path / "downloads").glob("*/s.*"))  # nothing left that a rerun would take as done
+        host.httpd.faults.clear()
+        got = download.download(f"{host.url}/stream.mkv", "s", 0.0, 3.0, cfg)
+        assert got.attempts == 1 and "stream" in (got.path.parent / "archive.txt").read_text()
