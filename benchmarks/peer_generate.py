@@ -15,14 +15,14 @@ on the same device and threads:
   ClassifierFreeGuidanceLogitsProcessor), conditioned on encoder states of the same length as v2m's memory.
 
 Reported: tokens/s (frames x codebooks per wall second), RTF (seconds of music per wall second) and the ratio
-v2m / peer. Each side runs `--repeats` times after a short warm-up; the best run counts. Results go to
+v2m / peer. Both models are built first; after a short warm-up of each, the two sides run alternately `--repeats`
+times (so a busy spell of a shared machine hits both alike) and each side's best run counts. Results go to
 benchmarks/results/peer_generate.json, keyed by device.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -43,17 +43,6 @@ def sync(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def v2m_model(device: str, seconds: float, n_layers: int):
@@ -81,23 +70,25 @@ def features(seconds: float) -> dict:
             "flow": rng.normal(size=(int(seconds * 8) + 1, 160)).astype(np.float32), "flow_fps": 8.0}
 
 
-def run_v2m(device: str, seconds: float, n_layers: int, repeats: int) -> tuple[dict, int]:
+def v2m_side(device: str, seconds: float, n_layers: int):
+    """(generate(frames) -> codes [K, frames], info, memory rows) for v2m."""
     import torch
 
     from pipeline import inference
 
     model = v2m_model(device, seconds, n_layers)
-    feats, n = features(seconds), int(round(seconds * FRAME_RATE))
+    feats = features(seconds)
     with torch.no_grad():
-        memory_len = model.net.condition(inference.window_batch(feats, 0.0, seconds, None, model.device)).memory.shape[1]
-        inference.generate_codes(model, feats, min(n, 25), model.params.generate, 0, None, progress=False)  # warm-up
-        codes = []
-        wall = timed(lambda: codes.append(inference.generate_codes(model, feats, n, model.params.generate, 0, None,
-                                                                   progress=False)[0]), device, repeats)
-    assert codes[-1].shape == (K, n), codes[-1].shape
+        batch = inference.window_batch(feats, 0.0, seconds, None, model.device)
+        memory_len = model.net.condition(batch).memory.shape[1]
+
+    def generate(frames: int):
+        with torch.no_grad():
+            return inference.generate_codes(model, feats, frames, model.params.generate, 0, None, progress=False)[0]
+
     params = sum(p.numel() for p in model.net.decoder.parameters())
-    return {"wall_s": round(wall, 3), "decoder_params_m": round(params / 1e6, 1), "memory_rows": int(memory_len),
-            "frames": n}, int(memory_len)
+    return generate, {"what": "v2m pipeline.inference.generate_codes (fusion + decoder, KV cache, CFG)",
+                      "decoder_params_m": round(params / 1e6, 1), "memory_rows": int(memory_len)}, int(memory_len)
 
 
 def peer_config(n_layers: int):
@@ -109,13 +100,14 @@ def peer_config(n_layers: int):
                                  pad_token_id=CARD, bos_token_id=CARD, decoder_start_token_id=CARD)
 
 
-def run_peer(device: str, seconds: float, n_layers: int, memory_len: int, repeats: int) -> dict:
+def peer_side(device: str, n_layers: int, memory_len: int):
+    """(generate(frames) -> codes [1, K, frames], info) for transformers' MusicgenForCausalLM."""
     import torch
+    import transformers
     from transformers import MusicgenForCausalLM
 
     torch.manual_seed(0)
     model = MusicgenForCausalLM(peer_config(n_layers)).to(device).eval()
-    n = int(round(seconds * FRAME_RATE))
     # CFG as MusicGen does it: the codes of one sample (K rows), which generate doubles into [conditional,
     # unconditional] against two rows of encoder states (the second zero), and guidance applied to the logits
     states = torch.randn(1, memory_len, DECODER["d_model"], device=device)
@@ -124,18 +116,25 @@ def run_peer(device: str, seconds: float, n_layers: int, memory_len: int, repeat
     bos = torch.full((K, 1), CARD, dtype=torch.long, device=device)
 
     def generate(frames: int):
-        return model.generate(input_ids=bos, encoder_hidden_states=states, encoder_attention_mask=mask,
-                              do_sample=True, guidance_scale=3.0, top_k=250, temperature=1.0,
-                              max_new_tokens=frames + K - 1, min_new_tokens=frames + K - 1,
-                              num_return_sequences=1)
+        with torch.no_grad():
+            return model.generate(input_ids=bos, encoder_hidden_states=states, encoder_attention_mask=mask,
+                                  do_sample=True, guidance_scale=3.0, top_k=250, temperature=1.0,
+                                  max_new_tokens=frames + K - 1, min_new_tokens=frames + K - 1,
+                                  num_return_sequences=1)
 
-    out = []
-    with torch.no_grad():
-        generate(min(n, 25))  # warm-up
-        wall = timed(lambda: out.append(generate(n)), device, repeats)
-    assert tuple(out[-1].shape) == (1, K, n), tuple(out[-1].shape)  # n + K - 1 steps, the delay pattern removed
     params = sum(p.numel() for p in model.parameters())
-    return {"wall_s": round(wall, 3), "decoder_params_m": round(params / 1e6, 1), "steps": n + K - 1, "frames": n}
+    return generate, {"what": f"transformers {transformers.__version__} MusicgenForCausalLM.generate (KV cache, CFG)",
+                      "decoder_params_m": round(params / 1e6, 1)}
+
+
+def timed(generate, frames: int, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    out = generate(frames)
+    sync(device)
+    wall = time.perf_counter() - t0
+    assert tuple(out.shape[-2:]) == (K, frames), tuple(out.shape)  # frames + K - 1 steps, the delay pattern removed
+    return wall
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,21 +147,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     import torch
-    import transformers
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
-    v2m, memory_len = run_v2m(args.device, args.seconds, args.layers, args.repeats)
-    peer = run_peer(args.device, args.seconds, args.layers, memory_len, args.repeats)
-    tokens = int(round(args.seconds * FRAME_RATE)) * K
+    v2m_gen, v2m, memory_len = v2m_side(args.device, args.seconds, args.layers)
+    peer_gen, peer = peer_side(args.device, args.layers, memory_len)
+    n = int(round(args.seconds * FRAME_RATE))
+    for generate in (v2m_gen, peer_gen):
+        timed(generate, min(n, 25), args.device)  # warm-up
+    walls: dict[str, list[float]] = {"v2m": [], "peer": []}
+    for repeat in range(args.repeats):  # alternated, so a busy spell of a shared machine hits both sides alike
+        for name, generate in (("v2m", v2m_gen), ("peer", peer_gen)):
+            walls[name].append(timed(generate, n, args.device))
+            print(f"repeat {repeat + 1}: {name} {walls[name][-1]:.1f} s", flush=True)
+    for side, name in ((v2m, "v2m"), (peer, "peer")):
+        side.update(wall_s=round(min(walls[name]), 3), walls_s=[round(w, 3) for w in walls[name]],
+                    steps=n + K - 1, frames=n)
+    tokens = n * K
     for side in (v2m, peer):
         side["tokens_per_s"] = round(tokens / side["wall_s"], 1)
         side["rtf"] = round(args.seconds / side["wall_s"], 3)
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
         f"{platform.processor() or platform.machine()}, {args.threads} threads of {os.cpu_count()} CPUs"
     row = {"seconds": args.seconds, "tokens": tokens, "layers": args.layers, "device": device_name,
-           "guidance": 3.0, "top_k": 250, "v2m": v2m, "peer": {**peer, "what": "transformers "
-                                                                      f"{transformers.__version__} MusicgenForCausalLM.generate"},
+           "guidance": 3.0, "top_k": 250, "v2m": v2m, "peer": peer,
            "ratio_v2m_over_peer": round(peer["wall_s"] / v2m["wall_s"], 2),
            "load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0],
            "command": "python benchmarks/peer_generate.py " + " ".join(argv if argv is not None else

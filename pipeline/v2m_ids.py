@@ -10,7 +10,8 @@ reads every common form and reports each line it cannot use (by file and line nu
   a table with the columns above.
 The published lists (Hugging Face dataset Zeyue7/V2M) are `V2M.txt`, `V2M-20k.txt` and `V2M-bench.txt`: one id a
 line. The split comes from a split column, else `--split`, else the file name (train / val / valid / test / eval;
-bench = test), else train. Ids become `yt_{youtube_id}` (plus `_{start}` when one video appears with several start times).
+bench = test), else train. Ids become `yt_{youtube_id}` (plus `_{start}` when one video appears with several start
+times).
 """
 
 from __future__ import annotations

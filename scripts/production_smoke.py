@@ -1,6 +1,6 @@
 """The production path end to end: the `production-smoke` profile through `dvc repro`, on real clips, in a scratch copy.
 
-    python scripts/production_smoke.py [--root /tmp/v2m-prod] [--weights weights] [--port 8791]   # make production-smoke
+    python scripts/production_smoke.py [--root DIR] [--weights weights] [--port 8791]   # make production-smoke
 
 1. The weights folder (`--weights`, default `weights/`) gets what is missing of the production models' weights in
    their published layout (scripts/production_weights.py: RANDOM weights unless you put real ones there first).
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"command": "make production-smoke", "profile": PROFILE,
                      "weights": "RANDOM (scripts/production_weights.py)", "weights_s": weights_s,
                      "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_avg_1m_before": os.getloadavg()[0]}
+                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                     "load_avg_1m_before": os.getloadavg()[0]}
     repo = prepare(args.root, args.weights, args.port)
     log_path = args.out.with_suffix(".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,15 +7,17 @@ Nothing here is pretrained: every tensor is a seeded random initialisation of th
 where a user's downloaded weights sit, under the names the published checkpoints have, so the `production-smoke`
 profile reads a folder of real weights and a folder of these the same way (`docs/production.md`):
 
-| model | layout written | published as |
-|---|---|---|
-| htdemucs | `htdemucs/htdemucs.yaml` + `htdemucs/955717e8-{sha256[:8]}.th` (a Demucs package: klass, args, kwargs, state) | demucs remote `htdemucs.yaml` + `955717e8-8726e21a.th` |
-| CLIP ViT-B-32 | `open_clip/ViT-B-32/open_clip_pytorch_model.bin` (state dict) | laion/CLIP-ViT-B-32-laion2B-s34B-b79K |
-| ptlflow rapidflow | `ptlflow/rapidflow-things.ckpt` ({"state_dict": ...}, as Lightning saves it) | ptlflow's `rapidflow` `things` checkpoint |
-| EnCodec 32 kHz | `encodec_32khz/` config.json + model.safetensors (`save_pretrained`) | facebook/encodec_32khz |
-| MusicGen-small | `musicgen-small/` config.json + model.safetensors of `MusicgenForConditionalGeneration` | facebook/musicgen-small |
-| VGGish | `vggish/vggish-10086976.pth` (state dict) | harritaylor/torchvggish release v0.1 |
-| PaSST | `passt/passt-s-f128-20sec-p16-s10-ap.474-swa.pt` (state dict) | kkoutini/PaSST release v0.0.5 |
+- htdemucs: `htdemucs/htdemucs.yaml` + `htdemucs/955717e8-{sha256[:8]}.th` (a Demucs package: klass, args, kwargs,
+  state), as demucs' remote `htdemucs.yaml` + `955717e8-8726e21a.th`;
+- CLIP ViT-B-32: `open_clip/ViT-B-32/open_clip_pytorch_model.bin` (a state dict), as
+  laion/CLIP-ViT-B-32-laion2B-s34B-b79K;
+- ptlflow rapidflow: `ptlflow/rapidflow-things.ckpt` ({"state_dict": ...}, as Lightning saves it), as ptlflow's
+  `things` checkpoint;
+- EnCodec 32 kHz: `encodec_32khz/` config.json + model.safetensors (`save_pretrained`), as facebook/encodec_32khz;
+- MusicGen-small: `musicgen-small/` config.json + model.safetensors of `MusicgenForConditionalGeneration`, as
+  facebook/musicgen-small;
+- VGGish: `vggish/vggish-10086976.pth` (a state dict), as harritaylor/torchvggish release v0.1;
+- PaSST: `passt/passt-s-f128-20sec-p16-s10-ap.474-swa.pt` (a state dict), as kkoutini/PaSST release v0.0.5.
 
 A file already there is kept (delete it to rebuild); `--force` rebuilds everything. `weights.json` in the folder
 records what was written and says RANDOM in its first key, so no one mistakes these for trained weights.

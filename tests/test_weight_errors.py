@@ -82,7 +82,7 @@ def test_clip_wrong_and_truncated(tmp_path, other_state):
     good = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(open_clip.create_model("ViT-S-32", pretrained=None).state_dict(), good)
     assert ClipEncoder(ClipEncoderConfig(model="ViT-S-32", pretrained=str(good)), tmp_path).dim > 0
-    for bad, what in ((other_state, "other"), (truncate(good), "truncated")):
+    for bad in (other_state, truncate(good)):
         with pytest.raises(RuntimeError, match=rf"embed.clip.pretrained '{bad}': cannot load weights for ViT-S-32"):
             ClipEncoder(ClipEncoderConfig(model="ViT-S-32", pretrained=str(bad)), tmp_path)
     with pytest.raises(RuntimeError, match="absent.bin"):
@@ -96,7 +96,7 @@ def test_ptlflow_missing_wrong_and_truncated(tmp_path, other_state):
     wrong = tmp_path / "wrong.ckpt"
     torch.save({"state_dict": torch.load(other_state)}, wrong)
     for bad in (tmp_path / "absent.ckpt", wrong, truncate(good)):
-        with pytest.raises(RuntimeError, match=rf"embed.flow.checkpoint '{bad}': cannot load it into ptlflow rapidflow"):
+        with pytest.raises(RuntimeError, match=rf"embed.flow.checkpoint '{bad}': cannot load it into ptlflow"):
             FlowEncoder(FlowEncoderConfig(method="ptlflow:rapidflow", checkpoint=str(bad)))
 
 

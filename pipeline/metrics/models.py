@@ -88,8 +88,9 @@ def load_passt(checkpoint: str | Path | None = None, device: str = "cpu") -> Pas
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         net.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
     except Exception as exc:  # noqa: BLE001 - truncated file, another network's state dict: name the file
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise MissingModelError(f"{path}: not a PaSST 20 s checkpoint ({PASST_FILE}) that loads into hear21passt's "
-                                f"passt_20sec: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}") from None
+                                f"passt_20sec: {type(exc).__name__}: {first}") from None
     model = wrapper.PasstBasicWrapper(mel=mel, net=net, max_model_window=20000, mode="logits")
     return PasstClassifier(model.eval().to(device), device)
 
