@@ -88,6 +88,9 @@ def prepare(root: Path, weights: Path, port: int) -> Path:
             subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
         if not (repo / ".dvc").is_dir():
             subprocess.run(["dvc", "init", "-q"], cwd=repo, env=env, check=True)
+        # one copy of each output, not two: the checkpoints alone are ~15 GB (docs/v2m20k.md, Disk)
+        subprocess.run(["dvc", "config", "--local", "cache.type", "reflink,hardlink,symlink"], cwd=repo, env=env,
+                       check=True)
     if not (repo / "weights").exists():
         (repo / "weights").symlink_to(weights.resolve())
     subprocess.run(["v2m", "profile", "use", PROFILE], cwd=repo, env=env, check=True, capture_output=True)
