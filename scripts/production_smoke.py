@@ -162,10 +162,16 @@ def main(argv: list[str] | None = None) -> int:
                      "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                      "load_avg_1m_before": os.getloadavg()[0]}
+    try:
+        server = LoopbackServer(shared, args.port)
+    except OSError as exc:
+        print(f"production-smoke: cannot serve on 127.0.0.1:{args.port} ({exc.strerror}): pass another --port",
+              file=sys.stderr)
+        return 2
     repo = prepare(args.root, args.weights, args.port)
     log_path = args.out.with_suffix(".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with LoopbackServer(shared, args.port), open(log_path, "a") as log:
+    with server, open(log_path, "a") as log:
         order = demo_stages.pipeline_order(repo, env)
         needed = {name for target in TARGETS for name in re.findall(r'^"([^"]+)";$', subprocess.run(
             ["dvc", "dag", "--dot", target], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout,
