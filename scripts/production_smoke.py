@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([sys.executable, str(REPO / "scripts" / "production_weights.py"), "--out", str(args.weights)],
                    check=True)
     weights_s = round(time.perf_counter() - t0, 1)
-    results: dict = {"command": "make production-smoke", "profile": PROFILE,
+    command = " ".join(["python scripts/production_smoke.py", *(sys.argv[1:] if argv is None else argv)]).strip()
+    results: dict = {"command": f"{command} (make production-smoke)", "profile": PROFILE,
                      "weights": "RANDOM (scripts/production_weights.py)", "weights_s": weights_s,
                      "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
