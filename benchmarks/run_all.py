@@ -164,7 +164,7 @@ def figures() -> list[tuple[str, str, str]]:
     smoke = load("production_smoke")
     if smoke:
         peak = max(smoke["stages"], key=lambda s: s["peak_rss_mb"])
-        rows.append(("`make production-smoke`: dvc repro of the production path, 9 real clips (random weights)",
+        rows.append(("`make production-smoke`: dvc repro of the production path, 7 real clips (random weights)",
                      f"{fmt(smoke['total_s'] / 60)} min over {len(smoke['stages'])} stages; largest peak "
                      f"{fmt(peak['peak_rss_mb'], 0)} MB ({peak['stage']})", "production_smoke.json"))
     return rows
