@@ -119,8 +119,8 @@ def report(results: dict) -> str:
              "| stage | wall s | CPU s | peak RSS MB (process tree) | peak RSS MB (largest process) |",
              "|---|---|---|---|---|"]
     for s in results["stages"]:
-        lines.append(f"| {s['stage']} | {s['wall_s']:.1f} | {s['cpu_s']:.0f} | {s['peak_rss_mb']:,.0f} | "
-                     f"{s['peak_process_rss_mb']:,.0f} |")
+        largest = "n/a" if s.get("peak_process_rss_mb") is None else f"{s['peak_process_rss_mb']:,.0f}"
+        lines.append(f"| {s['stage']} | {s['wall_s']:.1f} | {s['cpu_s']:.0f} | {s['peak_rss_mb']:,.0f} | {largest} |")
     lines += [f"| **all stages** | **{results['total_s']:.1f}** | {sum(s['cpu_s'] for s in results['stages']):.0f} "
               "| | |", ""]
     if "repro_noop" in results:
