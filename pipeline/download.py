@@ -5,8 +5,12 @@
 - Our own retries with exponential backoff, for transient errors only (network, rate limiting); yt-dlp's request
   and inter-download sleeps; a height cap on the format; live and upcoming streams rejected.
 - Errors classified into manifest reasons: unavailable, private, geo_blocked, age_restricted, live (skipped: retrying
-  cannot help) and rate_limited, network, download_error (failed). Any other exception yt-dlp raises is a
+  cannot help) and rate_limited, network, truncated, download_error (failed). Any other exception yt-dlp raises is a
   download_error with a one-line message, not retried. A cached file is `{id}.{ext}` exactly.
+- Account and network settings from the environment, never from params.yaml (which is committed, and they change
+  no output): `V2M_YTDLP_COOKIES` (a Netscape cookies.txt of your own account, yt-dlp's `cookiefile`),
+  `V2M_YTDLP_PROXY` (yt-dlp's `proxy`, e.g. `socks5://127.0.0.1:1080`) and `V2M_YTDLP_LIMIT_RATE` (bytes per
+  second, `2M`, `500K`: yt-dlp's `ratelimit`). A cookies file that does not exist is an error naming it.
 """
 
 from __future__ import annotations
@@ -38,13 +42,16 @@ _CLASSES: list[tuple[str, tuple[str, ...]]] = [
     ("unavailable", ("video unavailable", "is unavailable", "no longer available", "has been removed",
                      "http error 404", "http error 410", "account associated with this video has been terminated",
                      "does not exist", "unsupported url", "copyright claim")),
+    # a download cut off: yt-dlp's HTTP downloader ("19989 bytes read, 51734 more expected"), or ffmpeg (section
+    # downloads) exiting with AVERROR_INVALIDDATA & 0xff = 183 on data that ends or breaks mid-stream
+    ("truncated", ("more expected", "content too short", "ffmpeg exited with code 183")),
     ("network", ("failed to resolve", "name or service not known", "temporary failure in name resolution",
                  "timed out", "connection refused", "connection reset", "network is unreachable",
                  "remote end closed", "urlopen error", "transporterror", "http error 500", "http error 502",
                  "http error 503", "http error 504", "incompleteread", "ssl")),
 ]
 SKIP_REASONS = {"unavailable", "private", "geo_blocked", "age_restricted", "live"}
-TRANSIENT_REASONS = {"network", "rate_limited"}
+TRANSIENT_REASONS = {"network", "rate_limited", "truncated"}
 
 
 def is_url(source: str) -> bool:
@@ -141,10 +148,83 @@ def ydl_options(cfg: DownloadConfig, dest: Path, item_id: str, start_s: float, c
         "match_filter": _reject_live,
         "ffmpeg_location": ffmpeg_dir(),
     }
+    opts.update(environment_options())
     if cfg.section_only:
         opts["download_ranges"] = yt_dlp.utils.download_range_func(None, [(start_s, start_s + clip_seconds)])
         opts["force_keyframes_at_cuts"] = True  # re-encode at the cut: the file starts exactly at start_s
     return opts
+
+
+COOKIES_ENV, PROXY_ENV, LIMIT_RATE_ENV = "V2M_YTDLP_COOKIES", "V2M_YTDLP_PROXY", "V2M_YTDLP_LIMIT_RATE"
+
+
+def environment_options() -> dict:
+    """yt-dlp options from V2M_YTDLP_COOKIES / _PROXY / _LIMIT_RATE (unset or empty: not passed)."""
+    import yt_dlp.utils
+
+    opts = {}
+    if cookies := os.environ.get(COOKIES_ENV, "").strip():
+        path = Path(cookies).expanduser()
+        if not path.is_file():
+            raise ValueError(f"${COOKIES_ENV}: {path}: no such cookies file (a Netscape cookies.txt)")
+        opts["cookiefile"] = str(path)
+    if proxy := os.environ.get(PROXY_ENV, "").strip():
+        opts["proxy"] = proxy
+    if rate := os.environ.get(LIMIT_RATE_ENV, "").strip():
+        parsed = yt_dlp.utils.parse_bytes(rate)
+        if not parsed:
+            raise ValueError(f"${LIMIT_RATE_ENV}: {rate!r} is not a rate in bytes per second (e.g. 2M, 500K)")
+        opts["ratelimit"] = parsed
+    return opts
+
+
+SECTION_SLACK_S = 0.5  # a section this much shorter than the source allows is a download cut off
+
+
+class _Retry(Exception):
+    """The attempt failed in a way the loop's (reason, message) already say."""
+
+
+def _short_section(path: Path, url: str, info: dict | None, start_s: float, clip_seconds: float,
+                   cfg: DownloadConfig) -> str | None:
+    """Why the section in `path` is shorter than the source allows, or None when it is whole.
+
+    ffmpeg (yt-dlp's section downloader) ends a stream that stops mid-way (a connection cut) without an error, so a
+    cut-off section looks like a short video. The source's length is yt-dlp's `duration`, or, for a direct media URL,
+    PyAV's reading of its header; when neither is known, the file is taken as it is (ingest checks it further)."""
+    import av
+
+    from pipeline.media import MediaError, probe
+
+    try:
+        got = probe(path).duration_s
+    except MediaError as exc:
+        return f"the downloaded section does not read ({exc})"
+    if got >= clip_seconds - SECTION_SLACK_S:
+        return None
+    total = (info or {}).get("duration")
+    if total is None and (info or {}).get("direct"):
+        try:
+            with av.open(url, timeout=cfg.socket_timeout_s) as container:
+                total = container.duration / 1e6 if container.duration else None
+        except Exception:  # noqa: BLE001 - unknown length: nothing to compare with
+            total = None
+    if total is None or got >= min(clip_seconds, total - start_s) - SECTION_SLACK_S:
+        return None
+    return (f"the section downloaded is {got:.2f} s, the source has {min(clip_seconds, total - start_s):.2f} s from "
+            f"{start_s:g} s: the download was cut off")
+
+
+def _forget(dest: Path, path: Path, info: dict | None) -> None:
+    """Remove a bad download and its line in yt-dlp's archive."""
+    path.unlink(missing_ok=True)
+    archive = dest / "archive.txt"
+    if info and archive.exists():
+        key = f"{str(info.get('extractor_key', '')).lower()} {info.get('id')}"
+        lines = [line for line in archive.read_text().splitlines() if line.strip() != key]
+        tmp = archive.with_name(f".archive.txt.tmp{os.getpid()}")
+        tmp.write_text("".join(f"{line}\n" for line in lines))
+        os.replace(tmp, archive)
 
 
 def download(url: str, item_id: str, start_s: float, clip_seconds: float, cfg: DownloadConfig) -> Downloaded:
@@ -170,7 +250,12 @@ def download(url: str, item_id: str, start_s: float, clip_seconds: float, cfg: D
             if info is not None and (rejected := _reject_live(info)):
                 raise DownloadFailed(url, "live", rejected, attempts)
             if (found := _existing(dest, item_id)) is not None:
-                return Downloaded(found, attempts, section_start)
+                short = _short_section(found, url, info, start_s, clip_seconds, cfg) if cfg.section_only else None
+                if short is None:
+                    return Downloaded(found, attempts, section_start)
+                _forget(dest, found, info)  # so that the retry (now or on the next run) downloads it again
+                reason, message = "truncated", f"{url}: {short}"
+                raise _Retry
             reason, message = "download_error", "yt-dlp reported success but wrote no file"
             if info is None:  # filtered out by match_filter (live) or already in the archive without a file
                 reason, message = "live", "rejected by the live/upcoming filter or archived without a file"
@@ -178,6 +263,8 @@ def download(url: str, item_id: str, start_s: float, clip_seconds: float, cfg: D
         except yt_dlp.utils.DownloadError as exc:
             message = re.sub(r"^ERROR:\s*", "", str(exc)).strip()
             reason = classify(message)
+        except _Retry:
+            pass
         except DownloadFailed:
             raise
         except Exception as exc:  # noqa: BLE001 - yt-dlp's other errors (and its bugs): one line, not retried

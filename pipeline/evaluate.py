@@ -308,6 +308,14 @@ def fit_tagger(params, cfg: EvaluateConfig) -> int:
         paths = [(Path(cfg.music_dir) / f"{r['id']}.wav", r) for r in rows]
         return [(_mono(p, tcfg.sample_rate), r) for p, r in paths if p.exists()]
 
+    label_columns = ("instrument", "key", "mode", "tempo_bpm")
+    if not all(c in labels.columns and labels[c].notna().any() for c in label_columns):
+        # real videos carry no SynthV2M labels: nothing to fit; evaluate then needs evaluate.embedding: vggish
+        Path(tcfg.out_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(tcfg.metrics_path, {"train_clips": 0, "fitted": False,
+                                              "why": "the ingest manifest has no SynthV2M labels"})
+        log.info("tagger: not fitted: the clips have no SynthV2M labels (%s)", ", ".join(label_columns))
+        return 0
     train, val = pairs(tcfg.train_split), pairs(tcfg.val_split)
     if not train:
         print(f"v2m evaluate: no {tcfg.train_split} music in {cfg.music_dir} to fit the tagger on", file=sys.stderr)

@@ -165,7 +165,20 @@ def _torch_hub_names(name: str) -> list[str]:
 
 
 def load_model(name: str, kind: str, files: list[Path]):
-    """Load a Demucs model (a BagOfModels or one model) from the files `find_weights` found, in eval mode."""
+    """Load a Demucs model (a BagOfModels or one model) from the files `find_weights` found, in eval mode.
+
+    Raises SystemExit naming the files when they do not load (truncated, or not a Demucs model)."""
+    try:
+        return _load_model(name, kind, files)
+    except Exception as exc:  # noqa: BLE001 - torch, yaml and demucs raise many kinds: one message naming the files
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise SystemExit(f"separate: the weights of Demucs model {name!r} do not load from "
+                         f"{', '.join(str(f) for f in files)}: {type(exc).__name__}: {first}. The file is truncated "
+                         f"or not a {name} checkpoint (a Demucs package: klass, args, kwargs, state); download it "
+                         "again (docs/real-data.md#demucs-separate).") from None
+
+
+def _load_model(name: str, kind: str, files: list[Path]):
     import yaml
     from demucs.apply import BagOfModels
     from demucs.pretrained import get_model

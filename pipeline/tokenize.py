@@ -76,7 +76,8 @@ def prepare_codec(cfg: TokenizeConfig, seed: int, upstream: pd.DataFrame, rank: 
     """Build the codec; a fitted one (melvq) is loaded when its saved fit key matches, else fitted on the train split
     (rank 0; the other ranks wait for it) and saved to {model_dir}/{codec}/."""
     codec = codecs.create_codec(cfg.codec, cfg, seed=seed)
-    if not codec.needs_fit:
+    if not codec.needs_fit:  # nothing to save (encodec_32khz), but model_dir is the stage's output all the same
+        Path(cfg.model_dir).mkdir(parents=True, exist_ok=True)
         return codec
     train = upstream[(upstream["status"] == OK) & (upstream["split"] == "train")].sort_values("id")
     limit = getattr(codec.cfg, "fit_max_items", len(train))

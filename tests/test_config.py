@@ -131,7 +131,23 @@ def test_bad_profile_is_reported(tmp_path, capsys):
         profiles.render("absent", tmp_path)
     assert cli.main(["profile", "show", "typo", "--dir", str(tmp_path)]) == 2
     assert "unknown key base.clip_second" in capsys.readouterr().err
-    assert profiles.available(REPO / "profiles") == ["embedded", "v2m20k"]
+    assert profiles.available(REPO / "profiles") == ["embedded", "production-smoke", "v2m20k"]
+
+
+@pytest.mark.parametrize("name", ["production-smoke", "v2m20k"])
+def test_real_data_profiles_run_the_production_models_from_weights(name):
+    """Both real-data profiles: EnCodec tokens into the MusicGen-small decoder, the published metrics, and every
+    weight from weights/ in the layout scripts/production_weights.py writes (docs/production.md)."""
+    params = params_from_dict(yaml.safe_load(profiles.render(name, REPO / "profiles")), name)
+    assert (params.tokenize.codec, params.train.preset, params.evaluate.embedding) == \
+        ("encodec_32khz", "musicgen-small", "vggish")
+    assert params.tokenize.store_dir == "data/tokens/encodec_32khz"
+    assert params.train.beat_clips == 0  # real clips have no beat labels
+    paths = [params.separate.weights_dir, params.embed.clip.pretrained, params.embed.flow.checkpoint,
+             params.tokenize.encodec.weights, params.train.pretrained_dir, params.evaluate.passt_checkpoint,
+             params.evaluate.vggish_weights]
+    assert all(p.startswith("weights/") for p in paths), paths
+    assert params.embed.flow.method == "ptlflow:rapidflow" and params.embed.clip.model == "ViT-B-32"
 
 
 def _resolve(text: str, data: dict) -> str:

@@ -78,7 +78,12 @@ class EncodecCodec(Codec):
         if threads > 0:
             torch.set_num_threads(threads)  # 2 cores: oversubscription makes the convolutions several times slower
         self.cfg, self.folder = cfg, resolve_weights(cfg.weights)
-        self.model = EncodecModel.from_pretrained(self.folder).eval().to(cfg.device)
+        try:
+            self.model = EncodecModel.from_pretrained(self.folder).eval().to(cfg.device)
+        except Exception as exc:  # noqa: BLE001 - truncated safetensors, another model's folder: name the folder
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise CodecError(f"{self.folder}: the EnCodec weights do not load ({type(exc).__name__}: {first}); the "
+                             f"file is truncated or not {HUB_ID}'s architecture: download it again") from None
         config = self.model.config
         if config.sampling_rate != 32000:
             raise CodecError(f"{self.folder}: a {config.sampling_rate} Hz EnCodec, not the 32 kHz one ({HUB_ID})")

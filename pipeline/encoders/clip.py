@@ -142,10 +142,11 @@ class ClipEncoder:
                 with _quiet_root_logger():
                     model, _, preprocess = open_clip.create_model_and_transforms(cfg.model, pretrained=pretrained,
                                                                                  device=device)
-            except RuntimeError as exc:
+            except Exception as exc:  # noqa: BLE001 - truncated file, another architecture: name the file
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
                 raise RuntimeError(f"embed.clip.pretrained {cfg.pretrained!r}: cannot load weights for {cfg.model} "
-                                   f"({exc}). Give a local file path, or a tag already in the HF cache "
-                                   "($HF_HOME/hub).") from None
+                                   f"({type(exc).__name__}: {first}). Give a local file of {cfg.model}'s weights "
+                                   "(not truncated), or a tag already in the HF cache ($HF_HOME/hub).") from None
         self.dtype = torch.float64 if torch.device(device).type == "cpu" else torch.float32
         self.model = model.eval().to(self.dtype)
         self.preprocess = preprocess

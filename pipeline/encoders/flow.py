@@ -108,7 +108,13 @@ class FlowEncoder:
         ckpt = self.cfg.checkpoint or None
         if ckpt and Path(ckpt).expanduser().is_file():
             ckpt = str(Path(ckpt).expanduser())
-        self.model = ptlflow.get_model(name, ckpt_path=ckpt).eval().to(self.device)
+        try:
+            self.model = ptlflow.get_model(name, ckpt_path=ckpt).eval().to(self.device)
+        except Exception as exc:  # noqa: BLE001 - truncated file, another model's checkpoint: name the file
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise RuntimeError(f"embed.flow.checkpoint {self.cfg.checkpoint!r}: cannot load it into ptlflow {name} "
+                               f"({type(exc).__name__}: {first}). Give a {name} checkpoint (not truncated), or a "
+                               "ptlflow checkpoint name in $TORCH_HOME/hub/checkpoints.") from None
         if ckpt is None:
             log.warning("flow stream: ptlflow %s with RANDOM weights (embed.flow.checkpoint is null); its flow is "
                         "noise. Give a local checkpoint for real features.", name)

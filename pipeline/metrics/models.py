@@ -24,6 +24,7 @@ PASST_ENV = "V2M_PASST_CHECKPOINT"
 PASST_FILE = "passt-s-f128-20sec-p16-s10-ap.474-swa.pt"
 VGGISH_ENV = "V2M_VGGISH_WEIGHTS"
 VGGISH_FILE = "vggish-10086976.pth"
+VGGISH_INSTALL = "pip install torchvggish torch"
 
 
 class MissingModelError(RuntimeError):
@@ -83,8 +84,13 @@ def load_passt(checkpoint: str | Path | None = None, device: str = "cpu") -> Pas
                                         timem=192, htk=False, fmin=0.0, fmax=None, norm=1, fmin_aug_range=10,
                                         fmax_aug_range=2000)
         net = passt.get_model(arch="passt_20sec", pretrained=False, input_tdim=2000)
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    net.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        net.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    except Exception as exc:  # noqa: BLE001 - truncated file, another network's state dict: name the file
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise MissingModelError(f"{path}: not a PaSST 20 s checkpoint ({PASST_FILE}) that loads into hear21passt's "
+                                f"passt_20sec: {type(exc).__name__}: {first}") from None
     model = wrapper.PasstBasicWrapper(mel=mel, net=net, max_model_window=20000, mode="logits")
     return PasstClassifier(model.eval().to(device), device)
 
@@ -113,10 +119,25 @@ class VggishEmbedder:
 def load_vggish(weights: str | Path | None = None, device: str = "cpu") -> VggishEmbedder:
     """Build torchvggish's VGG network and load local weights into it (no PCA postprocessing)."""
     path = _weights_path(weights, VGGISH_ENV, VGGISH_FILE, "VGGish (FAD)", "--vggish")
-    install = "pip install torchvggish torch"
-    torch = _import("VGGish (FAD)", "torch", install)
-    vggish = _import("VGGish (FAD)", "torchvggish.vggish", install)
-    vggish_input = _import("VGGish (FAD)", "torchvggish.vggish_input", install)
-    model = vggish.VGG(vggish.make_layers())
-    model.load_state_dict(torch.load(str(path), map_location="cpu", weights_only=True))
+    torch = _import("VGGish (FAD)", "torch", VGGISH_INSTALL)
+    vggish_input = _import("VGGish (FAD)", "torchvggish.vggish_input", VGGISH_INSTALL)
+    model = vggish_network()
+    try:
+        model.load_state_dict(torch.load(str(path), map_location="cpu", weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - truncated file, another network's state dict: name the file
+        raise MissingModelError(f"{path}: not VGGish weights ({VGGISH_FILE}) that load into torchvggish's VGG: "
+                                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}") from None
     return VggishEmbedder(model.eval().to(device), vggish_input.waveform_to_examples, device)
+
+
+def vggish_network():
+    """torchvggish's VGG with random weights, no PCA postprocessing. The torch hub checkout names the module
+    `torchvggish.vggish`, the PyPI package `torchvggish.torchvggish` (whose VGG also takes `postprocess`)."""
+    try:
+        vggish = __import__("torchvggish.vggish", fromlist=["_"])
+    except ModuleNotFoundError:
+        vggish = _import("VGGish (FAD)", "torchvggish.torchvggish", VGGISH_INSTALL)
+    import inspect
+
+    takes_postprocess = "postprocess" in inspect.signature(vggish.VGG).parameters
+    return vggish.VGG(vggish.make_layers(), False) if takes_postprocess else vggish.VGG(vggish.make_layers())

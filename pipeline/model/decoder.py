@@ -167,14 +167,24 @@ class MusicDecoder(nn.Module):
 # MusicGen-small weights
 # --------------------------------------------------------------------------------------------------------------------
 
-def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _read_safetensors(directory: Path, skip: tuple[str, ...] = ("text_encoder.", "audio_encoder.")
+                      ) -> dict[str, torch.Tensor]:
+    """The tensors of a transformers folder, but those under `skip`: a full MusicGen save also holds its T5 text
+    encoder and EnCodec (~1.2 GB of the 2.4 GB), which the decoder never needs in memory."""
+    from safetensors import safe_open
 
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         bins = sorted(directory.glob("pytorch_model*.bin"))
-        return {k: v for f in bins for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
-    return {k: v for f in files for k, v in load_file(str(f)).items()}
+        if not bins:
+            raise FileNotFoundError(f"{directory}: no model*.safetensors or pytorch_model*.bin beside config.json")
+        return {k: v for f in bins for k, v in torch.load(f, map_location="cpu", weights_only=True, mmap=True).items()
+                if not k.startswith(skip)}
+    state = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            state.update({k: fh.get_tensor(k) for k in fh.keys() if not k.startswith(skip)})
+    return state
 
 
 def musicgen_decoder_config(directory: str | Path) -> DecoderConfig:
@@ -187,11 +197,16 @@ def musicgen_decoder_config(directory: str | Path) -> DecoderConfig:
             f"musicgen weights: {path} not found. Download facebook/musicgen-small on a machine with network access "
             "(`huggingface-cli download facebook/musicgen-small --local-dir DIR`), copy DIR here and set "
             "train.pretrained_dir: DIR in params.yaml.")
-    config = json.loads(path.read_text())
-    dec = config.get("decoder", config)
-    return DecoderConfig(num_codebooks=dec["num_codebooks"], codebook_size=dec["vocab_size"],
-                         d_model=dec["hidden_size"], n_layers=dec["num_hidden_layers"],
-                         n_heads=dec["num_attention_heads"], ffn_dim=dec["ffn_dim"], dropout=dec.get("dropout", 0.0))
+    try:
+        config = json.loads(path.read_text())
+        dec = config.get("decoder", config)
+        return DecoderConfig(num_codebooks=dec["num_codebooks"], codebook_size=dec["vocab_size"],
+                             d_model=dec["hidden_size"], n_layers=dec["num_hidden_layers"],
+                             n_heads=dec["num_attention_heads"], ffn_dim=dec["ffn_dim"],
+                             dropout=dec.get("dropout", 0.0))
+    except (ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise ValueError(f"{path}: not the config of a MusicGen model (facebook/musicgen-small or a "
+                         f"MusicgenForCausalLM save): {type(exc).__name__}: {exc}") from None
 
 
 def load_musicgen_decoder(decoder: MusicDecoder, directory: str | Path) -> None:
@@ -202,7 +217,12 @@ def load_musicgen_decoder(decoder: MusicDecoder, directory: str | Path) -> None:
     if (want.d_model, want.n_layers, want.num_codebooks, want.codebook_size) != (
             have.d_model, have.n_layers, have.num_codebooks, have.codebook_size):
         raise ValueError(f"musicgen weights in {directory} are {want}, the model is {have}")
-    state = _read_safetensors(directory)
+    try:
+        state = _read_safetensors(directory)
+    except Exception as exc:  # noqa: BLE001 - a truncated safetensors / bin file: name it
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"{directory}: the MusicGen weight files do not load ({type(exc).__name__}: {first}); "
+                         "they are truncated or damaged: download them again") from None
     ours = {}
     for prefix in ("decoder.model.decoder.", "model.decoder.", "decoder.", ""):  # full model, causal LM, bare
         for head_prefix in ("decoder.lm_heads.", "lm_heads."):
