@@ -195,7 +195,7 @@ def test_melvq_state_saved_before_band_weights_loads_as_unweighted(tmp_path):
     for key in ("band_weight", "band_low_hz", "band_high_hz"):
         meta["config"].pop(key, None)
     (tmp_path / "melvq.json").write_text(json.dumps(meta))
-    loaded = MelVQ()  # today's default band_weight is 3: the saved state's (none = 1) wins
+    loaded = MelVQ(dataclasses.replace(MelVQConfig(), band_weight=3))  # the saved state's (none = 1) wins
     loaded.load(tmp_path)
     wav = synth_clip(42)[0]
     assert loaded.band_weights.max() == 1 and np.array_equal(loaded.encode(wav), codec.encode(wav))
