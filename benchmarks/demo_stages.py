@@ -99,6 +99,19 @@ def run(cmd: list[str], cwd: Path, env: dict, log) -> dict:
             "peak_rss_mb": peak_tree, "peak_process_rss_mb": peak_process, "output": output}
 
 
+def run_stages(names: list[str], repo, env: dict, log, options: tuple[str, ...] = ()) -> list[dict]:
+    """`dvc repro [options] --single-item STAGE` for each stage in turn: a row per stage (wall, CPU, peak RSS),
+    printed as it ends."""
+    stages = []
+    for stage in names:
+        row = run(["dvc", "repro", *options, "--single-item", stage], repo, env, log)
+        row.pop("output")
+        stages.append({"stage": stage, **row})
+        print(f"{stage}: {row['wall_s']:.1f} s, {row['cpu_s']:.0f} CPU-s, peak {row['peak_rss_mb']:.0f} MB",
+              flush=True)
+    return stages
+
+
 def pipeline_order(repo: Path, env: dict) -> list[str]:
     """Stages in dvc.yaml order, moved so that every stage comes after the stages it depends on."""
     names = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=repo, env=env, check=True,
@@ -154,13 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (repo / ".dvc").is_dir():
             subprocess.run(["dvc", "init", "-q"], cwd=repo, env=env, check=True)
 
-        stages = []
-        for stage in pipeline_order(repo, env):
-            row = run(["dvc", "repro", "--single-item", stage], repo, env, log)
-            row.pop("output")
-            stages.append({"stage": stage, **row})
-            print(f"{stage}: {row['wall_s']:.1f} s, {row['cpu_s']:.0f} CPU-s, peak {row['peak_rss_mb']:.0f} MB",
-                  flush=True)
+        stages = run_stages(pipeline_order(repo, env), repo, env, log)
         results["stages"] = stages
         results["total_s"] = round(sum(s["wall_s"] for s in stages), 1)
         noop = run(["dvc", "repro"], repo, env, log)

@@ -177,14 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         needed = {name for target in TARGETS for name in re.findall(r'^"([^"]+)";$', subprocess.run(
             ["dvc", "dag", "--dot", target], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout,
             re.M)}
-        stages = []
-        for stage in [s for s in order if s in needed]:
-            # --no-commit: outputs are not copied into the DVC cache (13 GB of checkpoints would be 26 GB)
-            row = demo_stages.run(["dvc", "repro", "--no-commit", "--single-item", stage], repo, env, log)
-            row.pop("output")
-            stages.append({"stage": stage, **row})
-            print(f"{stage}: {row['wall_s']:.1f} s, {row['cpu_s']:.0f} CPU-s, peak {row['peak_rss_mb']:.0f} MB",
-                  flush=True)
+        # --no-commit: outputs are not copied into the DVC cache (13 GB of checkpoints would be 26 GB)
+        stages = demo_stages.run_stages([s for s in order if s in needed], repo, env, log, ("--no-commit",))
         results["stages"] = stages
         results["total_s"] = round(sum(s["wall_s"] for s in stages), 1)
         noop = demo_stages.run(["dvc", "repro", "--no-commit", *TARGETS], repo, env, log)
