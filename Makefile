@@ -67,7 +67,7 @@ seeds: demo
 	dvc repro evaluate_seeds
 	@cat reports/seeds.md
 
-test: venv browser
+test: venv browser metric-models
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-all: venv browser

@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.metrics import chroma, fad, kld, rhythm
+from pipeline.media import MediaError
 from pipeline.metrics.models import MissingModelError, load_passt, load_vggish
 from pipeline.metrics.score import Labels, PairResult, default_flow_cache, mono_at, parse_beats, read_audio, score_pair
 from pipeline.shards import atomic_write_json
@@ -190,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     files = {r.stem: r.values for r in results if r.values}
     scored = [r for r in results if r.values]
     model_overall = {}
-    if classifier is not None or embedder is not None:
-        model_overall = _model_metrics(scored, gen_files, ref_files, classifier, embedder, files)
+    if classifier is not None or embedder is not None:  # every pair, not only those another metric scored
+        model_overall = _model_metrics(results, gen_files, ref_files, classifier, embedder, files)
     for r in results:
         if r.problems:
             problems.setdefault(r.stem, []).extend(r.problems)
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         atomic_write_json(args.out, report)
         log.info("wrote %s", args.out)
-    if not scored:
+    if not scored and not model_overall:
         print("v2m metrics: no pair could be scored", file=sys.stderr)
         return 1
     return 0
@@ -225,13 +226,17 @@ def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
-def _model_metrics(scored: list[PairResult], gen_files: dict, ref_files: dict, classifier, embedder,
+def _model_metrics(pairs: list[PairResult], gen_files: dict, ref_files: dict, classifier, embedder,
                    files: dict) -> dict:
-    """KLD per clip and FAD over the set, in this process (models are not shipped to workers). Returns overall."""
+    """KLD per clip and FAD over the set, in this process (models are not shipped to workers), on every pair whose
+    files can be read (an unreadable one already has its problem from `score_pair`). Returns overall."""
     kld_scores, gen_embeddings, ref_embeddings = [], [], []
-    for r in tqdm(scored, desc="kld/fad", unit="file"):
-        gen, gen_sr = read_audio(gen_files[r.stem])
-        ref, ref_sr = read_audio(ref_files[r.stem])
+    for r in tqdm(pairs, desc="kld/fad", unit="file"):
+        try:
+            gen, gen_sr = read_audio(gen_files[r.stem])
+            ref, ref_sr = read_audio(ref_files[r.stem])
+        except MediaError:
+            continue
         for model in (classifier, embedder):
             if model is None:
                 continue
@@ -241,7 +246,7 @@ def _model_metrics(scored: list[PairResult], gen_files: dict, ref_files: dict, c
                 score = kld.kld_clip(classifier, gen_mono, ref_mono, sr)
                 kld_scores.append(score)
                 if score.segments:
-                    files[r.stem].update(kld_pq=score.pq, kld_qp=score.qp)
+                    files.setdefault(r.stem, r.values).update(kld_pq=score.pq, kld_qp=score.qp)
                 else:
                     r.problems.append("kld undefined: no segment longer than 0.15 s")
             else:

@@ -121,3 +121,21 @@ def test_parallel_jobs_give_the_same_numbers(folders):
     base = ["--generated", str(folders / "gen"), "--reference", str(folders / "ref"), "--metrics", "chroma,onset_f1"]
     assert main([*base, "--out", str(one)]) == 0 and main([*base, "--out", str(two), "--workers", "2"]) == 0
     assert json.loads(one.read_text())["files"] == json.loads(two.read_text())["files"]
+
+
+def test_model_metrics_alone_score_every_readable_pair(folders, tmp_path, capsys):
+    """--metrics fad (no per-file metric beside it) embeds every readable pair: a, b and the silent c, not the
+    unreadable d. Random VGGish weights in the published layout (scripts/production_weights.py): the value is
+    meaningless, its presence is what is tested."""
+    pytest.importorskip("torchvggish")
+    from tests.conftest import load_script
+
+    vggish = load_script("production_weights").vggish(tmp_path)
+    out = tmp_path / "fad.json"
+    args = ["--generated", str(folders / "gen"), "--reference", str(folders / "ref"), "--out", str(out)]
+    assert main([*args, "--metrics", "fad", "--vggish", str(vggish)]) == 0
+    report = json.loads(out.read_text())
+    assert np.isfinite(report["overall"]["fad"]) and "fad" not in report["omitted"], report["omitted"]
+    assert "no file could be scored" not in capsys.readouterr().out
+    assert main([*args, "--metrics", "fad"]) == 1  # nothing computable at all: an error, not an empty success
+    assert "fad: not computed: needs an embedder" in capsys.readouterr().out
