@@ -12,7 +12,8 @@ on the same device and threads:
 - v2m: `pipeline.inference.generate_codes` with a random-weight `musicgen-small` model (fusion of CLIP 2 fps + flow
   8 fps features of the same length, the decoder with its KV cache, CFG), in one window;
 - peer: `transformers.MusicgenForCausalLM.generate` (its own KV cache, delay-pattern mask and
-  ClassifierFreeGuidanceLogitsProcessor), conditioned on encoder states of the same length as v2m's memory.
+  ClassifierFreeGuidanceLogitsProcessor), conditioned on encoder states of the same length as v2m's memory, with a
+  self- + cross-attention cache passed in (`peer_cache`: the default one is wrong with encoder states).
 
 Reported: tokens/s (frames x codebooks per wall second), RTF (seconds of music per wall second) and the ratio
 v2m / peer. Both models are built first; after a short warm-up of each, the two sides run alternately `--repeats`
@@ -100,6 +101,17 @@ def peer_config(n_layers: int):
                                  pad_token_id=CARD, bos_token_id=CARD, decoder_start_token_id=CARD)
 
 
+def peer_cache():
+    """A fresh self- + cross-attention cache for one `generate` call. Without it, transformers 5.24's
+    `MusicgenForCausalLM.generate` given `encoder_hidden_states` starts a plain `DynamicCache`, and every step appends
+    the encoder's keys and values to the self-attention cache: the output differs from the same generation without a
+    cache, and each step costs more than the one before (quadratic time; 122 s instead of ~30 s for 3 s of music).
+    tests/test_peer_generate.py checks that the peer as benchmarked gives what it gives without a cache."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    return EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+
 def peer_side(device: str, n_layers: int, memory_len: int):
     """(generate(frames) -> codes [1, K, frames], info) for transformers' MusicgenForCausalLM."""
     import torch
@@ -115,12 +127,14 @@ def peer_side(device: str, n_layers: int, memory_len: int):
     mask = torch.ones(2, memory_len, dtype=torch.long, device=device)
     bos = torch.full((K, 1), CARD, dtype=torch.long, device=device)
 
-    def generate(frames: int):
+    def generate(frames: int, do_sample: bool = True, use_cache: bool = True):
+        """`use_cache=False` recomputes the prefix at every step: the reference the cached peer must equal."""
+        cache = {"cache": peer_cache()} if use_cache else {"use_cache": False}
         with torch.no_grad():
             return model.generate(input_ids=bos, encoder_hidden_states=states, encoder_attention_mask=mask,
-                                  do_sample=True, guidance_scale=3.0, top_k=250, temperature=1.0,
+                                  do_sample=do_sample, guidance_scale=3.0, top_k=250, temperature=1.0,
                                   max_new_tokens=frames + K - 1, min_new_tokens=frames + K - 1,
-                                  num_return_sequences=1)
+                                  num_return_sequences=1, **cache)
 
     params = sum(p.numel() for p in model.parameters())
     return generate, {"what": f"transformers {transformers.__version__} MusicgenForCausalLM.generate (KV cache, CFG)",

@@ -83,12 +83,10 @@ class Attention(nn.Module):
         if ctx is None:  # causal self-attention over the cache + the new rows
             k, v = self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
             if cache is not None:
-                if "k" in cache:
-                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-                cache["k"], cache["v"] = k, v
+                k, v = _append(cache, k, v)
             past = k.shape[2] - T
-            # row i may see keys 0 .. past + i
-            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
+            # row i may see keys 0 .. past + i; one new row sees them all (no mask: SDPA's faster path, same values)
+            mask = None if T == 1 else torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
         else:  # cross-attention: the memory's keys and values are computed once per generation
             if cache is not None and "k" in cache:
                 k, v = cache["k"], cache["v"]
@@ -100,6 +98,24 @@ class Attention(nn.Module):
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # (B, h, T, hs)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def _append(cache: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values (B, h, T, hs) appended to the cache's; returns all of them so far (views of its buffers).
+
+    The buffers grow by doubling, so a step writes its row in place instead of copying the whole cache (torch.cat
+    at every step moved ~0.3 GB per step at 30 s of music in the MusicGen-small decoder). The values, and so every
+    result, are the same as with concatenation."""
+    n, T = cache.get("n", 0), k.shape[2]
+    if "k" not in cache or n + T > cache["k"].shape[2]:
+        size = max(64, 2 * (n + T))
+        grown_k, grown_v = k.new_empty(*k.shape[:2], size, k.shape[3]), v.new_empty(*v.shape[:2], size, v.shape[3])
+        if n:
+            grown_k[:, :, :n], grown_v[:, :, :n] = cache["k"][:, :, :n], cache["v"][:, :, :n]
+        cache["k"], cache["v"] = grown_k, grown_v
+    cache["k"][:, :, n : n + T], cache["v"][:, :, n : n + T] = k, v
+    cache["n"] = n + T
+    return cache["k"][:, :, : n + T], cache["v"][:, :, : n + T]
 
 
 class DecoderLayer(nn.Module):
