@@ -12,7 +12,6 @@ estimator reads SynthV2M's minor clips as the parallel major when the mix holds 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from pipeline import synth  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.metrics.rhythm import estimate_key  # noqa: E402
 from pipeline.shards import atomic_write_json  # noqa: E402
+
 
 def index_range(text: str) -> range:
     """"A:B" -> range(A, B), the clip indices A .. B-1."""
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     results = [ceiling(params, clips) for clips in (args.clips or [range(0, 120)])]
     for r in results:
-        print(f"clips {r['clips']}: key accuracy of the true music {r['accuracy']:.3f} over {r['n']} "
-              f"(major {r['by_mode'].get('major', float('nan')):.3f}, minor {r['by_mode'].get('minor', float('nan')):.3f})")
+        modes = ", ".join(f"{mode} {acc:.3f}" for mode, acc in r["by_mode"].items())
+        print(f"clips {r['clips']}: key accuracy of the true music {r['accuracy']:.3f} over {r['n']} ({modes})")
         for m in r["misread"]:
             print(f"  {m['id']} {m['label']} read as {m['estimate']} ({m['instrument']})")
     if args.out:

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.metrics import chroma, fad, kld, rhythm
 from pipeline.media import MediaError
+from pipeline.metrics import chroma, fad, kld, rhythm
 from pipeline.metrics.models import MissingModelError, load_passt, load_vggish
 from pipeline.metrics.score import Labels, PairResult, default_flow_cache, mono_at, parse_beats, read_audio, score_pair
 from pipeline.shards import atomic_write_json
