@@ -121,8 +121,9 @@ def run(model_path: Path, params_path: Path, segments: int, segment_s: float, sp
     wav = inference.decode_windows(model.codec, codes, starts, prompt, int(round(total_s * sr)),
                                    cfg.crossfade_seconds)
     window = int(round(model.params.base.clip_seconds * fr))
-    seams = [(s + prompt) / fr for s in starts[1:]]
-    mids = [(s + (prompt if i else 0) + (window - (prompt if i else 0)) / 2) / fr for i, s in enumerate(starts)]
+    seams = [(s + prompt) / fr for s in starts[1:]]  # where each window's own tokens start
+    own = [s + (prompt if i else 0) for i, s in enumerate(starts)]
+    mids = [(o + min(s + window, n)) / 2 / fr for o, s in zip(own, starts, strict=True)]  # middles of those tokens
     edge = JUMP_S + 0.05
     seams = [t for t in seams if edge <= t <= total_s - edge]
     mids = [t for t in mids if edge <= t <= total_s - edge]
