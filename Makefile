@@ -18,12 +18,13 @@ METRICS_STAMP := $(VENV)/.metric-models-stamp
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv browser demo seeds test test-all lint bench clean-data metric-models production-weights \
+.PHONY: help venv browser demo seeds ablations test test-all lint bench clean-data metric-models production-weights \
 	production-smoke
 
 help:
 	@echo "make demo      create .venv, run the whole pipeline on the embedded SynthV2M profile (dvc repro)"
 	@echo "make seeds     after make demo: the seed study, both systems over seed_study.seeds (reports/seeds.md, ~10 min)"
+	@echo "make ablations after make seeds: the paper's baseline and ablations over the seeds (reports/ablations.md, ~30 min)"
 	@echo "make test      create/update .venv and run the test suite (slow end-to-end tests excluded)"
 	@echo "make test-all  the whole suite, slow tests included"
 	@echo "make browser   headless Chromium for the web app's browser tests (Debian chromium + chromium-driver; root)"
@@ -66,6 +67,11 @@ demo: venv
 seeds: demo
 	dvc repro evaluate_seeds
 	@cat reports/seeds.md
+
+# The VidMuse-style baseline, no_clip and the data-size curve, each under the seed study's seeds (docs/baselines.md)
+ablations: seeds
+	dvc repro evaluate_all
+	@sed -n '/^| System/,/^$$/p' reports/ablations.md
 
 test: venv browser metric-models
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -367,6 +367,41 @@ class SeedStudyConfig:
 
 
 @dataclass(frozen=True)
+class VidMuseConfig:
+    """The VidMuse-style baseline's conditioning (LongShortFusion in pipeline/model/fusion.py; docs/baselines.md)."""
+
+    short_s: float = 2.0  # the short-term window: seconds of frames centred on each moment
+    long_rows: int = 4  # the long-term summary: the whole video in this many segment means
+    layers: int = 1  # cross-attention blocks in which the short-term rows query the long-term ones
+    # VidMuse has no harmony retrieval, so neither has the baseline by default; true gives it full's harmony bank,
+    # which isolates the fusion (long-short-term on CLIP against no_motion's temporal fusion on CLIP)
+    harmony: bool = False
+
+
+def fraction_size(n: int, percent: int) -> int:
+    """Clips in `percent` per cent of a train split of n (rounded, at least one): `v2m train --fraction`'s share."""
+    if not 0 < percent <= 100:
+        raise ValueError(f"a fraction of the train split is a per cent in 1..100, got {percent}")
+    return max(1, round(n * percent / 100))
+
+
+@dataclass(frozen=True)
+class AblationsConfig:
+    """The ablation group (`make ablations`: `dvc repro evaluate_all`; docs/baselines.md): the paper's baseline and
+    ablations, each trained like the full system (same data, decoder, steps) under the seed study's seeds."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)  # base.seed and seed_study.seeds: full and no_motion come from those runs
+    systems: tuple[str, ...] = ("vidmuse", "no_clip")  # trained systems besides full and no_motion (train.SYSTEMS)
+    fractions: tuple[int, ...] = (25, 50)  # the data-size curve: full trained on this per cent of the train split
+    vidmuse: VidMuseConfig = field(default_factory=VidMuseConfig)
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        """The group's model folders under models/ablations/{seed}/: the systems, then data{P} per fraction."""
+        return (*self.systems, *(f"data{p}" for p in self.fractions))
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """The listening test (pipeline/human_eval.py): how an experiment is drawn from the evaluate stage's renders and how
     `v2m human-eval report` folds the answers."""
@@ -410,6 +445,7 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     seed_study: SeedStudyConfig = field(default_factory=SeedStudyConfig)
+    ablations: AblationsConfig = field(default_factory=AblationsConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 

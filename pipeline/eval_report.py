@@ -374,3 +374,229 @@ def write_seed_report(path: Path, summary: dict) -> None:
             "Training is float math and differs in its last bits between machines; the claims must hold on every seed. "
             "Written by `v2m evaluate --seeds` (`dvc repro evaluate_seeds`).\n\n" + seed_table(summary) + "\n")
     atomic_write_text(path, text)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the ablation group: reports/ablations.md (docs/baselines.md)
+# ----------------------------------------------------------------------------------------------------------------------
+
+ABLATION_NAMES = {"full": "v2m full (CLIP + flow)", "no_motion": "v2m no_motion (CLIP only)",
+                  "no_clip": "v2m no_clip (flow only)", "vidmuse": "VidMuse-style (long-short-term, CLIP only)",
+                  "reference": "Reference (codec round trip)", "retrieval": "Retrieval baseline",
+                  "random": "Random baseline"}
+# The paper's claims (../shared/PAPER.md) as comparisons of two systems on some metrics: (claim, a, b, metrics, kind).
+# kind "better": the claim is that a beats b (confirmed when a is better on every seed and the CI of the difference of
+# the seed means is above 0; contradicted when that CI is below 0). kind "enough": the claim is that b, on less data,
+# does about as well as a (consistent when the CI of a - b reaches 0 or below; contradicted when a is better beyond it).
+ABLATION_CLAIMS = (
+    ("1. Fine-grained motion is needed", "full", "no_motion", ("beat_f1", "tempo_acc", "av_align"), "better"),
+    ("1. Long-range semantics (CLIP) are needed", "full", "no_clip", ("key_acc", "chroma", "instrument_acc"),
+     "better"),
+    ("Competitive with VidMuse: full against the VidMuse-style baseline (same decoder, data, steps)", "full",
+     "vidmuse", ("beat_f1", "key_acc", "chroma"), "better"),
+    ("2. Very large datasets may be unnecessary: half the clean data does as well", "full", "data50",
+     ("beat_f1", "key_acc", "chroma"), "enough"),
+    ("2. Very large datasets may be unnecessary: a quarter of the clean data does as well", "full", "data25",
+     ("beat_f1", "key_acc", "chroma"), "enough"),
+)
+
+
+def _ablation_name(system: str) -> str:
+    if system.startswith("data") and system[4:].isdigit():
+        return f"v2m full on {system[4:]} % of the train split"
+    return ABLATION_NAMES.get(system, system)
+
+
+def ablation_summary(stats: dict, seeds: list[int], embedding: str, train_clips: dict[str, int], n_clips: int,
+                     ablations) -> dict:
+    """stats {(seed or None, system): {metric: [value on each resample, all clips first]}} -> metrics/ablations.json:
+    per system and metric the mean over seeds, its bootstrap CI (the seed mean on each resample), sd, worst and each
+    seed's value (untrained systems: seed null, one run); the data-size curve; each claim of ABLATION_CLAIMS with the
+    per-seed differences and the CI of the difference of the seed means."""
+    metrics = [_key(stem, embedding) for stem, _, _ in COLUMNS]
+    ups = {_key(stem, embedding): up for stem, _, up in COLUMNS}
+    names = list(dict.fromkeys(system for _, system in stats))
+    order = ["full", "no_motion", "no_clip", "vidmuse"] + [f"data{p}" for p in sorted(ablations.fractions,
+                                                                                      reverse=True)]
+    names = [n for n in order if n in names] + [n for n in names if n not in order]
+
+    def curve(system: str, metric: str) -> np.ndarray | None:
+        """The seed mean on each resample (None when a seed lacks the metric)."""
+        runs = [stats[(s, system)].get(metric) for s in seeds] if (seeds[0], system) in stats else \
+            [stats[(None, system)].get(metric)]
+        return None if any(r is None for r in runs) else np.mean(np.array(runs, float), axis=0)
+
+    systems = {}
+    for name in names:
+        trained = (seeds[0], name) in stats
+        row: dict = {"name": _ablation_name(name), "train_clips": train_clips.get(name),
+                     "seeds": seeds if trained else []}
+        for m in metrics:
+            c = curve(name, m)
+            if c is None:
+                continue
+            lo, hi = np.percentile(c[1:], [2.5, 97.5]) if len(c) > 1 else (c[0], c[0])
+            entry = {"mean": round(float(c[0]), 4), "ci": [round(float(lo), 4), round(float(hi), 4)]}
+            if trained:
+                v = np.array([stats[(s, name)][m][0] for s in seeds], float)
+                entry.update(per_seed={s: round(float(x), 4) for s, x in zip(seeds, v, strict=True)},
+                             sd=round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 4),
+                             worst=round(float(v.min() if ups[m] else v.max()), 4))
+            row[m] = entry
+        systems[name] = row
+    claims = []
+    for text, a, b, claim_metrics, kind in ABLATION_CLAIMS:
+        if a not in systems or b not in systems:
+            continue
+        for m in claim_metrics:
+            ca, cb = curve(a, m), curve(b, m)
+            if ca is None or cb is None:
+                continue
+            diff = ca - cb
+            lo, hi = np.percentile(diff[1:], [2.5, 97.5]) if len(diff) > 1 else (diff[0], diff[0])
+            per_seed = {s: round(float(stats[(s, a)][m][0] - stats[(s, b)][m][0]), 4) for s in seeds}
+            if kind == "enough":
+                verdict = "contradicted" if lo > 0 else "consistent"
+            elif lo > 0 and all(v > 0 for v in per_seed.values()):
+                verdict = "confirmed"
+            else:
+                verdict = "contradicted" if hi < 0 else "not shown"
+            claims.append({"claim": text, "kind": kind, "a": a, "b": b, "metric": m, "per_seed": per_seed,
+                           "mean": round(float(diff[0]), 4), "ci": [round(float(lo), 4), round(float(hi), 4)],
+                           "verdict": verdict})
+    sizes = [(f"data{p}", train_clips.get(f"data{p}")) for p in sorted(ablations.fractions)] + \
+        [("full", train_clips.get("full"))]
+    sizes = [(s, n) for s, n in sizes if s in systems]
+    data_size = {"systems": [s for s, _ in sizes], "train_clips": [n for _, n in sizes],
+                 "metrics": {m: {"mean": [systems[s][m]["mean"] for s, _ in sizes],
+                                 "ci": [systems[s][m]["ci"] for s, _ in sizes],
+                                 "per_seed": [systems[s][m].get("per_seed", {}) for s, _ in sizes]}
+                             for m in ("beat_f1", "tempo_acc", "key_acc", "chroma", "instrument_acc")
+                             if all(m in systems[s] for s, _ in sizes)}}
+    n_boot = max((len(v) for st in stats.values() for v in st.values()), default=1) - 1
+    return {"seeds": seeds, "n_clips": n_clips, "embedding": embedding, "bootstrap": n_boot, "systems": systems,
+            "claims": claims, "data_size": data_size}
+
+
+def ablation_table(summary: dict) -> str:
+    """Markdown: one row per system, each metric's seed mean and its 95 % CI."""
+    emb = summary["embedding"]
+    cols = [(_key(stem, emb), title, up) for stem, title, up in COLUMNS]
+    cols = [c for c in cols if any(c[0] in row for row in summary["systems"].values())]
+    suffix = " (tagger)" if emb != "vggish" else ""
+    header = ["System", "Train clips", "Seeds"] + [
+        f"{t}{suffix if k.startswith(('fad', 'kld')) else ''} {'↑' if up else '↓'}" for k, t, up in cols]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in summary["systems"].values():
+        cells = [row["name"], _count(row["train_clips"]), str(len(row["seeds"])) if row["seeds"] else "– (no training)"]
+        for key, _, _ in cols:
+            e = row.get(key)
+            cells.append("–" if e is None else f"{_num(e['mean'])} [{_num(e['ci'][0])}, {_num(e['ci'][1])}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ablation_seed_table(summary: dict) -> str:
+    """Markdown: the trained systems' sd, worst and per-seed values of the science metrics."""
+    seeds = summary["seeds"]
+    metrics = [("beat_f1", "Beat F1"), ("tempo_acc", "Tempo acc"), ("key_acc", "Key acc"), ("chroma", "Chroma"),
+               ("instrument_acc", "Instr. acc"), ("av_align", "AV-Align")]
+    lines = ["| System | Metric | mean | sd | worst | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|" + "---|" * (5 + len(seeds))]
+    for row in summary["systems"].values():
+        if not row["seeds"]:
+            continue
+        for key, title in metrics:
+            e = row.get(key)
+            if e is None:
+                continue
+            per_seed = {str(k): v for k, v in e["per_seed"].items()}
+            lines.append(f"| {row['name']} | {title} | {_num(e['mean'])} | {_num(e['sd'])} | {_num(e['worst'])} | "
+                         + " | ".join(_num(per_seed[str(s)]) for s in seeds) + " |")
+    return "\n".join(lines)
+
+
+def claims_table(summary: dict) -> str:
+    lines = ["| Claim (../shared/PAPER.md) | a - b | Metric | per seed | mean [95 % CI] | Verdict |",
+             "|---|---|---|---|---|---|"]
+    for c in summary["claims"]:
+        per_seed = ", ".join(f"{float(v):+.3f}" for v in c["per_seed"].values())
+        lines.append(f"| {c['claim']} | {c['a']} - {c['b']} | {c['metric']} | {per_seed} | {c['mean']:+.3f} "
+                     f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | **{c['verdict']}** |")
+    return "\n".join(lines)
+
+
+def _plot_data_size(path: Path, summary: dict) -> None:
+    """The data-size curve: each science metric against the train clips, seed means with the CI, seeds as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = summary["data_size"]
+    x = np.array(curve["train_clips"], float)
+    titles = {"beat_f1": "Beat F1", "tempo_acc": "Tempo accuracy", "key_acc": "Key accuracy", "chroma": "Chroma",
+              "instrument_acc": "Instrument accuracy"}
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, (m, v) in enumerate(curve["metrics"].items()):
+        colour = f"C{i}"
+        ci = np.array(v["ci"], float)
+        ax.plot(x, v["mean"], "-o", color=colour, label=titles.get(m, m))
+        ax.fill_between(x, ci[:, 0], ci[:, 1], color=colour, alpha=0.12)
+        for xi, per_seed in zip(x, v["per_seed"], strict=True):
+            ax.scatter([xi] * len(per_seed), list(per_seed.values()), color=colour, s=10, alpha=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [f"{int(n)}" for n in x])
+    ax.set_xlabel("training clips (the full system on 25 / 50 / 100 % of the train split)")
+    ax.set_ylabel("score on the test clips")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"Data-size curve: mean over {len(summary['seeds'])} training seeds (dots), 95 % bootstrap CI")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def write_ablation_report(path: Path, summary: dict) -> None:
+    """reports/ablations.md and data_size.png beside it."""
+    plot = path.with_name("data_size.png")
+    if summary["data_size"]["metrics"]:
+        _plot_data_size(plot, summary)
+    seeds = ", ".join(map(str, summary["seeds"]))
+    text = [
+        "# The ablation group: the paper's baseline and ablations, over training seeds",
+        "",
+        f"Every trained system has the same decoder, data (unless a fraction is named), training steps and sampling, "
+        f"and is trained under seeds {seeds} (`base.seed` and `seed_study.seeds`). Each cell is the mean over the "
+        f"seeds on the same {summary['n_clips']} test clips, with a 95 % bootstrap confidence interval over clips "
+        "(the same resamples for every system and seed; the seed mean recomputed on each); the untrained rows are "
+        "one run. Written by `v2m evaluate --ablations` (`make ablations`, i.e. `dvc repro evaluate_all`); the "
+        "numbers are in `metrics/ablations.json`, the design of each system in docs/baselines.md.",
+        "",
+        ablation_table(summary),
+        "",
+        "FAD and KLD use the project's SynthV2M tagger (comparable between these rows only); FAD favours uncompressed "
+        "music (reports/eval.md says why), so read the fit to the video from the other columns.",
+        "",
+        "## The paper's claims, tested",
+        "",
+        "Each line compares two systems, a - b on one metric: the difference on each seed, and the difference of "
+        "their seed means with its bootstrap CI. A claim that a beats b is **confirmed** when a is better on every "
+        "seed and the CI is above 0, **contradicted** when the CI is below 0, **not shown** otherwise. A claim that "
+        "less data does as well is **consistent** when the CI reaches 0 (no significant gain from the larger set; "
+        "not a proof of equality) and **contradicted** when the larger set is better beyond it. Conclusion 3 "
+        "(spatial fusion) is not tested yet: docs/baselines.md.",
+        "",
+        claims_table(summary),
+        "",
+        "## Data size",
+        "",
+        f"![data-size curve]({plot.name})",
+        "",
+        "## Every seed",
+        "",
+        ablation_seed_table(summary),
+        "",
+    ]
+    atomic_write_text(path, "\n".join(text))

@@ -234,43 +234,57 @@ def _score_models(cfg: EvaluateConfig, systems: list[str], i: str, row: pd.Serie
     return result
 
 
+def resamples_of(n: int, n_boot: int, seed: int) -> list[np.ndarray]:
+    """The clip indices scored: all n first, then n_boot bootstrap resamples (the same for every system)."""
+    rng = np.random.default_rng([seed, 8])
+    return [np.arange(n)] + [rng.integers(0, n, n) for _ in range(n_boot)]
+
+
+def resampled_stats(s: dict, ids: list[str], resamples: list[np.ndarray], embedding: str,
+                    key_method: str) -> dict[str, list[float]]:
+    """One system's scores (score_all's {"clips", "chroma", "kld", "emb"}) -> {metric: [value on each resample]}."""
+    fad_key, pq_key, qp_key = model_metric_names(embedding)
+    clips = [s["clips"][i] for i in ids]
+    chromas = [s["chroma"].get(i) for i in ids]
+    klds = [s["kld"][i] for i in ids] if s["kld"] else []
+    embs = [s["emb"][i] for i in ids] if s["emb"] else []
+    if key_method == "tagger":
+        for c in clips:
+            if "key_acc_tagger" in c:
+                c["key_acc"] = c["key_acc_tagger"]
+    stats: dict[str, list[float]] = {}
+    for idx in resamples:
+        for m in PER_CLIP[1:]:  # chroma is pooled below
+            values = [clips[j][m] for j in idx if m in clips[j]]
+            if values:
+                stats.setdefault(m, []).append(float(np.mean(values)))
+        if chroma_scores := [chromas[j] for j in idx if chromas[j] is not None]:
+            stats.setdefault("chroma", []).append(chroma.pool(chroma_scores))  # frame-weighted, as audiocraft
+        if klds:
+            pq, qp = kld.pool([klds[j] for j in idx])
+            stats.setdefault(pq_key, []).append(pq)
+            stats.setdefault(qp_key, []).append(qp)
+        if embs:
+            stats.setdefault(fad_key, []).append(fad.fad_from_embeddings([embs[j][0] for j in idx],
+                                                                         [embs[j][1] for j in idx]))
+    return stats
+
+
+def with_ci(stats: dict[str, list[float]]) -> dict:
+    """{metric: values on the resamples, the first on all clips} -> {metric: value, metric_ci: [2.5, 97.5 pct]}."""
+    out = {}
+    for m, values in stats.items():
+        lo, hi = np.percentile(values[1:], [2.5, 97.5]) if len(values) > 1 else (values[0], values[0])
+        out[m] = round(values[0], 4)
+        out[m + "_ci"] = [round(float(lo), 4), round(float(hi), 4)]
+    return out
+
+
 def summarise(scores: dict, ids: list[str], embedding: str, n_boot: int, seed: int, key_method: str) -> dict:
     """{system: {metric: value, metric_ci: [lo, hi]}} with the same bootstrap resamples of clips for every system."""
-    fad_key, pq_key, qp_key = model_metric_names(embedding)
-    n = len(ids)
-    rng = np.random.default_rng([seed, 8])
-    resamples = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(n_boot)]
-    result = {}
-    for system, s in scores.items():
-        clips = [s["clips"][i] for i in ids]
-        chromas = [s["chroma"].get(i) for i in ids]
-        klds = [s["kld"][i] for i in ids] if s["kld"] else []
-        embs = [s["emb"][i] for i in ids] if s["emb"] else []
-        if key_method == "tagger":
-            for c in clips:
-                if "key_acc_tagger" in c:
-                    c["key_acc"] = c["key_acc_tagger"]
-        stats: dict[str, list[float]] = {}
-        for idx in resamples:
-            for m in PER_CLIP[1:]:  # chroma is pooled below
-                values = [clips[j][m] for j in idx if m in clips[j]]
-                if values:
-                    stats.setdefault(m, []).append(float(np.mean(values)))
-            if chroma_scores := [chromas[j] for j in idx if chromas[j] is not None]:
-                stats.setdefault("chroma", []).append(chroma.pool(chroma_scores))  # frame-weighted, as audiocraft
-            if klds:
-                pq, qp = kld.pool([klds[j] for j in idx])
-                stats.setdefault(pq_key, []).append(pq)
-                stats.setdefault(qp_key, []).append(qp)
-            if embs:
-                stats.setdefault(fad_key, []).append(fad.fad_from_embeddings([embs[j][0] for j in idx],
-                                                                             [embs[j][1] for j in idx]))
-        result[system] = {}
-        for m, values in stats.items():
-            lo, hi = np.percentile(values[1:], [2.5, 97.5]) if len(values) > 1 else (values[0], values[0])
-            result[system][m] = round(values[0], 4)
-            result[system][m + "_ci"] = [round(float(lo), 4), round(float(hi), 4)]
-    return result
+    resamples = resamples_of(len(ids), n_boot, seed)
+    return {system: with_ci(resampled_stats(s, ids, resamples, embedding, key_method))
+            for system, s in scores.items()}
 
 
 def model_info(cfg: EvaluateConfig, labels: pd.DataFrame, systems: list[str]) -> dict:
@@ -372,6 +386,73 @@ def seed_study(params: Params, cfg: EvaluateConfig, seeds_dir: Path) -> int:
     return 0
 
 
+def ablation_study(params: Params, cfg: EvaluateConfig, ablations_dir: Path, seeds_dir: Path) -> int:
+    """The ablation group's table (docs/baselines.md): full and no_motion of every seed (the demo's music for base.seed,
+    seeds_dir/{seed} for the others) beside each of `ablations.trained` (ablations_dir/{seed}/{system}), and the
+    untrained rows (reference, retrieval, random) once from the demo's music, all on the same clips. Per system and
+    metric: the mean over seeds with a bootstrap 95 % CI (the same clip resamples for every seed and system), sd, worst
+    and each seed's value; then the data-size curve and the paper's claims checked seed by seed."""
+    from dataclasses import replace
+
+    from pipeline import eval_report
+    from pipeline.config import fraction_size
+
+    ab = params.ablations
+    seeds = sorted(set(ab.seeds))
+    expected = sorted({params.base.seed, *params.seed_study.seeds})
+    if seeds != expected:
+        print(f"v2m evaluate --ablations: ablations.seeds {seeds} must be base.seed and seed_study.seeds {expected}: "
+              "full and no_motion are those runs' models; fix params.yaml", file=sys.stderr)
+        return 2
+    labels = read_labels(Path(cfg.ingest_dir))
+    groups: list[tuple[int | None, Path, tuple[str, ...]]] = [
+        (None, Path(cfg.generated_dir), tuple(s for s in ("reference", "retrieval", "random") if s in cfg.systems))]
+    for seed in seeds:
+        main_dir = Path(cfg.generated_dir) if seed == params.base.seed else seeds_dir / str(seed)
+        groups += [(seed, main_dir, ("full", "no_motion")), (seed, ablations_dir / str(seed), ab.trained)]
+    ids: list[str] | None = None
+    for n, (seed, folder, systems) in enumerate(list(groups)):
+        got, missing, _ = select_clips(replace(cfg, generated_dir=str(folder), systems=systems), labels)
+        if seed is None:  # the untrained rows are context: an absent one is left out, and the log says so
+            for system, why in missing.items():
+                log.warning("evaluate --ablations: %s left out: %s", system, why)
+            groups[n] = (seed, folder, tuple(s for s in systems if s not in missing))
+            if not groups[n][2]:
+                continue
+        elif missing or not got:
+            where = "" if seed is None else f"seed {seed}: "
+            print(f"v2m evaluate --ablations: {where}nothing to score in {folder} "
+                  f"({'; '.join(f'{s}: {w}' for s, w in missing.items()) or 'no clip'})", file=sys.stderr)
+            return 1
+        ids = got if ids is None else [i for i in ids if i in set(got)]
+    classifier, embedder, tagger = _models(cfg)
+    scores: dict[tuple[int | None, str], dict] = {}
+    with threadpool_limits(limits=1):
+        for seed, folder, systems in tqdm(groups, desc="ablations", unit="group", disable=None):
+            if not systems:
+                continue
+            got, unscorable = score_all(replace(cfg, generated_dir=str(folder)), list(systems), ids, labels,
+                                        classifier, embedder, tagger)
+            scores.update({(seed, system): got[system] for system in systems})
+            ids = [i for i in ids if i not in unscorable]
+        if not ids:
+            print("v2m evaluate --ablations: no clip could be scored for every system and seed", file=sys.stderr)
+            return 1
+        resamples = resamples_of(len(ids), cfg.bootstrap, params.base.seed)
+        stats = {key: resampled_stats(s, ids, resamples, cfg.embedding, cfg.key_method)
+                 for key, s in scores.items()}
+    n_train = int((labels["split"] == "train").sum())
+    train_clips = {system: n_train for _, _, systems in groups for system in systems if system != "reference"}
+    train_clips.update({f"data{p}": fraction_size(n_train, p) for p in ab.fractions})
+    summary = eval_report.ablation_summary(stats, seeds, cfg.embedding, train_clips, len(ids), ab)
+    atomic_write_json(cfg.metrics_path, summary)
+    eval_report.write_ablation_report(Path(cfg.report_path), summary)
+    log.info("evaluate --ablations: %d clips, %d seeds: wrote %s and %s", len(ids), len(seeds), cfg.metrics_path,
+             cfg.report_path)
+    print(eval_report.ablation_table(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="v2m evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -383,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", metavar="DIR", help="the seed study: base.seed's systems from --generated and "
                         "--models, each of seed_study.seeds' from DIR/{seed}; writes --metrics and --report")
     parser.add_argument("--models", help="folder of {system}/v2m.pt (default: evaluate.models_dir)")
+    parser.add_argument("--ablations", metavar="DIR", help="the ablation group: ablations.trained of each seed from "
+                        "DIR/{seed}, full and no_motion as for --seeds (SEEDS_DIR, default data/generated_seeds); "
+                        "writes --metrics, --report and the data-size plot beside it")
+    parser.add_argument("--seeds-dir", default="data/generated_seeds", help="with --ablations: the seed study's music")
     args = parser.parse_args(argv)
     params = load_params(args.params, missing_ok=True)
     cfg = params.evaluate
@@ -400,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         return fit_tagger(params, cfg)
     if args.seeds:
         return seed_study(params, cfg, Path(args.seeds))
+    if args.ablations:
+        return ablation_study(params, cfg, Path(args.ablations), Path(args.seeds_dir))
     if cfg.embedding not in EMBEDDINGS:  # before any work: one line naming the file and the setting
         print(f"v2m evaluate: {args.params}: evaluate.embedding must be {' or '.join(EMBEDDINGS)}, got "
               f"{cfg.embedding!r}; fix it there", file=sys.stderr)

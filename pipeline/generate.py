@@ -311,8 +311,13 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", action="store_true", help="run the DVC stage: the eval split, every system")
     parser.add_argument("--models", type=Path, help="with --stage: folder of {system}/v2m.pt (default: train.out_dir)")
     parser.add_argument("--no-baselines", action="store_true", help="with --stage: the trained systems only")
+    parser.add_argument("--ablations", action="store_true", help="with --stage: the ablation group's systems "
+                        "(ablations.systems and data{P} per ablations.fractions) instead of generate.systems")
     args = parser.parse_args(argv)
     params = load_params(args.params, missing_ok=True)
+    if args.ablations:
+        params = dataclasses.replace(params, generate=dataclasses.replace(params.generate,
+                                                                          systems=params.ablations.trained))
     if args.stage:
         out_dir = args.out or Path(params.generate.out_dir)
         rank, world = local_ranks(params.generate.workers, "generate", list(sys.argv[1:] if argv is None else argv))

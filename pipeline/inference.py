@@ -307,6 +307,9 @@ def window_batch(feats: dict, start_s: float, seconds: float, text: np.ndarray |
         rows = torch.from_numpy(rows_at(feats[stream], feats[f"{stream}_fps"], start_s, seconds))[None]
         batch[stream], batch[f"{stream}_mask"] = rows, torch.ones(rows.shape[:2], dtype=torch.bool)
         batch[f"{stream}_fps"] = torch.tensor([float(feats[f"{stream}_fps"])])
+    # the whole video's CLIP rows: the long-term context of the VidMuse-style baseline (the others do not read it)
+    batch["long_clip"] = torch.from_numpy(np.array(feats["clip"], np.float32))[None]
+    batch["long_clip_mask"] = torch.ones(batch["long_clip"].shape[:2], dtype=torch.bool)
     if text is not None:
         batch["text"], batch["text_mask"] = torch.from_numpy(text[None]), torch.tensor([True])
     return {k: v.to(device) for k, v in batch.items()}

@@ -2,8 +2,13 @@
 metrics/train/{system}.json and loss curves (CSV for `dvc plots`). Params: base, train (model presets in
 pipeline/model/presets/).
 
-Systems: `full` (CLIP + flow) and `no_motion` (CLIP only: `fusion.use_motion: false`), the ablation; dvc.yaml trains
-both. Training reads only cached features and tokens by id (no video or audio is decoded; pipeline/dataset.py), with
+Systems (`SYSTEMS`): `full` (CLIP + flow) and `no_motion` (CLIP only: `fusion.use_motion: false`), the ablation;
+dvc.yaml's train stage trains both. The ablation group (`make ablations`, docs/baselines.md) adds `no_clip` (motion
+only, no harmony bank: it retrieves by CLIP), `vidmuse` (the VidMuse-style baseline: CLIP only through the
+long-short-term fusion, `ablations.vidmuse`, no harmony bank) and, with `--fraction P`, the full system on P per cent
+of the train split (`fraction_ids`: the first P per cent of a fixed order, so 25 % is inside 50 %).
+
+Training reads only cached features and tokens by id (no video or audio is decoded; pipeline/dataset.py), with
 splits, captions and beat times from the ingest manifest. An id missing from any store is left out, and the count is
 logged.
 
@@ -51,16 +56,29 @@ import torch
 from tqdm import tqdm
 
 from pipeline import codecs
-from pipeline.config import Params, TrainConfig, load_params, to_dict
+from pipeline.config import Params, TrainConfig, VidMuseConfig, fraction_size, load_params, to_dict
 from pipeline.dataset import add_harmony, collate, load_dataset
 from pipeline.encoders.text import TEXT_DIM, caption_embeddings
 from pipeline.model import V2M, HarmonyBank, ModelConfig, create_model, load_preset, num_params
 from pipeline.runtime import cores_per_process, dist_env, local_rank, resolve_device
-from pipeline.shards import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, params_hash
+from pipeline.shards import (
+    atomic_path,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    params_hash,
+    stable_hash,
+)
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("full", "no_motion")
+# system -> what it changes in the preset's model config (docs/baselines.md)
+SYSTEMS: dict[str, dict] = {
+    "full": {},
+    "no_motion": {"fusion": {"use_motion": False}},
+    "no_clip": {"fusion": {"use_clip": False, "direction": "none"}, "harmony_knn": 0, "harmony_track": False},
+    "vidmuse": {"fusion": {"use_motion": False, "mode": "long_short"}, "harmony_knn": 0, "harmony_track": False},
+}
 ONSET_WINDOW_S = 0.04
 VALIDATION_ONLY = ("select", "beat_clips", "beat_every", "sampling")
 
@@ -84,10 +102,13 @@ def onset_frames(items: list[dict], n_frames: int, frame_rate: float) -> torch.T
 # ----------------------------------------------------------------------------------------------------------------------
 
 def model_config(cfg: TrainConfig, system: str, codec: dict, clip_dim: int, flow_dim: int,
-                 flow_cells: int = 1) -> ModelConfig:
+                 flow_cells: int = 1, vidmuse: VidMuseConfig | None = None) -> ModelConfig:
+    """The model config of `system` (SYSTEMS): the preset's, with train's overrides and the system's changes;
+    `vidmuse` sets the vidmuse system's window and summary."""
+    if system not in SYSTEMS:
+        raise ValueError(f"train: unknown system {system!r}; known: {', '.join(SYSTEMS)}")
     decoder = {"num_codebooks": codec["num_codebooks"], "codebook_size": codec["codebook_size"]}
-    fusion = {"clip_dim": clip_dim, "flow_dim": flow_dim, "use_motion": system == "full",
-              "text_dim": TEXT_DIM if cfg.text else 0}
+    fusion = {"clip_dim": clip_dim, "flow_dim": flow_dim, "text_dim": TEXT_DIM if cfg.text else 0}
     if cfg.direction:
         fusion["direction"] = cfg.direction
     if cfg.flow_pool:
@@ -100,7 +121,25 @@ def model_config(cfg: TrainConfig, system: str, codec: dict, clip_dim: int, flow
     for key in ("interpolate", "harmony_track", "harmony", "harmony_knn"):  # null = the preset's
         if getattr(cfg, key) is not None:
             extra[key] = getattr(cfg, key)
+    change = SYSTEMS[system]
+    fusion.update(change.get("fusion", {}))
+    extra.update({k: v for k, v in change.items() if k != "fusion"})
+    if system == "vidmuse":
+        vidmuse = vidmuse or VidMuseConfig()
+        fusion.update(short_s=vidmuse.short_s, long_rows=vidmuse.long_rows, n_layers=vidmuse.layers)
+        if vidmuse.harmony:  # full's harmony bank (train's overrides or the preset's)
+            for key in ("harmony_knn", "harmony_track"):
+                extra.pop(key)
+                if getattr(cfg, key) is not None:
+                    extra[key] = getattr(cfg, key)
     return load_preset(cfg.preset, decoder=decoder, fusion=fusion, frame_rate=codec["frame_rate"], **extra)
+
+
+def fraction_ids(ids: list[str], percent: int) -> list[str]:
+    """The first `percent` per cent (rounded, at least one) of `ids` in a fixed order (their stable hash, then the id):
+    the same clips on every machine and for every run, and a smaller share is inside a larger one."""
+    order = sorted(ids, key=lambda i: (stable_hash(i), i))
+    return sorted(order[: fraction_size(len(ids), percent)])
 
 
 def build_harmony(train_items: list[dict], mcfg: ModelConfig, device: torch.device
@@ -240,7 +279,7 @@ class Trainer:
         self.val_items = [it for it in items if it["split"] == "val"] or self.train_items[: max(1, cfg.beat_clips)]
         self.text = caption_embeddings(items) if cfg.text else None
         mcfg = model_config(cfg, system, codec, items[0]["clip"].shape[1], items[0]["flow"].shape[1],
-                            params.embed.flow.grid ** 2)
+                            params.embed.flow.grid ** 2, params.ablations.vidmuse)
         if mcfg.harmony or mcfg.harmony_knn:
             add_harmony(self.train_items, Path(params.tokenize.music_dir),
                         mcfg.frame_rate if mcfg.harmony_track else None,
@@ -447,7 +486,7 @@ def report(metrics_dir: Path, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="v2m train", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--system", choices=SYSTEMS, default="full")
+    parser.add_argument("--system", choices=list(SYSTEMS), default="full")
     parser.add_argument("--features", help="feature folder with clip/ and flow/ (default: embed.out_dir)")
     parser.add_argument("--tokens", help="token store (default: {tokenize.out_dir}/{tokenize.codec})")
     parser.add_argument("--manifest", help="ingest manifest with split/caption/beat_times (default: ingest's)")
@@ -455,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", help="metrics folder (default: train.metrics_dir)")
     parser.add_argument("--seed", type=int, help="training seed (default: base.seed); the seed study trains each of "
                         "seed_study.seeds this way")
+    parser.add_argument("--fraction", type=int, metavar="PERCENT", help="train on this per cent of the train split "
+                        "(the data-size curve of the ablation group; the validation clips stay all)")
     parser.add_argument("--report", metavar="JSON", help="only merge the metrics folder's systems into JSON")
     parser.add_argument("--export", metavar="PT", help="with --report: copy the full system's v2m.pt to PT (the "
                         "default model of `v2m generate`, models/v2m.pt)")
@@ -479,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     items, codec = load_dataset(Path(args.features or params.embed.out_dir), tokens_dir,
                                 Path(args.manifest or Path(params.ingest.out_dir) / "manifest.parquet"),
                                 codec_obj.describe() if codec_obj is not None else None)
+    if args.fraction is not None:
+        keep = set(fraction_ids([it["id"] for it in items if it["split"] == "train"], args.fraction))
+        items = [it for it in items if it["split"] != "train" or it["id"] in keep]
+        log.info("train: --fraction %d: %d train clips", args.fraction, len(keep))
     decode = None
     if codec_obj is not None:
         decode = lambda codes: (codec_obj.decode(codes.numpy()), codec_obj.sample_rate)  # noqa: E731

@@ -269,3 +269,100 @@ def test_evaluate_seeds_scores_each_training_seed(fitted, stage, tmp_path, capsy
     shutil.rmtree(seeds / "1")
     assert evaluate.main(["--params", str(path), "--seeds", str(seeds), *out]) == 1
     assert f"seed 1: nothing to score in {seeds / '1'}" in capsys.readouterr().err
+
+
+def test_ablation_summary_averages_seeds_per_resample_and_tests_each_claim():
+    """Each cell: the seed mean, its CI from the seed mean on each resample; per-seed values, sd, worst; a claim that
+    a beats b is confirmed only when a wins on every seed and the CI of the difference is above 0; a claim that less
+    data does as well is consistent while that CI reaches 0."""
+    from pipeline import eval_report
+    from pipeline.config import AblationsConfig
+
+    rng = np.random.default_rng(0)
+
+    def runs(centre: float) -> dict:
+        return {"beat_f1": list(centre + 0.02 * rng.standard_normal(201)), "key_acc": [centre] * 201,
+                "chroma": list(0.5 + 0.01 * rng.standard_normal(201))}
+
+    stats = {}
+    for seed, shift in ((0, 0.0), (1, 0.02), (2, -0.01)):
+        stats[(seed, "full")] = runs(0.9 + shift)
+        stats[(seed, "no_motion")] = runs(0.2 + shift)
+        stats[(seed, "data50")] = runs(0.9 + shift)  # as good as full: enough data
+        stats[(seed, "data25")] = runs(0.6 + shift)  # clearly worse
+    stats[(None, "random")] = runs(0.1)
+    ab = AblationsConfig(seeds=(0, 1, 2), systems=(), fractions=(25, 50))
+    summary = eval_report.ablation_summary(stats, [0, 1, 2], "tagger", {"full": 320, "no_motion": 320,
+                                                                         "data50": 160, "data25": 80, "random": 320},
+                                           20, ab)
+    assert list(summary["systems"]) == ["full", "no_motion", "data50", "data25", "random"]
+    beat = summary["systems"]["full"]["beat_f1"]
+    per_seed = [stats[(s, "full")]["beat_f1"][0] for s in (0, 1, 2)]
+    assert beat["mean"] == round(float(np.mean(per_seed)), 4) and beat["worst"] == round(min(per_seed), 4)
+    assert beat["sd"] == round(float(np.std(per_seed, ddof=1)), 4)
+    seed_mean = np.mean([stats[(s, "full")]["beat_f1"] for s in (0, 1, 2)], axis=0)
+    assert beat["ci"] == [round(float(x), 4) for x in np.percentile(seed_mean[1:], [2.5, 97.5])]
+    assert "per_seed" not in summary["systems"]["random"]["beat_f1"] and summary["systems"]["random"]["seeds"] == []
+    verdicts = {(c["b"], c["metric"]): c["verdict"] for c in summary["claims"]}
+    assert verdicts[("no_motion", "beat_f1")] == "confirmed"
+    assert verdicts[("data25", "beat_f1")] == "contradicted"  # 100 % clearly beats 25 %: size still matters
+    assert verdicts[("data50", "key_acc")] == "consistent"  # identical: no gain from doubling the data
+    assert ("no_clip", "key_acc") not in verdicts  # systems that were not trained are not claimed about
+    assert summary["data_size"]["train_clips"] == [80, 160, 320]
+    assert summary["data_size"]["metrics"]["key_acc"]["mean"] == [0.6033, 0.9033, 0.9033]
+    table = eval_report.ablation_table(summary)
+    assert "| v2m full on 25 % of the train split | 80 | 3 |" in table and "– (no training)" in table
+
+
+def test_evaluate_ablations_scores_every_system_and_seed_on_the_same_clips(fitted, stage, tmp_path, capsys):
+    """`v2m evaluate --ablations DIR`: full / no_motion of seed 0 from the generated dir and of seed 1 from the seed
+    study's, the group's systems from DIR/{seed}; one table, the claims and the data-size plot."""
+    from pipeline import evaluate
+    from pipeline.config import AblationsConfig, SeedStudyConfig
+
+    root, ids, params, cfg = stage
+    fitted[0].save(root / "models/tagger/tagger.pt")
+    gen, seeds, abl = tmp_path / "generated", tmp_path / "seeds", tmp_path / "ablations"
+    reference, other, rolled = (root / "generated/reference", root / "generated/random", root / "generated/full")
+    layout = {gen: {"reference": reference, "random": other, "full": reference, "no_motion": other},
+              seeds / "1": {"full": reference, "no_motion": other},
+              abl / "0": {"no_clip": other, "data50": rolled}, abl / "1": {"no_clip": other, "data50": reference}}
+    for folder, systems in layout.items():
+        rows = []
+        for system, source in systems.items():
+            (folder / system).mkdir(parents=True)
+            for i in ids[:3]:
+                shutil.copy(source / f"{i}.wav", folder / system / f"{i}.wav")
+                rows.append({"system": system, "id": i, "status": "ok", "reason": "", "error": ""})
+        pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
+    path = tmp_path / "params.yaml"
+    ablations = AblationsConfig(seeds=(0, 1), systems=("no_clip",), fractions=(50,))
+    path.write_text(yaml.safe_dump(to_dict(replace(params, evaluate=replace(cfg, generated_dir=str(gen)),
+                                                   seed_study=SeedStudyConfig(seeds=(1,)), ablations=ablations))))
+    out = ["--metrics", str(tmp_path / "ablations.json"), "--report", str(tmp_path / "reports" / "ablations.md"),
+           "--seeds-dir", str(seeds)]
+    assert evaluate.main(["--params", str(path), "--ablations", str(abl), *out]) == 0
+    summary = json.loads((tmp_path / "ablations.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["n_clips"] == 3
+    assert set(summary["systems"]) == {"full", "no_motion", "no_clip", "data50", "reference", "random"}
+    assert summary["systems"]["full"]["chroma"]["mean"] > 0.99  # "full" is the reference music on both seeds
+    assert summary["systems"]["data50"]["train_clips"] == 1  # 50 % of the one labelled train clip, at least one
+    claims = {(c["b"], c["metric"]): c for c in summary["claims"]}
+    assert claims[("no_clip", "chroma")]["verdict"] == "confirmed"
+    assert set(claims[("no_clip", "chroma")]["per_seed"]) == {"0", "1"}
+    text = (tmp_path / "reports" / "ablations.md").read_text()
+    cells = [line[2:].split(" | ") for line in text.split("## The paper")[0].splitlines() if line.startswith("| v2m")]
+    assert [(c[0], c[2]) for c in cells] == [("v2m full (CLIP + flow)", "2"), ("v2m no_motion (CLIP only)", "2"),
+                                             ("v2m no_clip (flow only)", "2"),
+                                             ("v2m full on 50 % of the train split", "2")]  # in table order, 2 seeds
+    assert "## The paper's claims, tested" in text and "![data-size curve](data_size.png)" in text
+    assert (tmp_path / "reports" / "data_size.png").read_bytes()[:4] == b"\x89PNG"
+
+    shutil.rmtree(abl / "1" / "no_clip")
+    assert evaluate.main(["--params", str(path), "--ablations", str(abl), *out]) == 1
+    assert f"seed 1: nothing to score in {abl / '1'} (no_clip: no generated music" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump(to_dict(replace(params, evaluate=replace(cfg, generated_dir=str(gen)),
+                                                   seed_study=SeedStudyConfig(seeds=(1,)),
+                                                   ablations=replace(ablations, seeds=(0, 2))))))
+    assert evaluate.main(["--params", str(path), "--ablations", str(abl), *out]) == 2
+    assert "ablations.seeds [0, 2] must be base.seed and seed_study.seeds [0, 1]" in capsys.readouterr().err

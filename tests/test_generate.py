@@ -29,7 +29,7 @@ import yaml
 
 from pipeline import embed, generate, inference, ingest, separate, synth, tokenize, train
 from pipeline.config import Params, deep_merge, load_params, to_dict
-from pipeline.media import probe, video_duration
+from pipeline.media import load_audio, probe, video_duration
 from tests.conftest import ffmpeg, load_script, make_video
 
 torch.set_num_threads(1)
@@ -142,6 +142,16 @@ def test_prompt_is_honoured_and_the_cache_changes_nothing(project):
     plain = net.generate(batch, 100, top_k=8, generator=torch.Generator().manual_seed(1), prompt=prompt,
                          use_cache=False)
     assert torch.equal(cached, plain) and torch.equal(cached[..., :37], prompt)
+
+
+def test_each_window_batch_carries_the_whole_videos_clip_rows():
+    """The VidMuse-style baseline's long-term context is the whole video: window_batch slices the streams to the
+    window but passes every CLIP row as `long_clip` (the other systems do not read it)."""
+    feats = {"clip": np.arange(40, dtype=np.float32).reshape(20, 2), "clip_fps": 2.0,
+             "flow": np.zeros((80, 3), np.float32), "flow_fps": 8.0}
+    late = inference.window_batch(feats, 6.0, 2.0, None, "cpu")
+    assert late["clip"].shape[1] == 4 and float(late["clip"][0, 0, 0]) == 24.0  # row 12 = 6 s
+    assert torch.equal(late["long_clip"][0], torch.from_numpy(feats["clip"])) and late["long_clip_mask"].all()
 
 
 def test_text_prompt_changes_the_music_and_seed_fixes_it(project, tmp_path):
@@ -306,6 +316,31 @@ def test_stage_for_the_seed_study_takes_a_models_folder_and_skips_the_baselines(
     assert set(frame["system"]) == {"full"} and (frame["status"] == "ok").all()  # the fixture's generate.systems
     assert "seconds" not in frame.columns
     assert sorted(p.name for p in out.iterdir()) == ["full", "manifest.csv"]  # no reference, retrieval, random
+
+
+def test_stage_for_the_ablation_group_generates_its_systems(project, tmp_path):
+    """`v2m generate --stage --no-baselines --ablations --models DIR` (the generate_ablation stages): every system of
+    ablations.trained from DIR, here a VidMuse-style and a no_clip model trained by the train stage's own code and a
+    data50 folder; each writes its own music for every clip."""
+    params = yaml.safe_load(project["params"].read_text())
+    params["ablations"] = {**params.get("ablations", {}), "systems": ["vidmuse", "no_clip"], "fractions": [50]}
+    params["train"]["text"] = False
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    models = tmp_path / "models"
+    for system in ("vidmuse", "no_clip"):
+        assert train.main(["--params", str(path), "--system", system, "--out", str(models / system), "--metrics",
+                           str(tmp_path / "metrics")]) == 0
+    (models / "data50").mkdir()
+    shutil.copy(project["no_text"], models / "data50" / "v2m.pt")
+    out = tmp_path / "generated"
+    assert generate.main(["--stage", "--no-baselines", "--ablations", "--models", str(models), "--out", str(out),
+                          "--params", str(path)]) == 0
+    frame = pd.read_csv(out / "manifest.csv")
+    assert set(frame["system"]) == {"vidmuse", "no_clip", "data50"} and (frame["status"] == "ok").all()
+    first = frame["id"].iloc[0]
+    music = {s: load_audio(out / s / f"{first}.wav")[0] for s in ("vidmuse", "no_clip", "data50")}
+    assert not np.array_equal(music["vidmuse"], music["no_clip"])
 
 
 class _Payload:

@@ -246,6 +246,68 @@ def test_no_motion_model_ignores_flow():
     assert not any(n.startswith("fusion.flow") for n, _ in model.named_parameters())
 
 
+def test_no_clip_model_ignores_the_clip_stream_and_keeps_flow():
+    """The no_clip ablation: motion only, its memory the flow rows; another CLIP stream changes nothing."""
+    model = debug_model(fusion={"use_clip": False, "direction": "none"})
+    batch = make_batch()
+    a = model(batch)[0]
+    assert torch.equal(a, model(dict(batch, clip=torch.randn_like(batch["clip"])))[0])
+    assert not torch.equal(a, model(dict(batch, flow=torch.randn_like(batch["flow"])))[0])
+    cond = model.condition(batch)
+    assert cond.memory.shape[1] == batch["flow"].shape[1] and len(cond.streams) == 1
+    assert not any(n.startswith("fusion.clip") for n, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="see nothing"):
+        FusionConfig(use_clip=False, use_motion=False)
+
+
+def test_window_and_segment_means_are_what_they_say():
+    from pipeline.model.fusion import segment_means, window_means
+
+    rows = torch.arange(10, dtype=torch.float32)[None, :, None].repeat(2, 1, 1)  # row k holds k
+    mask = torch.arange(10)[None] < torch.tensor([10, 7])[:, None]  # item 1: 7 valid rows
+    short = window_means(rows, mask, torch.tensor([2.0, 2.0]), 2.0)  # +-1 s at 2 fps: rows k-2 .. k+2
+    assert short[0, :, 0].tolist() == [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 7.5, 8.0]
+    assert short[1, 6, 0] == 5.0  # (4 + 5 + 6) / 3: padding rows 7, 8 are not in the window
+    long, centre = segment_means(rows, mask, 3)
+    assert long[0, :, 0].tolist() == [1.0, 4.0, 7.5]  # rows 0-2, 3-5, 6-9
+    assert long[1, :, 0].tolist() == [0.5, 2.5, 5.0]  # rows 0-1, 2-3, 4-6 of the 7 valid
+    assert centre[0].tolist() == [1.0, 4.0, 7.5]
+    few, _ = segment_means(rows[:1, :2], mask[:1, :2], 4)  # more segments than rows: each one row, none empty
+    assert few[0, :, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_vidmuse_style_fusion_reads_frames_near_each_moment_and_the_whole_video():
+    """LongShortFusion: memory = long_rows summary rows + one short-term row per CLIP row; flow is not read; a frame
+    far from t changes the summary but not t's own window; the long-term context can be the whole video
+    (`long_clip`, what inference passes for one window of a long one)."""
+    model = debug_model(fusion={"use_motion": False, "mode": "long_short", "short_s": 1.0, "long_rows": 2})
+    fusion = model.fusion
+    B, Tc = 1, 8
+    clip = torch.randn(B, Tc, 8, generator=torch.Generator().manual_seed(3))
+    args = (torch.ones(B, Tc, dtype=torch.bool), torch.full((B,), 2.0))
+    cond = fusion(clip, *args)
+    assert cond.memory.shape == (B, 2 + Tc, 32) and len(cond.streams) == 1
+    from pipeline.model.fusion import window_means
+
+    far = clip.clone()
+    far[0, 7] = torch.randn(8, generator=torch.Generator().manual_seed(4))  # 3.5 s: outside row 0's +-0.5 s
+    projected = fusion.clip_in(clip)
+    moved = window_means(fusion.clip_in(far), args[0], args[1], 1.0) - window_means(projected, *args, 1.0)
+    assert moved[0, 0].abs().max() == 0 and moved[0, 7].abs().max() > 0
+    other = fusion(far, *args)
+    assert not torch.allclose(other.memory[0, :2], cond.memory[0, :2])  # the long-term summary moved
+    whole = torch.randn(B, 20, 8)
+    windowed = fusion(clip, *args, long_clip=whole, long_mask=torch.ones(B, 20, dtype=torch.bool))
+    assert not torch.allclose(windowed.memory[0, :2], cond.memory[0, :2])
+    batch = make_batch()
+    a = model(batch)[0]
+    assert torch.equal(a, model(dict(batch, flow=torch.randn_like(batch["flow"])))[0])
+    with pytest.raises(ValueError, match="CLIP stream only"):
+        FusionConfig(mode="long_short")  # use_motion is on by default
+    with pytest.raises(ValueError, match="fusion.mode"):
+        FusionConfig(mode="spatial")
+
+
 def tiny_musicgen_config():
     from transformers import MusicgenDecoderConfig
 

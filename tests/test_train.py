@@ -7,6 +7,7 @@ beat frames and a key token elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -118,15 +119,18 @@ def test_main_writes_model_metrics_and_plots(data, tmp_path):
     assert "train_seconds" not in metrics  # a timing is machine-local: never in a DVC output
     ckpt = torch.load(tmp_path / "full" / "v2m.pt", weights_only=False)
     assert ckpt["step"] == 20 and ckpt["config"]["fusion"]["use_motion"]
-    assert not torch.load(tmp_path / "no_motion" / "v2m.pt", weights_only=False)["config"]["fusion"]["use_motion"]
+    fusion = {s: torch.load(tmp_path / s / "v2m.pt", weights_only=False)["config"]["fusion"] for s in train.SYSTEMS}
+    assert not fusion["no_motion"]["use_motion"] and fusion["no_motion"]["use_clip"]
+    assert fusion["no_clip"]["use_motion"] and not fusion["no_clip"]["use_clip"]
+    assert fusion["vidmuse"]["mode"] == "long_short" and not fusion["vidmuse"]["use_motion"]
     loss = pd.read_csv(tmp_path / "metrics" / "full_loss.csv")
     assert list(loss["step"]) == list(range(1, 21)) and "train_loss" in loss.columns
     assert "tokens_per_s" not in loss.columns
     assert train.main(["--params", str(params), "--metrics", str(tmp_path / "metrics"), "--report",
                        str(tmp_path / "train.json")]) == 0
     merged = json.loads((tmp_path / "train.json").read_text())
-    assert set(merged) == {"full", "no_motion"}
-    assert set(pd.read_csv(tmp_path / "train_curves.csv")["system"]) == {"full", "no_motion"}
+    assert set(merged) == set(train.SYSTEMS)
+    assert set(pd.read_csv(tmp_path / "train_curves.csv")["system"]) == set(train.SYSTEMS)
 
 
 OVERFIT_LOSS = 0.2  # nats per token; a uniform guess is ln(16) = 2.77
@@ -453,6 +457,48 @@ def test_train_keys_override_the_preset_and_null_keeps_it():
     assert preset.interpolate is True and preset.harmony_knn == 0 and preset.harmony == 0.0
     off = train.model_config(TrainConfig(preset="debug", interpolate=False, harmony=0.5), "full", codec, 8, 6)
     assert off.interpolate is False and off.harmony == 0.5
+
+
+def test_ablation_systems_change_only_what_they_name():
+    """no_clip and vidmuse drop the harmony bank (it retrieves by CLIP; VidMuse has none) unless
+    ablations.vidmuse.harmony gives the baseline full's; vidmuse takes its window and summary from its settings."""
+    from pipeline.config import TrainConfig, VidMuseConfig
+
+    codec = {"num_codebooks": 2, "codebook_size": 16, "frame_rate": 25.0}
+    cfg = TrainConfig(preset="embedded")
+    full = train.model_config(cfg, "full", codec, 8, 6)
+    assert full.harmony_knn == 3 and full.harmony_track and full.fusion.use_clip and full.fusion.mode == "temporal"
+    no_clip = train.model_config(cfg, "no_clip", codec, 8, 6)
+    assert no_clip.harmony_knn == 0 and not no_clip.harmony_track and not no_clip.fusion.use_clip
+    assert dataclasses.replace(no_clip, harmony_knn=3, harmony_track=True,
+                               fusion=full.fusion) == full  # nothing else differs
+    vid = train.model_config(cfg, "vidmuse", codec, 8, 6, vidmuse=VidMuseConfig(short_s=3.0, long_rows=6, layers=2))
+    assert (vid.fusion.short_s, vid.fusion.long_rows, vid.fusion.n_layers) == (3.0, 6, 2) and vid.harmony_knn == 0
+    with_bank = train.model_config(cfg, "vidmuse", codec, 8, 6, vidmuse=VidMuseConfig(harmony=True))
+    assert with_bank.harmony_knn == 3 and with_bank.harmony_track
+    with pytest.raises(ValueError, match="unknown system 'spatial'"):
+        train.model_config(cfg, "spatial", codec, 8, 6)
+
+
+def test_fraction_takes_a_fixed_nested_share_of_the_train_split(data, tmp_path):
+    ids = [f"synth_{i:05d}" for i in range(40)]
+    quarter, half = train.fraction_ids(ids, 25), train.fraction_ids(ids, 50)
+    assert len(quarter) == 10 and len(half) == 20 and set(quarter) < set(half)
+    assert train.fraction_ids(list(reversed(ids)), 25) == quarter  # the order given does not matter
+    assert quarter != ids[:10]  # not simply the first ids (synth's ids run in render order)
+    assert len(train.fraction_ids(ids[:3], 10)) == 1  # never empty
+    with pytest.raises(ValueError, match="1..100"):
+        train.fraction_ids(ids, 0)
+    music = make_music(tmp_path / "music", data)
+    params = write_params(tmp_path / "params.yaml", music_dir=music, max_steps=4, ckpt_every=4, harmony_knn=1)
+    assert train.main(argv(data, params, tmp_path) + ["--fraction", "50"]) == 0
+    model, ckpt = _trained(tmp_path)
+    assert ckpt["config"]["harmony_bank"] == 3  # 50 % of the 6 train clips, and only they are in the bank
+    items, _ = load_dataset(data["features"], data["tokens"], data["manifest"])
+    kept = train.fraction_ids([it["id"] for it in items if it["split"] == "train"], 50)
+    means = np.stack([it["clip"].mean(0) for it in items if it["id"] in kept])
+    np.testing.assert_allclose(model.harmony.bank_keys.numpy(), means / np.linalg.norm(means, axis=1, keepdims=True),
+                               atol=1e-6)
 
 
 def test_seed_option_trains_as_base_seed_would(data, tmp_path):

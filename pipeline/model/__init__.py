@@ -1,13 +1,14 @@
-"""The v2m model: temporal fusion of CLIP + optical flow (fusion.py) into a MusicGen-style decoder (decoder.py), with
-harmony retrieved from the training music (harmony.py, the HarmonyBank component), put together with the preset
-registry in v2m.py. Presets: pipeline/model/presets/{debug,embedded,musicgen-small}.yaml.
+"""The v2m model: temporal fusion of CLIP + optical flow (fusion.py; also the VidMuse-style long-short-term fusion of
+the baseline) into a MusicGen-style decoder (decoder.py), with harmony retrieved from the training music (harmony.py,
+the HarmonyBank component), put together with the preset registry in v2m.py. Presets:
+pipeline/model/presets/{debug,embedded,musicgen-small}.yaml.
 """
 
 from pipeline.model.decoder import DecoderConfig, MusicDecoder, delay_pattern, undelay
-from pipeline.model.fusion import Conditioning, FusionConfig, TemporalFusion
+from pipeline.model.fusion import Conditioning, FusionConfig, LongShortFusion, TemporalFusion
 from pipeline.model.harmony import HarmonyBank
 from pipeline.model.v2m import V2M, ModelConfig, create_model, list_presets, load_preset, num_params, token_loss
 
-__all__ = ["Conditioning", "DecoderConfig", "FusionConfig", "HarmonyBank", "ModelConfig", "MusicDecoder",
-           "TemporalFusion", "V2M", "create_model", "delay_pattern", "list_presets", "load_preset", "num_params",
-           "token_loss", "undelay"]
+__all__ = ["Conditioning", "DecoderConfig", "FusionConfig", "HarmonyBank", "LongShortFusion", "ModelConfig",
+           "MusicDecoder", "TemporalFusion", "V2M", "create_model", "delay_pattern", "list_presets", "load_preset",
+           "num_params", "token_loss", "undelay"]

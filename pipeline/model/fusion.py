@@ -15,12 +15,18 @@ Direction (`FusionConfig.direction`):
 
 The memory is the concatenation along time of the fused CLIP rows, the fused flow rows and, when enabled, one text
 row (a sentence embedding of the caption), each tagged with a learned stream embedding. `use_motion: false` drops the
-flow stream entirely (the `no_motion` ablation). Text dropout (`text_dropout`) masks the caption row in training so
+flow stream entirely (the `no_motion` ablation), `use_clip: false` the CLIP stream (the `no_clip` ablation: motion
+only, no cross-attention). Text dropout (`text_dropout`) masks the caption row in training so
 that text stays optional at inference.
 
 Alignment (the audiocraft `input_interpolate` fuser, as in DyViM): `context_at(times)` interpolates the fused streams
 to arbitrary times (the decoder's token frames) so that the decoder can add the local video context to its input at
 every step instead of having to find it by cross-attention.
+
+`mode: long_short` (`LongShortFusion`) is the VidMuse-style baseline, a re-implementation of the idea of VidMuse's
+long-short-term visual module on the same CLIP rows (docs/baselines.md): a long-term summary of the whole video
+(`long_rows` segment means) and, at every moment, a short-term window of the frames around it (`short_s` seconds),
+which queries the long-term summary by cross-attention. No flow stream: VidMuse sees frames only.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 DIRECTIONS = ("flow_to_clip", "clip_to_flow", "both", "none")
+MODES = ("temporal", "long_short")
 
 
 @dataclass(frozen=True)
@@ -58,10 +65,23 @@ class FusionConfig:
     # overall speed (on SynthV2M the hop speed is the note density: 1 note a beat came out as 2.5 onsets a beat) |
     # log = sign(x) log(1 + |x| / FLOW_LOG_FLOOR), elementwise, which keeps how fast as well as where and which way
     flow_norm: str = "layer"
+    use_clip: bool = True  # False = drop the CLIP stream (the no_clip ablation: motion only)
+    mode: str = "temporal"  # temporal (TemporalFusion) | long_short (LongShortFusion: the VidMuse-style baseline)
+    short_s: float = 2.0  # long_short: the short-term window, seconds of frames centred on each moment
+    long_rows: int = 4  # long_short: rows of the long-term summary (the whole video in that many equal segments)
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
             raise ValueError(f"fusion.direction: {self.direction!r} is not one of {', '.join(DIRECTIONS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"fusion.mode: {self.mode!r} is not one of {', '.join(MODES)}")
+        if not (self.use_clip or self.use_motion):
+            raise ValueError("fusion: use_clip and use_motion are both false: the model would see nothing")
+        if self.mode == "long_short" and (self.use_motion or not self.use_clip):
+            raise ValueError("fusion.mode long_short reads the CLIP stream only: set use_motion false, use_clip true")
+        if self.mode == "long_short" and (self.short_s <= 0 or self.long_rows < 1):
+            raise ValueError(f"fusion: short_s must be > 0 and long_rows >= 1, got {self.short_s:g}, "
+                             f"{self.long_rows}")
         if self.flow_time not in ("centre", "end"):
             raise ValueError(f"fusion.flow_time: {self.flow_time!r} is not one of centre, end")
         if self.flow_norm not in ("layer", "log"):
@@ -158,7 +178,32 @@ class Conditioning:
                             None if self.harmony is None else self.harmony * k[:, 0], self.harmony_logits, track)
 
 
-class TemporalFusion(nn.Module):
+class _Fusion(nn.Module):
+    """What the fusions share: the caption row at the end of the memory."""
+
+    cfg: FusionConfig
+
+    def _with_text(self, cfg: FusionConfig, clip: torch.Tensor, parts: list, masks: list, streams: list,
+                   text: torch.Tensor | None, text_mask: torch.Tensor | None) -> Conditioning:
+        """The memory: `parts` (+ the caption row when the model has text) concatenated along time."""
+        B = clip.shape[0]
+        if cfg.text_dim:
+            if text is None:  # no caption at all: a masked placeholder row keeps shapes fixed
+                text = clip.new_zeros(B, cfg.text_dim)
+                text_mask = torch.zeros(B, dtype=torch.bool, device=clip.device)
+            if self.training and cfg.text_dropout > 0:
+                text_mask = text_mask & (torch.rand(B, device=clip.device) >= cfg.text_dropout)
+            parts.append(self.text_in(text)[:, None] + self.stream_emb[2])  # (B, 1, d)
+            masks.append(text_mask[:, None])
+        return Conditioning(torch.cat(parts, dim=1), torch.cat(masks, dim=1), streams)
+
+
+def make_fusion(cfg: FusionConfig) -> _Fusion:
+    """The fusion `cfg.mode` names: TemporalFusion (v2m's) or LongShortFusion (the VidMuse-style baseline)."""
+    return LongShortFusion(cfg) if cfg.mode == "long_short" else TemporalFusion(cfg)
+
+
+class TemporalFusion(_Fusion):
     """CLIP (B, Tc, Dc) + flow (B, Tf, Df) [+ text (B, Dt)] -> Conditioning with memory (B, Tc + Tf [+ 1], d)."""
 
     def __init__(self, cfg: FusionConfig):
@@ -166,7 +211,8 @@ class TemporalFusion(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.time = SecondsEmbedding(d, cfg.min_period_s, cfg.max_period_s)
-        self.clip_in = nn.Sequential(nn.LayerNorm(cfg.clip_dim), nn.Linear(cfg.clip_dim, d))
+        if cfg.use_clip:
+            self.clip_in = nn.Sequential(nn.LayerNorm(cfg.clip_dim), nn.Linear(cfg.clip_dim, d))
         self.stream_emb = nn.Parameter(torch.zeros(3, d))  # clip, flow, text
         nn.init.normal_(self.stream_emb, std=0.02)
         if cfg.use_motion:
@@ -174,8 +220,8 @@ class TemporalFusion(nn.Module):
             norm = nn.LayerNorm(flow_in) if cfg.flow_norm == "layer" else SignedLog()
             self.flow_in = nn.Sequential(norm, nn.Linear(flow_in, d))
             n = cfg.n_layers
-            with_f2c = cfg.direction in ("flow_to_clip", "both")
-            with_c2f = cfg.direction in ("clip_to_flow", "both")
+            with_f2c = cfg.use_clip and cfg.direction in ("flow_to_clip", "both")
+            with_c2f = cfg.use_clip and cfg.direction in ("clip_to_flow", "both")
             self.flow_to_clip = nn.ModuleList([CrossBlock(d, cfg.n_heads, cfg.dropout) for _ in range(n * with_f2c)])
             self.clip_to_flow = nn.ModuleList([CrossBlock(d, cfg.n_heads, cfg.dropout) for _ in range(n * with_c2f)])
         if cfg.text_dim:
@@ -190,8 +236,10 @@ class TemporalFusion(nn.Module):
         text_mask (B,) (False = no caption). Returns Conditioning(memory (B, M, d), mask (B, M), streams)."""
         cfg = self.cfg
         B, Tc, _ = clip.shape
-        t_clip = torch.arange(Tc, device=clip.device)[None] / clip_fps[:, None]  # (B, Tc) seconds
-        c = self.clip_in(clip) + self.time(t_clip) + self.stream_emb[0]  # (B, Tc, d)
+        c = None
+        if cfg.use_clip:
+            t_clip = torch.arange(Tc, device=clip.device)[None] / clip_fps[:, None]  # (B, Tc) seconds
+            c = self.clip_in(clip) + self.time(t_clip) + self.stream_emb[0]  # (B, Tc, d)
         parts, masks, streams = [], [], []
         if cfg.use_motion:
             if flow is None:
@@ -210,14 +258,77 @@ class TemporalFusion(nn.Module):
                 c = block(c, f, flow_mask)  # scene rows summarise nearby motion
             f = self.out(f)
             parts.append(f), masks.append(flow_mask), streams.append((f, flow_mask, flow_fps, shift))
-        c = self.out(c)
-        parts.insert(0, c), masks.insert(0, clip_mask), streams.insert(0, (c, clip_mask, clip_fps, 0.0))
+        if c is not None:
+            c = self.out(c)
+            parts.insert(0, c), masks.insert(0, clip_mask), streams.insert(0, (c, clip_mask, clip_fps, 0.0))
+        return self._with_text(cfg, clip, parts, masks, streams, text, text_mask)
+
+
+def window_means(rows: torch.Tensor, mask: torch.Tensor, fps: torch.Tensor, seconds: float) -> torch.Tensor:
+    """Rows (B, T, d) at k / fps (B,) with mask (B, T) -> (B, T, d): at each row, the mean of the valid rows within
+    +-seconds / 2 of its time (the short-term window around that moment)."""
+    k = torch.arange(rows.shape[1], device=rows.device, dtype=torch.float32)
+    near = (k[None, :, None] - k[None, None, :]).abs() <= 0.5 * seconds * fps.float()[:, None, None] + 1e-6
+    weights = (near & mask[:, None, :]).to(rows.dtype)  # (B, T, T); the row itself is always in its window
+    return weights @ rows / weights.sum(-1, keepdim=True).clamp(min=1.0)
+
+
+def segment_means(rows: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (B, T, d) with mask (B, T) -> (B, n, d) the means of n consecutive segments of each item's valid rows
+    (segment j: rows floor(j V / n) to floor((j + 1) V / n), at least one; V valid rows), and their centres (B, n) in
+    rows."""
+    valid = mask.sum(1).clamp(min=1).float()[:, None]  # (B, 1)
+    j = torch.arange(n, device=rows.device, dtype=torch.float32)[None]
+    lo = (j * valid / n).floor()
+    hi = torch.maximum(((j + 1) * valid / n).floor(), lo + 1).minimum(valid)
+    lo = lo.minimum(hi - 1)
+    k = torch.arange(rows.shape[1], device=rows.device, dtype=torch.float32)[None, None]
+    weights = ((k >= lo[..., None]) & (k < hi[..., None])).to(rows.dtype)  # (B, n, T)
+    return weights @ rows / weights.sum(-1, keepdim=True), (lo + hi - 1) / 2
+
+
+class LongShortFusion(_Fusion):
+    """The VidMuse-style baseline's conditioning, on CLIP rows only (module docstring, docs/baselines.md).
+
+    Long-term: the whole video's CLIP rows (`long_clip`, (B, Tl, Dc); the clip itself when not given) in
+    `long_rows` segment means, each with the time of its centre. Short-term: at every CLIP row of the window, the mean
+    of the rows within `short_s` / 2 of it. The short rows query the long-term rows (cross-attention, `n_layers`
+    blocks), so each moment is read in the context of the whole video; the memory is [long rows, short rows] and the
+    short rows are the stream interpolated to every token step (with the model's `interpolate`)."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.time = SecondsEmbedding(d, cfg.min_period_s, cfg.max_period_s)
+        self.clip_in = nn.Sequential(nn.LayerNorm(cfg.clip_dim), nn.Linear(cfg.clip_dim, d))
+        self.stream_emb = nn.Parameter(torch.zeros(3, d))  # short, long, text
+        nn.init.normal_(self.stream_emb, std=0.02)
+        self.short_to_long = nn.ModuleList([CrossBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers)])
         if cfg.text_dim:
-            if text is None:  # no caption at all: a masked placeholder row keeps shapes fixed
-                text = clip.new_zeros(B, cfg.text_dim)
-                text_mask = torch.zeros(B, dtype=torch.bool, device=clip.device)
-            if self.training and cfg.text_dropout > 0:
-                text_mask = text_mask & (torch.rand(B, device=clip.device) >= cfg.text_dropout)
-            parts.append(self.text_in(text)[:, None] + self.stream_emb[2])  # (B, 1, d)
-            masks.append(text_mask[:, None])
-        return Conditioning(torch.cat(parts, dim=1), torch.cat(masks, dim=1), streams)
+            self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
+        self.out = nn.LayerNorm(d)
+
+    def forward(self, clip: torch.Tensor, clip_mask: torch.Tensor, clip_fps: torch.Tensor,
+                flow: torch.Tensor | None = None, flow_mask: torch.Tensor | None = None,
+                flow_fps: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None, long_clip: torch.Tensor | None = None,
+                long_mask: torch.Tensor | None = None) -> Conditioning:
+        """As TemporalFusion.forward (the flow arguments are ignored), plus `long_clip` (B, Tl, Dc) with `long_mask`:
+        the whole video's CLIP rows when the clip is one window of a longer video. -> memory (B, long_rows + Tc
+        [+ 1], d)."""
+        cfg = self.cfg
+        if long_clip is None:
+            long_clip, long_mask = clip, clip_mask
+        Tc = clip.shape[1]
+        t_clip = torch.arange(Tc, device=clip.device)[None] / clip_fps[:, None]  # (B, Tc) seconds
+        short = window_means(self.clip_in(clip), clip_mask, clip_fps, cfg.short_s)
+        short = short + self.time(t_clip) + self.stream_emb[0]
+        long, centre = segment_means(self.clip_in(long_clip), long_mask, cfg.long_rows)
+        long = long + self.time(centre / clip_fps[:, None]) + self.stream_emb[1]
+        every = torch.ones(long.shape[:2], dtype=torch.bool, device=clip.device)
+        for block in self.short_to_long:
+            short = block(short, long, every)
+        short, long = self.out(short), self.out(long)
+        return self._with_text(cfg, clip, [long, short], [every, clip_mask], [(short, clip_mask, clip_fps, 0.0)],
+                               text, text_mask)

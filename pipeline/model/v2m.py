@@ -46,7 +46,7 @@ import yaml
 from torch import nn
 
 from pipeline.model.decoder import DecoderConfig, MusicDecoder, delay_pattern, load_musicgen_decoder, undelay
-from pipeline.model.fusion import Conditioning, FusionConfig, TemporalFusion, rows_at
+from pipeline.model.fusion import Conditioning, FusionConfig, make_fusion, rows_at
 from pipeline.model.harmony import N_CHROMA, HarmonyBank, harmony_features, key_profiles, masked_mean, standardise
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -124,7 +124,7 @@ class V2M(nn.Module):
         self.cfg = cfg
         # registered first, so that its buffers come first in the state dict as they did when they were V2M's own
         self.harmony = harmony
-        self.fusion = TemporalFusion(cfg.fusion)
+        self.fusion = make_fusion(cfg.fusion)
         self.decoder = MusicDecoder(cfg.decoder)
         self.ctx_proj = nn.Linear(cfg.decoder.d_model, cfg.decoder.d_model) if cfg.interpolate else None
         d = cfg.decoder.d_model
@@ -168,8 +168,12 @@ class V2M(nn.Module):
         With the harmony head, `cond.harmony_logits` (B, 12) is its prediction and `cond.harmony` (B, d) the embedded
         profile the decoder gets: in training, batch["harmony"] (B, 12) (the true profiles) for a random fraction
         `harmony_teacher` of items, the (detached) prediction for the rest and at inference."""
+        extra = {}
+        if self.cfg.fusion.mode == "long_short":  # the whole video's CLIP rows, when the batch is one window of it
+            extra = {"long_clip": batch.get("long_clip"), "long_mask": batch.get("long_clip_mask")}
         cond = self.fusion(batch["clip"], batch["clip_mask"], batch["clip_fps"], batch.get("flow"),
-                           batch.get("flow_mask"), batch.get("flow_fps"), batch.get("text"), batch.get("text_mask"))
+                           batch.get("flow_mask"), batch.get("flow_fps"), batch.get("text"), batch.get("text_mask"),
+                           **extra)
         track = None
         if self.harmony is not None:  # the retrieved profile (B, 12), and with harmony_track the track (B, Tc, 12)
             profile, track = self.harmony(batch["clip"], batch["clip_mask"], batch.get("bank_index"))
