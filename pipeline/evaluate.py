@@ -420,8 +420,7 @@ def ablation_study(params: Params, cfg: EvaluateConfig, ablations_dir: Path, see
             if not groups[n][2]:
                 continue
         elif missing or not got:
-            where = "" if seed is None else f"seed {seed}: "
-            print(f"v2m evaluate --ablations: {where}nothing to score in {folder} "
+            print(f"v2m evaluate --ablations: seed {seed}: nothing to score in {folder} "
                   f"({'; '.join(f'{s}: {w}' for s, w in missing.items()) or 'no clip'})", file=sys.stderr)
             return 1
         ids = got if ids is None else [i for i in ids if i in set(got)]
