@@ -71,7 +71,7 @@ seeds: demo
 # The VidMuse-style baseline, no_clip and the data-size curve, each under the seed study's seeds (docs/baselines.md)
 ablations: seeds
 	dvc repro evaluate_all
-	@sed -n '/^| System/,/^$$/p' reports/ablations.md
+	@sed -n '/^| System | Train/,/^$$/p' reports/ablations.md
 
 test: venv browser metric-models
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
