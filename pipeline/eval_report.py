@@ -317,6 +317,13 @@ SEED_TARGETS = (  # (name, system, metric, at least); each must hold on every se
 SEED_GAP = ("no_motion beat F1 >= 0.3 below full", "beat_f1", 0.3)
 
 
+def over_seeds(values: dict[int, float], up: bool) -> dict:
+    """A metric's values by seed -> their mean, sample sd and worst (the lowest where higher is better), 4 decimals."""
+    v = np.array(list(values.values()), float)
+    return {"mean": round(float(v.mean()), 4), "sd": round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 4),
+            "worst": round(float(v.min() if up else v.max()), 4)}
+
+
 def seed_summary(per_seed: dict[int, dict], embedding: str) -> dict:
     """{seed: evaluate's {system: {metric: value}}} -> per system and metric the values per seed, their mean, sample
     sd and worst (the lowest where higher is better), and every target checked on each seed."""
@@ -328,10 +335,7 @@ def seed_summary(per_seed: dict[int, dict], embedding: str) -> dict:
             key = _key(stem, embedding)
             values = {s: per_seed[s][name][key] for s in seeds if key in per_seed[s].get(name, {})}
             if len(values) == len(seeds):
-                v = np.array(list(values.values()), float)
-                rows[key] = {"per_seed": values, "mean": round(float(v.mean()), 4),
-                             "sd": round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 4),
-                             "worst": round(float(v.min() if up else v.max()), 4)}
+                rows[key] = {"per_seed": values, **over_seeds(values, up)}
         systems[name] = rows
     targets = []
     for title, system, metric, floor in SEED_TARGETS:
@@ -437,11 +441,9 @@ def ablation_summary(stats: dict, seeds: list[int], embedding: str, train_clips:
                 continue
             lo, hi = np.percentile(c[1:], [2.5, 97.5]) if len(c) > 1 else (c[0], c[0])
             entry = {"mean": round(float(c[0]), 4), "ci": [round(float(lo), 4), round(float(hi), 4)]}
-            if trained:
-                v = np.array([stats[(s, name)][m][0] for s in seeds], float)
-                entry.update(per_seed={s: round(float(x), 4) for s, x in zip(seeds, v, strict=True)},
-                             sd=round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 4),
-                             worst=round(float(v.min() if ups[m] else v.max()), 4))
+            if trained:  # the seed mean of the values on all clips is c[0]: over_seeds gives the same mean
+                values = {seed: float(stats[(seed, name)][m][0]) for seed in seeds}
+                entry.update(over_seeds(values, ups[m]), per_seed={k: round(x, 4) for k, x in values.items()})
             row[m] = entry
         systems[name] = row
     claims = []
@@ -510,9 +512,8 @@ def ablation_seed_table(summary: dict) -> str:
             e = row.get(key)
             if e is None:
                 continue
-            per_seed = {str(k): v for k, v in e["per_seed"].items()}
             lines.append(f"| {row['name']} | {title} | {_num(e['mean'])} | {_num(e['sd'])} | {_num(e['worst'])} | "
-                         + " | ".join(_num(per_seed[str(s)]) for s in seeds) + " |")
+                         + " | ".join(_num(e["per_seed"][s]) for s in seeds) + " |")
     return "\n".join(lines)
 
 
