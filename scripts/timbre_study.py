@@ -29,15 +29,11 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_params  # noqa: E402
+from pipeline.evaluate import read_labels  # noqa: E402
 from pipeline.shards import load_features, stable_hash  # noqa: E402
 
 INSTRUMENTS = ("piano", "organ", "pluck", "bell")  # SynthV2M's (pipeline/synth.py INSTRUMENT_SHAPES)
 TEMPLATE = "music played on the {instrument}"
-
-
-def labelled(ingest_dir: Path) -> pd.DataFrame:
-    frame = pd.read_parquet(ingest_dir / "manifest.parquet")
-    return frame[frame["status"] == "ok"].set_index("id", drop=False)
 
 
 def summaries(rows: np.ndarray) -> np.ndarray:
@@ -64,7 +60,7 @@ def other_instrument(clip_id: str, instrument: str) -> str:
 
 
 def probe(params) -> int:
-    labels = labelled(Path(params.ingest.out_dir))
+    labels = read_labels(Path(params.ingest.out_dir))
     streams = {s: load_features(Path(params.embed.out_dir) / s) for s in ("clip", "flow")}
     train = [i for i in labels.index if labels.loc[i, "split"] == "train" and all(i in s for s in streams.values())]
     test = [i for i in labels.index if labels.loc[i, "split"] != "train" and all(i in s for s in streams.values())]
@@ -83,7 +79,7 @@ def confusion(params, systems: list[str]) -> int:
     from pipeline.metrics.tagger import load_tagger
 
     tagger = load_tagger(Path(params.evaluate.tagger.out_dir) / "tagger.pt")
-    labels = labelled(Path(params.ingest.out_dir))
+    labels = read_labels(Path(params.ingest.out_dir))
     test = labels[labels["split"] == params.evaluate.split]
     for system in systems:
         rows = []
@@ -130,7 +126,7 @@ def steer(params, params_path: Path, out: Path, template: str, bias: float | Non
     clip, flow = (load_features(Path(params.embed.out_dir) / s) for s in ("clip", "flow"))
     fps = pd.read_parquet(Path(params.embed.out_dir) / "manifest.parquet").set_index("id")
     rows = []
-    for _, r in labelled(ingest).query("split == @params.generate.split").iterrows():
+    for _, r in read_labels(ingest).query("split == @params.generate.split").iterrows():
         feats = {"clip": np.asarray(clip[r["id"]]), "flow": np.asarray(flow[r["id"]]),
                  "clip_fps": float(fps.loc[r["id"], "clip_fps"]), "flow_fps": float(fps.loc[r["id"], "flow_fps"])}
         n = int(round(float(r["duration_s"]) * model.codec.sample_rate))
