@@ -394,11 +394,15 @@ class AblationsConfig:
     systems: tuple[str, ...] = ("vidmuse", "no_clip")  # trained systems besides full and no_motion (train.SYSTEMS)
     fractions: tuple[int, ...] = (25, 50)  # the data-size curve: full trained on this per cent of the train split
     vidmuse: VidMuseConfig = field(default_factory=VidMuseConfig)
+    # the spatial-fusion variant (fusion.mode spatial): full with patch-level CLIP and flow tokens, from the patch
+    # stream of the DVC stage embed_spatial (data/features_spatial); its own stages, since only it reads that stream
+    spatial: bool = True
 
     @property
     def trained(self) -> tuple[str, ...]:
-        """The group's model folders under models/ablations/{seed}/: the systems, then data{P} per fraction."""
-        return (*self.systems, *(f"data{p}" for p in self.fractions))
+        """The group's model folders under models/ablations/{seed}/: the systems, spatial, then data{P} per
+        fraction."""
+        return (*self.systems, *(("spatial",) if self.spatial else ()), *(f"data{p}" for p in self.fractions))
 
 
 @dataclass(frozen=True)

@@ -31,27 +31,32 @@ def _fps(root: Path, ids: list[str], column: str = "fps") -> dict[str, float]:
 
 
 def load_dataset(features_dir: Path, tokens_dir: Path, manifest: Path | None,
-                 codec_info: dict | None = None) -> tuple[list[dict], dict]:
+                 codec_info: dict | None = None, patch_dir: Path | None = None) -> tuple[list[dict], dict]:
     """Items {id, split, clip (Tc, Dc), flow (Tf, Df), codes (K, T), clip_fps, flow_fps, beats, caption} and the
     codec info {frame_rate, num_codebooks, codebook_size, name}: from `codec_info` (the codec's `describe()`) when
-    given, else from the token store's metadata (a frame_rate or fps column, codec.json)."""
+    given, else from the token store's metadata (a frame_rate or fps column, codec.json). With `patch_dir` (the
+    patch stream's store, `v2m embed --streams patch`: the spatial-fusion ablation) items also have patch (Tp, P x Dc)
+    and patch_fps, and only ids with patches are kept."""
     clip, flow, tokens = (load_features(features_dir / "clip"), load_features(features_dir / "flow"),
                           load_features(tokens_dir))
-    ids = sorted(set(clip) & set(flow) & set(tokens))
+    patch = load_features(patch_dir) if patch_dir is not None else None
+    ids = sorted(set(clip) & set(flow) & set(tokens) & (set(patch) if patch is not None else set(clip)))
     rows = {}
     if manifest is not None and Path(manifest).exists():
         frame = pd.read_parquet(manifest)
         frame = frame[frame["status"] == "ok"] if "status" in frame.columns else frame
         rows = {r["id"]: r for r in frame.to_dict("records")}
         ids = [i for i in ids if i in rows]
-    dropped = len(set(clip) | set(flow) | set(tokens)) - len(ids)
+    dropped = len(set(clip) | set(flow) | set(tokens) | set(patch or ())) - len(ids)
     if dropped:
-        log.warning("%d id(s) are not in every store (clip, flow, tokens, manifest) and are left out", dropped)
+        log.warning("%d id(s) are not in every store (clip, flow, %stokens, manifest) and are left out", dropped,
+                    "patch, " if patch is not None else "")
     if not ids:
         raise SystemExit(f"train: no ids with clip + flow features ({features_dir}) and tokens ({tokens_dir})")
     clip_fps, flow_fps = _fps(features_dir / "clip", ids), _fps(features_dir / "flow", ids)
     frame_rate = {} if codec_info else _fps(tokens_dir, ids, "frame_rate")
     meta = codec_info or _store_info(tokens_dir)
+    patch_fps = _fps(patch_dir, ids) if patch is not None else {}
     items = []
     for i in ids:
         row = rows.get(i, {})
@@ -61,6 +66,8 @@ def load_dataset(features_dir: Path, tokens_dir: Path, manifest: Path | None,
                       "codes": np.asarray(tokens[i], np.int64).T, "clip_fps": clip_fps[i], "flow_fps": flow_fps[i],
                       "beats": np.asarray(json.loads(beats) if isinstance(beats, str) and beats else [], float),
                       "caption": str(row.get("caption") or "")})
+        if patch is not None:
+            items[-1].update(patch=np.asarray(patch[i], np.float32), patch_fps=patch_fps[i])
     rate = meta["frame_rate"] if codec_info else next(iter(frame_rate.values()))
     codec = {"frame_rate": float(rate), "num_codebooks": int(items[0]["codes"].shape[0]),
              "codebook_size": int(meta.get("codebook_size") or max(int(it["codes"].max()) for it in items) + 1),
@@ -98,6 +105,9 @@ def collate(items: list[dict], text: dict[str, np.ndarray] | None = None) -> dic
     batch["codes"], batch["code_mask"] = pad("codes", 1)
     batch["clip_fps"] = torch.tensor([it["clip_fps"] for it in items], dtype=torch.float32)
     batch["flow_fps"] = torch.tensor([it["flow_fps"] for it in items], dtype=torch.float32)
+    if all("patch" in it for it in items):
+        batch["patch"], batch["patch_mask"] = pad("patch", 0)
+        batch["patch_fps"] = torch.tensor([it["patch_fps"] for it in items], dtype=torch.float32)
     if all("harmony" in it for it in items):
         batch["harmony"] = torch.from_numpy(np.stack([it["harmony"] for it in items]))
     if all("harmony_track" in it for it in items):

@@ -53,27 +53,36 @@ from pipeline.shards import (
 
 log = logging.getLogger(__name__)
 
-STREAMS = ("clip", "flow")
-COLUMNS = ["id", "split", "status", "reason", "error", "shard", "duration_s", "clip_n_frames", "clip_fps",
-           "flow_n_frames", "flow_fps", "source_hash"]
+STREAMS = ("clip", "flow")  # the default: what every system reads
+# `--streams patch --out data/features_spatial` (the DVC stage `embed_spatial`, for the spatial-fusion ablation only)
+OPTIONAL_STREAMS = ("patch",)
+
+
+def columns(streams: tuple[str, ...]) -> list[str]:
+    """The manifest's columns before the labels."""
+    per_stream = [f"{s}_{c}" for s in streams for c in ("n_frames", "fps")]
+    return ["id", "split", "status", "reason", "error", "shard", "duration_s", *per_stream, "source_hash"]
 
 
 def encoder_hashes(base: BaseConfig, cfg: EmbedConfig) -> dict[str, str]:
     """Per stream, a hash of everything that determines its features (not batch sizes, devices or threads)."""
     clip, flow = cfg.clip, cfg.flow
     flow_enc.check(flow)
+    clip_facts = {"model": clip.model, "pretrained": clip.pretrained, "fps": cfg.clip_fps,
+                  "weights": clip_enc.weights_identity(clip, base.seed, cfg.encoders_dir), "version": clip_enc.VERSION}
     return {
-        "clip": params_hash({"model": clip.model, "pretrained": clip.pretrained, "fps": cfg.clip_fps,
-                             "weights": clip_enc.weights_identity(clip, base.seed, cfg.encoders_dir),
-                             "version": clip_enc.VERSION}),
+        "clip": params_hash(clip_facts),
         "flow": params_hash({"method": flow.method, "weights": flow_enc.weights_identity(flow), "fps": cfg.flow_fps,
                              "dis_preset": flow.dis_preset if flow.method == "opencv_dis" else "",
                              "grid": flow.grid, "bins": flow.direction_bins, "version": flow_enc.VERSION}),
+        "patch": params_hash({**clip_facts, "patch_grid": flow.grid}),
     }
 
 
-def run(params: Params, ingest_manifest: Path, out_dir: Path, rank: int = 0, world: int = 1) -> dict:
-    """Bring this rank's shards up to date; rank 0 then writes the manifest and the report.
+def run(params: Params, ingest_manifest: Path, out_dir: Path, rank: int = 0, world: int = 1,
+        streams: tuple[str, ...] = STREAMS) -> dict:
+    """Bring this rank's shards of `streams` up to date; rank 0 then writes the manifest and (with the flow stream)
+    the report.
 
     Returns {"rows": this rank's FeatureStore rows per stream, "computed": ids computed per stream,
     "manifest": the manifest frame (rank 0) or None}.
@@ -93,23 +102,26 @@ def run(params: Params, ingest_manifest: Path, out_dir: Path, rank: int = 0, wor
     items = [Item(r["id"], upstream_hash(r, "clip_path"), r["clip_path"]) for r in ok.to_dict("records")]
     encoders = Encoders(cfg, resolve_device(cfg.device))
     result: dict = {"rows": {}, "computed": {}, "manifest": None}
-    for stream in STREAMS:
+    for stream in streams:
         store = FeatureStore(out_dir / stream, cfg.num_shards)
         rows = store.update(items, hashes[stream], getattr(encoders, stream), rank, world,
                             progress=f"embed {stream}" + (f" [rank {rank}/{world}]" if world > 1 else ""))
         result["rows"][stream] = rows
         result["computed"][stream] = sorted(r["id"] for r in rows if r["computed"])
-    wait_for_ranks(out_dir, rank, world, stable_hash(json.dumps([hashes, [(i.id, i.source_hash) for i in items]])),
-                   "embed")
+    token = [hashes, [(i.id, i.source_hash) for i in items]] if streams == STREAMS else [streams, hashes, [
+        (i.id, i.source_hash) for i in items]]  # the default's token as it always was
+    wait_for_ranks(out_dir, rank, world, stable_hash(json.dumps(token)), "embed")
     if rank == 0:
-        result["manifest"] = write_embed_manifest(upstream, out_dir, cfg)
-        write_report(result["manifest"], out_dir, cfg, hashes, Path(cfg.report_path))
+        result["manifest"] = write_embed_manifest(upstream, out_dir, cfg, streams)
+        if "flow" in streams:
+            write_report(result["manifest"], out_dir, cfg, hashes, Path(cfg.report_path))
     return result
 
 
-def write_embed_manifest(upstream: pd.DataFrame, out_dir: Path, cfg: EmbedConfig) -> pd.DataFrame:
+def write_embed_manifest(upstream: pd.DataFrame, out_dir: Path, cfg: EmbedConfig,
+                         streams: tuple[str, ...] = STREAMS) -> pd.DataFrame:
     """One row per upstream id, from every shard's done file and index (so it covers all ranks' work)."""
-    stores = {s: FeatureStore(out_dir / s, cfg.num_shards) for s in STREAMS}
+    stores = {s: FeatureStore(out_dir / s, cfg.num_shards) for s in streams}
     by_stream = {s: {r["id"]: r for shard in range(cfg.num_shards) for r in (st.done(shard) or {}).get("rows", [])}
                  for s, st in stores.items()}
     meta = {s: st.metadata().set_index("id") for s, st in stores.items()}
@@ -121,7 +133,7 @@ def write_embed_manifest(upstream: pd.DataFrame, out_dir: Path, cfg: EmbedConfig
             rec.update(skipped_upstream(row, "ingest"))
         else:
             rec.update(source_hash=upstream_hash(row, "clip_path"), duration_s=row.get("duration_s"))
-            for stream in STREAMS:
+            for stream in streams:
                 got = by_stream[stream].get(row["id"])
                 if got is None or (got["status"] == OK and row["id"] not in meta[stream].index):
                     got = {"status": FAILED, "reason": "missing", "error": "no features after the run", "shard": -1}
@@ -133,7 +145,7 @@ def write_embed_manifest(upstream: pd.DataFrame, out_dir: Path, cfg: EmbedConfig
                 elif rec["status"] == OK:
                     rec.update(status=FAILED, reason=got["reason"], error=f"{stream}: {got['error']}")
         rows.append({**{c: row.get(c) for c in labels}, **rec})
-    return write_manifest(out_dir / "manifest.parquet", rows, columns=COLUMNS + labels)
+    return write_manifest(out_dir / "manifest.parquet", rows, columns=columns(streams) + labels)
 
 
 def write_report(manifest: pd.DataFrame, out_dir: Path, cfg: EmbedConfig, hashes: dict, path: Path) -> None:
@@ -199,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--ingest", help="ingest manifest (default: {ingest.out_dir}/manifest.parquet)")
     parser.add_argument("--out", help="output folder (default: embed.out_dir)")
+    parser.add_argument("--streams", nargs="+", choices=STREAMS + OPTIONAL_STREAMS, default=list(STREAMS),
+                        help="streams to compute (default: %(default)s); `--streams patch --out "
+                        "data/features_spatial` is the spatial-fusion ablation's (DVC stage `embed_spatial`)")
     parser.add_argument("--init-encoders", action="store_true",
                         help="write the seeded encoder weights to embed.encoders_dir and exit (DVC stage `encoders`)")
     args = parser.parse_args(argv)
@@ -209,9 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rank, world = local_ranks(cfg.workers, "embed", list(sys.argv[1:] if argv is None else argv))
     out_dir = Path(args.out or cfg.out_dir)
-    result = run(params, Path(args.ingest or Path(params.ingest.out_dir) / "manifest.parquet"), out_dir, rank, world)
-    print(f"embed: rank {rank}/{world}: computed clip {len(result['computed']['clip'])}, "
-          f"flow {len(result['computed']['flow'])}; the rest unchanged since the last run -> {out_dir}")
+    streams = tuple(dict.fromkeys(args.streams))
+    if out_dir.resolve() == Path(cfg.out_dir).resolve() and streams != STREAMS:
+        raise SystemExit(f"embed: --streams {' '.join(streams)} writes a manifest of those streams only; give it an "
+                         f"--out of its own, not embed.out_dir ({cfg.out_dir})")
+    result = run(params, Path(args.ingest or Path(params.ingest.out_dir) / "manifest.parquet"), out_dir, rank, world,
+                 streams)
+    done = ", ".join(f"{s} {len(result['computed'][s])}" for s in streams)
+    print(f"embed: rank {rank}/{world}: computed {done}; the rest unchanged since the last run -> {out_dir}")
     if result["manifest"] is None:
         return 0
     return report_rows("embed", result["manifest"], cfg.max_fail_ratio)

@@ -127,12 +127,13 @@ def run_files(inputs: list[Path], out: Path, model: Model, cfg: GenerateConfig, 
 # ----------------------------------------------------------------------------------------------------------------------
 
 def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | None = None,
-              baselines: bool = True, rank: int = 0, world: int = 1) -> pd.DataFrame:
+              baselines: bool = True, rank: int = 0, world: int = 1, patches: Path | None = None) -> pd.DataFrame:
     """The eval split through every system (checkpoints models_dir/{system}/v2m.pt, default train.out_dir), then the
     baselines and the reference unless `baselines` is False -> out_dir/{system}/{id}.{wav,mp4}. Rank r of `world`
     (runtime.local_ranks, `generate.workers`) does every world-th clip; rank 0 writes the manifest (the other ranks
     return an empty frame). Each clip's music depends on the seed and its id only, so the files are the same for
-    any number of ranks."""
+    any number of ranks. `patches`: the patch stream's store, which a spatial-fusion model reads (without it, that
+    model's rows fail with reason no_model and an error that names --patches)."""
     cfg, seed = params.generate, params.base.seed
     out_dir = Path(out_dir or cfg.out_dir)
     models_dir = Path(models_dir or params.train.out_dir)
@@ -141,6 +142,7 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
     clip, flow = load_features(Path(params.embed.out_dir) / "clip"), load_features(Path(params.embed.out_dir) / "flow")
     have = set(clip) & set(flow)
     rows = {r["id"]: r for r in upstream.to_dict("records") if r["id"] in have}
+    patch = load_features(patches) if patches is not None else {}
     eval_ids = sorted(i for i, r in rows.items() if r["split"] == cfg.split)[: cfg.max_clips or None]
     train_ids = sorted(i for i, r in rows.items() if r["split"] == "train")
     if not eval_ids:
@@ -174,6 +176,10 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
     for system in cfg.systems:
         try:
             models[system] = load_model(models_dir / system / "v2m.pt", params)
+            if models[system].net.cfg.fusion.mode == "spatial" and patches is None:
+                models.pop(system)
+                raise GenerateError(f"{models_dir / system / 'v2m.pt'} is a spatial-fusion model: it reads the patch "
+                                    "stream, give --patches DIR (`v2m embed --streams patch --out D` writes D/patch)")
         except GenerateError as exc:
             for item_id in eval_ids:
                 records.append({"system": system, "id": item_id, "status": FAILED, "reason": "no_model",
@@ -197,6 +203,10 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
             def make(model=models[system], item_id=item_id):
                 feats = {"clip": np.asarray(clip[item_id]), "flow": np.asarray(flow[item_id]),
                          "clip_fps": fps["clip"], "flow_fps": fps["flow"]}
+                if model.net.cfg.fusion.mode == "spatial":  # the patch rows are the CLIP rows' frames
+                    if item_id not in patch:
+                        raise MediaError(str(patches), f"no patch features for {item_id}", "no_patches")
+                    feats.update(patch=np.asarray(patch[item_id]), patch_fps=fps["clip"])
                 n_samples = int(round(float(rows[item_id]["duration_s"]) * model.codec.sample_rate))
                 codes, starts, prompt = generate_codes(model, feats, model.codec.num_frames(n_samples), cfg,
                                                        _item_seed(seed, item_id), None, progress=False)
@@ -312,7 +322,9 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, help="with --stage: folder of {system}/v2m.pt (default: train.out_dir)")
     parser.add_argument("--no-baselines", action="store_true", help="with --stage: the trained systems only")
     parser.add_argument("--ablations", action="store_true", help="with --stage: the ablation group's systems "
-                        "(ablations.systems and data{P} per ablations.fractions) instead of generate.systems")
+                        "(ablations.systems, spatial, data{P} per ablations.fractions) instead of generate.systems")
+    parser.add_argument("--patches", type=Path, help="with --stage: the patch stream's store (data/features_spatial/"
+                        "patch), which the spatial-fusion model reads")
     args = parser.parse_args(argv)
     params = load_params(args.params, missing_ok=True)
     if args.ablations:
@@ -321,7 +333,8 @@ def _main(argv: list[str] | None = None) -> int:
     if args.stage:
         out_dir = args.out or Path(params.generate.out_dir)
         rank, world = local_ranks(params.generate.workers, "generate", list(sys.argv[1:] if argv is None else argv))
-        frame = run_stage(params, out_dir, args.models, baselines=not args.no_baselines, rank=rank, world=world)
+        frame = run_stage(params, out_dir, args.models, baselines=not args.no_baselines, rank=rank, world=world,
+                          patches=args.patches)
         if rank != 0:
             return 0
         return report_rows("generate", frame, params.generate.max_fail_ratio,

@@ -67,7 +67,7 @@ from pipeline.media import (
 )
 from pipeline.model import V2M, ModelConfig
 from pipeline.runtime import resolve_device, set_threads
-from pipeline.shards import atomic_path
+from pipeline.shards import Item, atomic_path
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
@@ -284,9 +284,13 @@ def video_features(model: Model, path: Path, scratch: Path) -> dict:
         model.encoders = Encoders(model.params.embed, str(model.device))
     clip_rows, clip_meta = model.encoders.clip_streamed(clip)  # a chunk of frames in memory at a time
     flow_rows, flow_meta = model.encoders.flow_streamed(clip)
-    return {"clip": clip_rows, "clip_fps": clip_meta["fps"], "flow": flow_rows, "flow_fps": flow_meta["fps"],
-            "video_duration_s": duration, "fps": native_fps, "info": info,
-            "duration_s": max(duration, info.duration_s)}  # the music: as long as the input (a longer audio too)
+    feats = {"clip": clip_rows, "clip_fps": clip_meta["fps"], "flow": flow_rows, "flow_fps": flow_meta["fps"],
+             "video_duration_s": duration, "fps": native_fps, "info": info,
+             "duration_s": max(duration, info.duration_s)}  # the music: as long as the input (a longer audio too)
+    if model.net.cfg.fusion.mode == "spatial":  # the spatial-fusion ablation also reads the CLIP patch embeddings
+        feats["patch"], meta = model.encoders.patch(Item(path.name, "", str(clip)))
+        feats["patch_fps"] = meta["fps"]
+    return feats
 
 
 def rows_at(rows: np.ndarray, fps: float, start_s: float, seconds: float) -> np.ndarray:
@@ -303,7 +307,9 @@ def rows_at(rows: np.ndarray, fps: float, start_s: float, seconds: float) -> np.
 def window_batch(feats: dict, start_s: float, seconds: float, text: np.ndarray | None, device) -> dict:
     """The model's batch (B = 1) for the window [start_s, start_s + seconds), its times counted from the start."""
     batch = {}
-    for stream in ("clip", "flow"):
+    for stream in ("clip", "flow", "patch"):  # patch: only the spatial-fusion ablation's features have it
+        if stream not in feats:
+            continue
         rows = torch.from_numpy(rows_at(feats[stream], feats[f"{stream}_fps"], start_s, seconds))[None]
         batch[stream], batch[f"{stream}_mask"] = rows, torch.ones(rows.shape[:2], dtype=torch.bool)
         batch[f"{stream}_fps"] = torch.tensor([float(feats[f"{stream}_fps"])])

@@ -5,8 +5,10 @@ pipeline/model/presets/).
 Systems (`SYSTEMS`): `full` (CLIP + flow) and `no_motion` (CLIP only: `fusion.use_motion: false`), the ablation;
 dvc.yaml's train stage trains both. The ablation group (`make ablations`, docs/baselines.md) adds `no_clip` (motion
 only, no harmony bank: it retrieves by CLIP), `vidmuse` (the VidMuse-style baseline: CLIP only through the
-long-short-term fusion, `ablations.vidmuse`, no harmony bank) and, with `--fraction P`, the full system on P per cent
-of the train split (`fraction_ids`: the first P per cent of a fixed order, so 25 % is inside 50 %).
+long-short-term fusion, `ablations.vidmuse`, no harmony bank), `spatial` (the spatial-fusion ablation: full with
+patch-level CLIP and flow tokens, `fusion.mode: spatial`; it reads the patch stream, `--patches DIR`) and, with
+`--fraction P`, the full system on P per cent of the train split (`fraction_ids`: the first P per cent of a fixed
+order, so 25 % is inside 50 %).
 
 Training reads only cached features and tokens by id (no video or audio is decoded; pipeline/dataset.py), with
 splits, captions and beat times from the ingest manifest. An id missing from any store is left out, and the count is
@@ -78,6 +80,7 @@ SYSTEMS: dict[str, dict] = {
     "no_motion": {"fusion": {"use_motion": False}},
     "no_clip": {"fusion": {"use_clip": False, "direction": "none"}, "harmony_knn": 0, "harmony_track": False},
     "vidmuse": {"fusion": {"use_motion": False, "mode": "long_short"}, "harmony_knn": 0, "harmony_track": False},
+    "spatial": {"fusion": {"mode": "spatial"}},  # needs the patch stream: --patches
 }
 ONSET_WINDOW_S = 0.04
 VALIDATION_ONLY = ("select", "beat_clips", "beat_every", "sampling")
@@ -123,6 +126,8 @@ def model_config(cfg: TrainConfig, system: str, codec: dict, clip_dim: int, flow
             extra[key] = getattr(cfg, key)
     change = SYSTEMS[system]
     fusion.update(change.get("fusion", {}))
+    if fusion.get("mode") == "spatial":  # a token per cell of the flow descriptor's grid, and the patches on it
+        fusion["flow_cells"] = flow_cells
     extra.update({k: v for k, v in change.items() if k != "fusion"})
     if system == "vidmuse":
         vidmuse = vidmuse or VidMuseConfig()
@@ -496,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                         "seed_study.seeds this way")
     parser.add_argument("--fraction", type=int, metavar="PERCENT", help="train on this per cent of the train split "
                         "(the data-size curve of the ablation group; the validation clips stay all)")
+    parser.add_argument("--patches", metavar="DIR", help="the patch stream's store (`v2m embed --streams patch --out "
+                        "D`: D/patch), which the spatial system reads and the others do not")
     parser.add_argument("--report", metavar="JSON", help="only merge the metrics folder's systems into JSON")
     parser.add_argument("--export", metavar="PT", help="with --report: copy the full system's v2m.pt to PT (the "
                         "default model of `v2m generate`, models/v2m.pt)")
@@ -517,9 +524,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     tokens_dir = Path(args.tokens or params.tokenize.store_dir)
     codec_obj = load_codec(params, tokens_dir.name) if cfg.beat_clips else None
+    spatial = SYSTEMS[args.system].get("fusion", {}).get("mode") == "spatial"
+    if spatial != bool(args.patches):
+        raise SystemExit(f"train: --system {args.system} " + ("reads the patch stream: give --patches DIR (`v2m embed "
+                         "--streams patch --out D` writes D/patch)" if spatial else "does not read --patches"))
     items, codec = load_dataset(Path(args.features or params.embed.out_dir), tokens_dir,
                                 Path(args.manifest or Path(params.ingest.out_dir) / "manifest.parquet"),
-                                codec_obj.describe() if codec_obj is not None else None)
+                                codec_obj.describe() if codec_obj is not None else None,
+                                Path(args.patches) if args.patches else None)
     if args.fraction is not None:
         keep = set(fraction_ids([it["id"] for it in items if it["split"] == "train"], args.fraction))
         items = [it for it in items if it["split"] != "train" or it["id"] in keep]

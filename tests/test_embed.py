@@ -22,7 +22,7 @@ from pipeline.encoders import flow as flow_enc
 from pipeline.encoders.streams import Encoders, sample_frames, sample_indices
 from pipeline.runtime import set_threads
 from pipeline.shards import Item, load_features, sha256_file, shard_of, write_manifest
-from tests.conftest import make_video
+from tests.conftest import ffmpeg, make_video
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -385,3 +385,49 @@ def test_embed_workers_start_local_ranks_that_write_the_single_process_shards(tm
     assert digests(tmp_path / "one") == digests(tmp_path / "two")
     assert sha256_file(tmp_path / "one" / "manifest.parquet") == sha256_file(tmp_path / "two" / "manifest.parquet")
     assert not (tmp_path / "two" / ".ranks").exists()
+
+
+def test_patch_stream_has_unit_cells_on_the_flow_grid_at_the_clip_rows_times(tmp_path, encoders_dir):
+    """`v2m embed --streams patch --out D` (the spatial-fusion ablation's stage): one manifest row per input, patch
+    rows at the CLIP stream's times, grid^2 unit cells of the CLIP width; the cells where the picture changes change
+    most."""
+    def still(name: str, box: str) -> Path:
+        path = tmp_path / name
+        ffmpeg("-f", "lavfi", "-i", f"color=c=red:s=96x96:r=12:d=2{box}", "-c:v", "libx264", "-preset", "ultrafast",
+               "-pix_fmt", "yuv420p", str(path))
+        return path
+
+    left = still("plain.mp4", "")
+    right = still("box.mp4", ",drawbox=x=0:y=0:w=48:h=96:color=blue:t=fill")  # the left half turns blue
+    manifest = fake_ingest(tmp_path, left, 2)
+    os.unlink(tmp_path / "clips" / "v001.mp4")
+    os.link(right, tmp_path / "clips" / "v001.mp4")
+    params = make_params(encoders_dir)
+    grid, width = params.embed.flow.grid, 256
+    result = embed.run(params, manifest, tmp_path / "spatial", streams=("patch",))
+    frame = result["manifest"].set_index("id")
+    assert list(frame.index) == ["v000", "v001", "gone"] and frame.loc["gone", "status"] == "skipped"
+    assert "patch_n_frames" in frame.columns and "clip_n_frames" not in frame.columns
+    assert not (tmp_path / "flow_beats.png").exists()  # the flow report belongs to the flow stream
+    rows = load_features(tmp_path / "spatial" / "patch")
+    assert rows["v000"].shape == (4, grid * grid * width)  # 2 s at clip_fps 2, like the clip stream's rows
+    cells = np.asarray(rows["v000"]).reshape(4, grid * grid, width)
+    np.testing.assert_allclose(np.linalg.norm(cells, axis=-1), 1.0, atol=1e-5)
+    other = np.asarray(rows["v001"]).reshape(4, grid * grid, width)
+    change = 1 - (cells * other).sum(-1).mean(0).reshape(grid, grid)  # cosine distance per cell
+    assert change[:, 0].min() > 2 * change[:, -1].max()  # the left column changed, the right one much less
+    frames = sample_frames(left, params.embed.clip_fps)[0]
+    from pipeline.encoders.clip import ClipEncoder
+
+    again = ClipEncoder(params.embed.clip, params.embed.encoders_dir).patches(frames, grid)
+    np.testing.assert_array_equal(again, np.asarray(rows["v000"]))  # what the stage stored is the encoder's output
+
+
+def test_patch_stream_refuses_the_default_feature_folder(tmp_path, encoders_dir):
+    params = tmp_path / "params.yaml"
+    out = tmp_path / "features"
+    params.write_text(json.dumps(deep_merge(to_dict(make_params(encoders_dir)), {"embed": {"out_dir": str(out)}})))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.embed", "--params", str(params), "--streams", "patch",
+                           "--ingest", str(tmp_path / "none.parquet")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0 and "--out of its own" in proc.stderr
+    assert not out.exists()

@@ -290,12 +290,13 @@ def test_ablation_summary_averages_seeds_per_resample_and_tests_each_claim():
         stats[(seed, "no_motion")] = runs(0.2 + shift)
         stats[(seed, "data50")] = runs(0.9 + shift)  # as good as full: enough data
         stats[(seed, "data25")] = runs(0.6 + shift)  # clearly worse
+        stats[(seed, "spatial")] = runs(0.95 + shift)  # better than the temporal fusion
     stats[(None, "random")] = runs(0.1)
     ab = AblationsConfig(seeds=(0, 1, 2), systems=(), fractions=(25, 50))
     summary = eval_report.ablation_summary(stats, [0, 1, 2], "tagger", {"full": 320, "no_motion": 320,
-                                                                         "data50": 160, "data25": 80, "random": 320},
-                                           20, ab)
-    assert list(summary["systems"]) == ["full", "no_motion", "data50", "data25", "random"]
+                                                                         "data50": 160, "data25": 80, "random": 320,
+                                                                         "spatial": 320}, 20, ab)
+    assert list(summary["systems"]) == ["full", "no_motion", "spatial", "data50", "data25", "random"]
     beat = summary["systems"]["full"]["beat_f1"]
     per_seed = [stats[(s, "full")]["beat_f1"][0] for s in (0, 1, 2)]
     assert beat["mean"] == round(float(np.mean(per_seed)), 4) and beat["worst"] == round(min(per_seed), 4)
@@ -307,6 +308,7 @@ def test_ablation_summary_averages_seeds_per_resample_and_tests_each_claim():
     assert verdicts[("no_motion", "beat_f1")] == "confirmed"
     assert verdicts[("data25", "beat_f1")] == "contradicted"  # 100 % clearly beats 25 %: size still matters
     assert verdicts[("data50", "key_acc")] == "consistent"  # identical: no gain from doubling the data
+    assert verdicts[("full", "key_acc")] == "contradicted"  # conclusion 3: here the spatial fusion is better
     assert ("no_clip", "key_acc") not in verdicts  # systems that were not trained are not claimed about
     assert summary["data_size"]["train_clips"] == [80, 160, 320]
     assert summary["data_size"]["metrics"]["key_acc"]["mean"] == [0.6033, 0.9033, 0.9033]
@@ -336,7 +338,7 @@ def test_evaluate_ablations_scores_every_system_and_seed_on_the_same_clips(fitte
                 rows.append({"system": system, "id": i, "status": "ok", "reason": "", "error": ""})
         pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
     path = tmp_path / "params.yaml"
-    ablations = AblationsConfig(seeds=(0, 1), systems=("no_clip",), fractions=(50,))
+    ablations = AblationsConfig(seeds=(0, 1), systems=("no_clip",), fractions=(50,), spatial=False)
     path.write_text(yaml.safe_dump(to_dict(replace(params, evaluate=replace(cfg, generated_dir=str(gen)),
                                                    seed_study=SeedStudyConfig(seeds=(1,)), ablations=ablations))))
     out = ["--metrics", str(tmp_path / "ablations.json"), "--report", str(tmp_path / "reports" / "ablations.md"),

@@ -9,6 +9,7 @@ same encoders, codec and params that made the training data.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -319,28 +320,43 @@ def test_stage_for_the_seed_study_takes_a_models_folder_and_skips_the_baselines(
 
 
 def test_stage_for_the_ablation_group_generates_its_systems(project, tmp_path):
-    """`v2m generate --stage --no-baselines --ablations --models DIR` (the generate_ablation stages): every system of
-    ablations.trained from DIR, here a VidMuse-style and a no_clip model trained by the train stage's own code and a
-    data50 folder; each writes its own music for every clip."""
+    """`v2m generate --stage --no-baselines --ablations --models DIR --patches P` (the generate_ablation stages):
+    every system of ablations.trained from DIR, here a VidMuse-style, a no_clip and a spatial-fusion model trained by
+    the train stage's own code (the spatial one on the patch stream of `v2m embed --streams patch`) and a data50
+    folder; each writes its own music for every clip. Without --patches the spatial model's rows fail, and say why."""
     params = yaml.safe_load(project["params"].read_text())
-    params["ablations"] = {**params.get("ablations", {}), "systems": ["vidmuse", "no_clip"], "fractions": [50]}
+    params["ablations"] = {**params.get("ablations", {}), "systems": ["vidmuse", "no_clip"], "fractions": [50],
+                           "spatial": True}
     params["train"]["text"] = False
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+    loaded = load_params(path)
+    embed.run(loaded, Path(loaded.ingest.out_dir) / "manifest.parquet", tmp_path / "spatial", streams=("patch",))
+    patches = tmp_path / "spatial" / "patch"
     models = tmp_path / "models"
-    for system in ("vidmuse", "no_clip"):
+    for system in ("vidmuse", "no_clip", "spatial"):
+        extra = ["--patches", str(patches)] if system == "spatial" else []
         assert train.main(["--params", str(path), "--system", system, "--out", str(models / system), "--metrics",
-                           str(tmp_path / "metrics")]) == 0
+                           str(tmp_path / "metrics"), *extra]) == 0
     (models / "data50").mkdir()
     shutil.copy(project["no_text"], models / "data50" / "v2m.pt")
     out = tmp_path / "generated"
     assert generate.main(["--stage", "--no-baselines", "--ablations", "--models", str(models), "--out", str(out),
-                          "--params", str(path)]) == 0
+                          "--params", str(path), "--patches", str(patches)]) == 0
     frame = pd.read_csv(out / "manifest.csv")
-    assert set(frame["system"]) == {"vidmuse", "no_clip", "data50"} and (frame["status"] == "ok").all()
+    systems = ("vidmuse", "no_clip", "spatial", "data50")
+    assert set(frame["system"]) == set(systems) and (frame["status"] == "ok").all()
     first = frame["id"].iloc[0]
-    music = {s: load_audio(out / s / f"{first}.wav")[0] for s in ("vidmuse", "no_clip", "data50")}
+    music = {s: load_audio(out / s / f"{first}.wav")[0] for s in systems}
     assert not np.array_equal(music["vidmuse"], music["no_clip"])
+    assert not np.array_equal(music["spatial"], music["data50"])
+    group = dataclasses.replace(loaded, generate=dataclasses.replace(loaded.generate, workers=1,
+                                                                     systems=loaded.ablations.trained))
+    frame = generate.run_stage(group, tmp_path / "without", models, baselines=False)  # no --patches
+    failed = frame[frame["system"] == "spatial"]
+    assert len(failed) == frame["id"].nunique() and (failed["status"] == "failed").all()
+    assert failed["error"].str.contains("give --patches DIR").all()
+    assert (frame[frame["system"] != "spatial"]["status"] == "ok").all()
 
 
 class _Payload:

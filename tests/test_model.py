@@ -305,7 +305,46 @@ def test_vidmuse_style_fusion_reads_frames_near_each_moment_and_the_whole_video(
     with pytest.raises(ValueError, match="CLIP stream only"):
         FusionConfig(mode="long_short")  # use_motion is on by default
     with pytest.raises(ValueError, match="fusion.mode"):
-        FusionConfig(mode="spatial")
+        FusionConfig(mode="sideways")
+
+
+def spatial_batch(B: int = 2, cells: int = 3, seed: int = 1) -> dict:
+    """make_batch with a patch stream: one row per CLIP row, `cells` cells of the CLIP width (8) each."""
+    batch = make_batch(B, seed)
+    g = torch.Generator().manual_seed(seed + 10)
+    Tc = batch["clip"].shape[1]
+    return dict(batch, patch=torch.randn(B, Tc, cells * 8, generator=g), patch_mask=batch["clip_mask"],
+                patch_fps=batch["clip_fps"])
+
+
+def test_spatial_fusion_attends_patch_tokens_and_fuses_each_moment_in_space():
+    """SpatialFusion: the memory holds every patch token (P per CLIP row) and one flow row per flow frame; a flow row
+    reads the patches of its own moment only (a patch change 2 s away leaves it as it was); the cells are told apart
+    (swapping two cells' patches changes the result); the model needs the patch stream and cells that cut the flow
+    row evenly."""
+    P = 3
+    model = debug_model(fusion={"mode": "spatial", "flow_cells": P})
+    batch = spatial_batch(cells=P)
+    B, Tc = batch["clip"].shape[:2]
+    Tf = batch["flow"].shape[1]
+    cond = model.condition(batch)
+    assert cond.memory.shape[:2] == (B, Tc * P + Tf) and len(cond.streams) == 2
+    assert cond.mask[1].sum() == 3 * P + 11  # item 1: 3 CLIP rows, 11 flow rows valid
+    flow_rows = cond.memory[:, Tc * P:]
+    later = batch["patch"].clone()
+    later[:, 3] = torch.randn(B, P * 8)  # CLIP row 3 = 1.5 s; flow rows 0-3 (<= 0.375 s) read rows 0 and 1 only
+    moved = model.condition(dict(batch, patch=later)).memory[:, Tc * P:] - flow_rows
+    assert moved[0, :4].abs().max() == 0 and moved[0, 12:].abs().max() > 0  # rows at 1.5 s and after: changed
+    swapped = batch["patch"].view(B, Tc, P, 8)[:, :, [1, 0, 2]].reshape(B, Tc, P * 8)
+    assert not torch.allclose(model.condition(dict(batch, patch=swapped)).memory, cond.memory)
+    a = model(batch)[0]
+    assert torch.equal(a, model(dict(batch, clip=torch.randn_like(batch["clip"])))[0])  # CLIP rows: only the bank's
+    with pytest.raises(ValueError, match="patch"):
+        model(make_batch())
+    with pytest.raises(ValueError, match="flow_cells"):
+        FusionConfig(mode="spatial", flow_dim=6, flow_cells=4)
+    with pytest.raises(ValueError, match="use_clip and use_motion"):
+        FusionConfig(mode="spatial", use_motion=False)
 
 
 def tiny_musicgen_config():

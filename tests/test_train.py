@@ -62,20 +62,24 @@ def make_data(root: Path, n_train: int = 6, n_val: int = 2) -> dict:
         c1 = np.where(beat, 14, noise)
         return np.stack([c0, c1], 1).astype(np.int16), {"frame_rate": FRAME_RATE}
 
+    def patch(item):  # the spatial system's stream: one cell (params' embed.flow.grid 1) holding the CLIP row
+        return clip(item)
+
     items = [Item(i, "h", s) for i, s in zip(ids, specs, strict=True)]
-    for name, fn in (("features/clip", clip), ("features/flow", flow), ("tokens", tokens)):
+    for name, fn in (("features/clip", clip), ("features/flow", flow), ("tokens", tokens), ("spatial/patch", patch)):
         FeatureStore(root / name, 2).update(items, "enc", fn)
     splits = ["train"] * n_train + ["val"] * n_val
     pd.DataFrame({"id": ids, "split": splits, "status": "ok", "caption": [s.caption() for s in specs],
                   "beat_times": [json.dumps(list(s.beat_times)) for s in specs]}).to_parquet(root / "manifest.parquet")
-    return {"features": root / "features", "tokens": root / "tokens", "manifest": root / "manifest.parquet"}
+    return {"features": root / "features", "tokens": root / "tokens", "manifest": root / "manifest.parquet",
+            "patches": root / "spatial" / "patch"}
 
 
-def write_params(path: Path, music_dir: Path | None = None, **train_cfg) -> Path:
+def write_params(path: Path, music_dir: Path | None = None, grid: int = 4, **train_cfg) -> Path:
     cfg = {"preset": "debug", "max_steps": 20, "batch_size": 4, "ckpt_every": 10, "log_every": 1, "beat_clips": 0,
            "warmup_steps": 5, "lr": 3e-3, **train_cfg}
-    data = to_dict(params_from_dict({"train": cfg, **({"tokenize": {"music_dir": str(music_dir)}} if music_dir
-                                                      else {})}))
+    data = to_dict(params_from_dict({"train": cfg, "embed": {"flow": {"grid": grid}},
+                                     **({"tokenize": {"music_dir": str(music_dir)}} if music_dir else {})}))
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -98,6 +102,11 @@ def test_dataset_reads_stores_by_id(data):
     it = items[0]
     assert it["clip"].shape == (8, 8) and it["flow"].shape == (32, 3) and it["codes"].shape == (K, 100)
     assert it["clip_fps"] == 2.0 and it["flow_fps"] == 8.0 and len(it["beats"]) > 4
+    assert "patch" not in it and "patch" not in collate(items[:2])
+    spatial, _ = load_dataset(data["features"], data["tokens"], data["manifest"], patch_dir=data["patches"])
+    assert spatial[0]["patch"].shape == (8, 8) and spatial[0]["patch_fps"] == 2.0  # the spatial system's stream
+    batch = collate(spatial[:2])
+    assert batch["patch"].shape == (2, 8, 8) and bool(batch["patch_mask"].all())
     near = train.onset_frames(items[:1], 100, FRAME_RATE)[0]
     assert near.sum() >= len(it["beats"]) - 1 and (it["codes"][0][near.numpy()] == 15).mean() >= 0.5
 
@@ -111,9 +120,10 @@ def test_lr_schedule_and_draws_are_deterministic():
 
 
 def test_main_writes_model_metrics_and_plots(data, tmp_path):
-    params = write_params(tmp_path / "params.yaml")
+    params = write_params(tmp_path / "params.yaml", grid=1)  # the test flow rows are one cell (3 values)
     for system in train.SYSTEMS:
-        assert train.main(argv(data, params, tmp_path, system) + ["--out", str(tmp_path / system)]) == 0
+        extra = ["--patches", str(data["patches"])] if system == "spatial" else []
+        assert train.main(argv(data, params, tmp_path, system) + ["--out", str(tmp_path / system)] + extra) == 0
     metrics = json.loads((tmp_path / "metrics" / "full.json").read_text())["full"]
     assert metrics["steps"] == 20 and {"val_loss", "onset_val_loss", "val_beat_f1"} <= set(metrics)
     assert "train_seconds" not in metrics  # a timing is machine-local: never in a DVC output
@@ -123,6 +133,11 @@ def test_main_writes_model_metrics_and_plots(data, tmp_path):
     assert not fusion["no_motion"]["use_motion"] and fusion["no_motion"]["use_clip"]
     assert fusion["no_clip"]["use_motion"] and not fusion["no_clip"]["use_clip"]
     assert fusion["vidmuse"]["mode"] == "long_short" and not fusion["vidmuse"]["use_motion"]
+    assert fusion["spatial"]["mode"] == "spatial" and fusion["spatial"]["flow_cells"] == 1
+    with pytest.raises(SystemExit, match="give --patches DIR"):
+        train.main(argv(data, params, tmp_path, "spatial"))
+    with pytest.raises(SystemExit, match="does not read --patches"):
+        train.main(argv(data, params, tmp_path, "full") + ["--patches", str(data["patches"])])
     loss = pd.read_csv(tmp_path / "metrics" / "full_loss.csv")
     assert list(loss["step"]) == list(range(1, 21)) and "train_loss" in loss.columns
     assert "tokens_per_s" not in loss.columns
@@ -476,8 +491,12 @@ def test_ablation_systems_change_only_what_they_name():
     assert (vid.fusion.short_s, vid.fusion.long_rows, vid.fusion.n_layers) == (3.0, 6, 2) and vid.harmony_knn == 0
     with_bank = train.model_config(cfg, "vidmuse", codec, 8, 6, vidmuse=VidMuseConfig(harmony=True))
     assert with_bank.harmony_knn == 3 and with_bank.harmony_track
-    with pytest.raises(ValueError, match="unknown system 'spatial'"):
-        train.model_config(cfg, "spatial", codec, 8, 6)
+    spatial = train.model_config(cfg, "spatial", codec, 8, 16 * 10, flow_cells=16)
+    assert spatial.fusion.mode == "spatial" and spatial.fusion.flow_cells == 16
+    assert dataclasses.replace(spatial, fusion=dataclasses.replace(spatial.fusion, mode="temporal", flow_cells=1,
+                                                                   flow_dim=6)) == full  # the fusion only
+    with pytest.raises(ValueError, match="unknown system 'sideways'"):
+        train.model_config(cfg, "sideways", codec, 8, 6)
 
 
 def test_fraction_takes_a_fixed_nested_share_of_the_train_split(data, tmp_path):

@@ -164,3 +164,33 @@ class ClipEncoder:
                 emb = self.model.encode_image(batch.to(self.device, self.dtype), normalize=True)
                 out.append(emb.cpu().double().numpy())
         return (np.rint(np.concatenate(out) / FEATURE_GRID) * FEATURE_GRID).astype(np.float32)  # (T, D)
+
+    def patches(self, frames: np.ndarray, grid: int) -> np.ndarray:
+        """Frames [T, H, W, 3] uint8 -> patch embeddings [T, grid * grid * D] float32: the last layer's patch tokens
+        (after `ln_post` and through `proj`, like the pooled embedding), area-averaged onto a `grid` x `grid` array of
+        cells (row-major, top-left first: the flow descriptor's cells), each cell L2-normalised, cells concatenated.
+        What the spatial-fusion ablation reads (docs/baselines.md). Needs an open_clip ViT (patch tokens)."""
+        from PIL import Image
+
+        torch = self.torch
+        visual = self.model.visual
+        if not hasattr(visual, "output_tokens") or not hasattr(visual, "grid_size"):
+            raise ValueError(f"embed.clip.model {self.cfg.model!r} has no patch tokens (not an open_clip ViT)")
+        rows_, cols_ = visual.grid_size
+        out = []
+        visual.output_tokens = True
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(frames), self.cfg.batch_size):
+                    batch = torch.stack([self.preprocess(Image.fromarray(f)) for f in frames[start:start +
+                                                                                           self.cfg.batch_size]])
+                    tokens = visual(batch.to(self.device, self.dtype))[1]  # (B, N, width), the class token dropped
+                    if visual.proj is not None:
+                        tokens = tokens @ visual.proj
+                    tokens = tokens.reshape(len(batch), rows_, cols_, -1).permute(0, 3, 1, 2)  # (B, D, r, c)
+                    cells = torch.nn.functional.adaptive_avg_pool2d(tokens, grid)  # (B, D, grid, grid)
+                    cells = torch.nn.functional.normalize(cells.flatten(2).transpose(1, 2), dim=-1)  # (B, P, D)
+                    out.append(cells.flatten(1).cpu().double().numpy())
+        finally:
+            visual.output_tokens = False
+        return (np.rint(np.concatenate(out) / FEATURE_GRID) * FEATURE_GRID).astype(np.float32)  # (T, P * D)

@@ -101,7 +101,8 @@ def _to_array(frame: av.VideoFrame, gray: bool) -> np.ndarray:
 
 
 class Encoders:
-    """The two compute functions FeatureStore calls; each encoder is built on its first use."""
+    """The compute functions FeatureStore calls (clip, flow; patch for the spatial ablation); each encoder is built
+    on its first use."""
 
     def __init__(self, cfg: EmbedConfig, device: str):
         self.cfg, self.device = cfg, device
@@ -122,6 +123,16 @@ class Encoders:
         frames, native_fps, n = sample_frames(item.payload, self.cfg.flow_fps, gray=self._flow.gray)
         return self._flow(frames, self.cfg.flow_fps), {"fps": self.cfg.flow_fps,
                                                        "duration_s": round(n / native_fps, 6)}  # (T, Df)
+
+    def patch(self, item: Item) -> tuple[np.ndarray, dict]:
+        """The CLIP stream's frames as patch embeddings on the flow descriptor's grid (`ClipEncoder.patches`):
+        (T, grid^2 * Dc), row k at time k / clip_fps like the clip stream's."""
+        _check_exists(item.payload)
+        if self._clip is None:
+            self._clip = _load("clip", clip_enc.ClipEncoder, self.cfg.clip, self.cfg.encoders_dir, self.device)
+        frames, native_fps, n = sample_frames(item.payload, self.cfg.clip_fps)
+        return self._clip.patches(frames, self.cfg.flow.grid), {"fps": self.cfg.clip_fps,
+                                                                "duration_s": round(n / native_fps, 6)}
 
 
     # Streamed: what generation calls on a video of any length. Same rows as clip() / flow() on the same file (CLIP

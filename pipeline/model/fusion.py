@@ -27,6 +27,12 @@ every step instead of having to find it by cross-attention.
 long-short-term visual module on the same CLIP rows (docs/baselines.md): a long-term summary of the whole video
 (`long_rows` segment means) and, at every moment, a short-term window of the frames around it (`short_s` seconds),
 which queries the long-term summary by cross-attention. No flow stream: VidMuse sees frames only.
+
+`mode: spatial` (`SpatialFusion`) is the spatial-fusion ablation (the paper's third conclusion, docs/baselines.md):
+the CLIP stream enters as patch embeddings on the flow descriptor's grid (the `patch` stream of `v2m embed --streams
+patch`, `flow_cells` cells a frame) and the flow stream as one token per cell and frame, each token tagged with
+its cell; at each moment the flow tokens query the CLIP patch tokens (cross-attention in space, where the temporal
+fusion's is in time), and the decoder attends to every patch token, not to one CLIP row per frame.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 DIRECTIONS = ("flow_to_clip", "clip_to_flow", "both", "none")
-MODES = ("temporal", "long_short")
+MODES = ("temporal", "long_short", "spatial")
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,9 @@ class FusionConfig:
     n_layers: int = 1  # cross-attention blocks per direction
     direction: str = "flow_to_clip"  # flow_to_clip | clip_to_flow | both | none
     use_motion: bool = True  # False = drop the flow stream (the no_motion ablation)
-    flow_cells: int = 1  # > 1: average the flow descriptor over its grid cells first (D = cells x per-cell values)
+    # the flow descriptor's grid cells (D = cells x per-cell values): temporal, > 1 averages over them first
+    # (train.flow_pool); spatial, a token per cell (the patch stream has the same cells)
+    flow_cells: int = 1
     text_dim: int = 0  # 0 = no text; 384 for all-MiniLM-L6-v2
     text_dropout: float = 0.5  # probability of hiding the caption in training (text optional at inference)
     dropout: float = 0.0
@@ -79,6 +87,11 @@ class FusionConfig:
             raise ValueError("fusion: use_clip and use_motion are both false: the model would see nothing")
         if self.mode == "long_short" and (self.use_motion or not self.use_clip):
             raise ValueError("fusion.mode long_short reads the CLIP stream only: set use_motion false, use_clip true")
+        if self.mode == "spatial" and not (self.use_clip and self.use_motion):
+            raise ValueError("fusion.mode spatial reads the patch and flow streams: set use_clip and use_motion true")
+        if self.flow_cells < 1 or self.flow_dim % self.flow_cells:
+            raise ValueError(f"fusion: flow_cells must be >= 1 and divide flow_dim, got {self.flow_cells}, "
+                             f"{self.flow_dim}")
         if self.mode == "long_short" and (self.short_s <= 0 or self.long_rows < 1):
             raise ValueError(f"fusion: short_s must be > 0 and long_rows >= 1, got {self.short_s:g}, "
                              f"{self.long_rows}")
@@ -199,8 +212,9 @@ class _Fusion(nn.Module):
 
 
 def make_fusion(cfg: FusionConfig) -> _Fusion:
-    """The fusion `cfg.mode` names: TemporalFusion (v2m's) or LongShortFusion (the VidMuse-style baseline)."""
-    return LongShortFusion(cfg) if cfg.mode == "long_short" else TemporalFusion(cfg)
+    """The fusion `cfg.mode` names: TemporalFusion (v2m's), LongShortFusion (the VidMuse-style baseline) or
+    SpatialFusion (the spatial-fusion ablation)."""
+    return {"long_short": LongShortFusion, "spatial": SpatialFusion}.get(cfg.mode, TemporalFusion)(cfg)
 
 
 class TemporalFusion(_Fusion):
@@ -332,3 +346,69 @@ class LongShortFusion(_Fusion):
         short, long = self.out(short), self.out(long)
         return self._with_text(cfg, clip, [long, short], [every, clip_mask], [(short, clip_mask, clip_fps, 0.0)],
                                text, text_mask)
+
+
+class SpatialFusion(_Fusion):
+    """The spatial-fusion ablation's conditioning (module docstring, docs/baselines.md): patch (B, Tp, P x Dc) + flow
+    (B, Tf, Df) [+ text] -> Conditioning with memory (B, Tp P + Tf [+ 1], d), P = `flow_cells`.
+
+    A CLIP patch token is its cell's embedding projected, plus its time, its cell and the stream; a flow token is its
+    cell's share of the flow row (the row normalised as TemporalFusion normalises it, then cut into its P cells)
+    projected, plus the same tags. The fusion is in space: at each flow row, the P flow tokens query the P patch
+    tokens of that moment (interpolated to its time; `n_layers` cross-attention blocks), so each cell's motion learns
+    what is seen there and around it; then the row's cells are averaged into one flow row, whose fine time grid the
+    beats need. The decoder attends to every patch token and to the flow rows; the streams `context_at` interpolates
+    are the per-frame means of the patch tokens and the flow rows. The CLIP rows (`clip`) are not read here: the
+    model's harmony bank retrieves with them, as full's does."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.time = SecondsEmbedding(d, cfg.min_period_s, cfg.max_period_s)
+        self.clip_in = nn.Sequential(nn.LayerNorm(cfg.clip_dim), nn.Linear(cfg.clip_dim, d))
+        self.flow_norm = nn.LayerNorm(cfg.flow_dim) if cfg.flow_norm == "layer" else SignedLog()
+        self.flow_in = nn.Linear(cfg.flow_dim // cfg.flow_cells, d)
+        self.stream_emb = nn.Parameter(torch.zeros(3, d))  # clip patches, flow cells, text
+        self.cell_emb = nn.Parameter(torch.zeros(cfg.flow_cells, d))
+        nn.init.normal_(self.stream_emb, std=0.02)
+        nn.init.normal_(self.cell_emb, std=0.02)
+        self.flow_to_clip = nn.ModuleList([CrossBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers)])
+        if cfg.text_dim:
+            self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
+        self.out = nn.LayerNorm(d)
+
+    def forward(self, clip: torch.Tensor, clip_mask: torch.Tensor, clip_fps: torch.Tensor,
+                flow: torch.Tensor | None = None, flow_mask: torch.Tensor | None = None,
+                flow_fps: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None, patch: torch.Tensor | None = None,
+                patch_mask: torch.Tensor | None = None, patch_fps: torch.Tensor | None = None) -> Conditioning:
+        """As TemporalFusion.forward, plus the patch stream: `patch` (B, Tp, P x Dc) with `patch_mask` (B, Tp) and
+        `patch_fps` (B,) (`v2m embed --streams patch`)."""
+        cfg = self.cfg
+        if patch is None or flow is None:
+            raise ValueError("the spatial fusion needs the patch and flow streams (the patch stream: `v2m embed "
+                             "--streams patch`, DVC stage embed_spatial)")
+        P, d = cfg.flow_cells, cfg.d_model
+        B, Tp, Dp = patch.shape
+        if Dp != P * cfg.clip_dim:
+            raise ValueError(f"spatial fusion: patch rows of {Dp} values, expected {P} cells x {cfg.clip_dim}")
+        t_patch = torch.arange(Tp, device=patch.device)[None] / patch_fps[:, None]  # (B, Tp) seconds
+        cells = self.cell_emb[None, None]  # (1, 1, P, d)
+        c = self.clip_in(patch.view(B, Tp, P, cfg.clip_dim)) + self.time(t_patch)[:, :, None] + cells
+        c = c + self.stream_emb[0]  # (B, Tp, P, d)
+        Tf = flow.shape[1]
+        shift = -0.5 if cfg.flow_time == "centre" else 0.0
+        t_flow = (torch.arange(Tf, device=flow.device)[None] + shift) / flow_fps[:, None]  # (B, Tf)
+        f = self.flow_in(self.flow_norm(flow).view(B, Tf, P, -1)) + self.time(t_flow)[:, :, None] + cells
+        f = (f + self.stream_emb[1]).reshape(B * Tf, P, d)
+        seen = rows_at(c.reshape(B, Tp, P * d), patch_mask, patch_fps, t_flow).reshape(B * Tf, P, d)
+        every = torch.ones(B * Tf, P, dtype=torch.bool, device=flow.device)
+        for block in self.flow_to_clip:
+            f = block(f, seen, every)  # each cell's motion learns what is seen at that moment, there and around it
+        f = self.out(f.view(B, Tf, P, d).mean(2))  # (B, Tf, d)
+        c = self.out(c)
+        c_mask = patch_mask[:, :, None].expand(B, Tp, P).reshape(B, Tp * P)
+        streams = [(c.mean(2), patch_mask, patch_fps, 0.0), (f, flow_mask, flow_fps, shift)]
+        return self._with_text(cfg, clip, [c.reshape(B, Tp * P, d), f], [c_mask, flow_mask], streams, text,
+                               text_mask)

@@ -171,6 +171,8 @@ class V2M(nn.Module):
         extra = {}
         if self.cfg.fusion.mode == "long_short":  # the whole video's CLIP rows, when the batch is one window of it
             extra = {"long_clip": batch.get("long_clip"), "long_mask": batch.get("long_clip_mask")}
+        elif self.cfg.fusion.mode == "spatial":  # the CLIP patch embeddings (`v2m embed --streams patch`)
+            extra = {k: batch.get(k) for k in ("patch", "patch_mask", "patch_fps")}
         cond = self.fusion(batch["clip"], batch["clip_mask"], batch["clip_fps"], batch.get("flow"),
                            batch.get("flow_mask"), batch.get("flow_fps"), batch.get("text"), batch.get("text_mask"),
                            **extra)
