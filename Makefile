@@ -24,7 +24,7 @@ export DVC_NO_ANALYTICS := 1
 help:
 	@echo "make demo      create .venv, run the whole pipeline on the embedded SynthV2M profile (dvc repro)"
 	@echo "make seeds     after make demo: the seed study, both systems over seed_study.seeds (reports/seeds.md, ~10 min)"
-	@echo "make ablations after make seeds: the paper's baseline and ablations over the seeds (reports/ablations.md, ~30 min)"
+	@echo "make ablations after make seeds: the paper's baseline and ablations over the seeds (reports/ablations.md, ~50 min)"
 	@echo "make test      create/update .venv and run the test suite (slow end-to-end tests excluded)"
 	@echo "make test-all  the whole suite, slow tests included"
 	@echo "make browser   headless Chromium for the web app's browser tests (Debian chromium + chromium-driver; root)"
