@@ -108,9 +108,8 @@ def run(params: Params, ingest_manifest: Path, out_dir: Path, rank: int = 0, wor
                             progress=f"embed {stream}" + (f" [rank {rank}/{world}]" if world > 1 else ""))
         result["rows"][stream] = rows
         result["computed"][stream] = sorted(r["id"] for r in rows if r["computed"])
-    token = [hashes, [(i.id, i.source_hash) for i in items]] if streams == STREAMS else [streams, hashes, [
-        (i.id, i.source_hash) for i in items]]  # the default's token as it always was
-    wait_for_ranks(out_dir, rank, world, stable_hash(json.dumps(token)), "embed")
+    token = stable_hash(json.dumps([list(streams), hashes, [(i.id, i.source_hash) for i in items]]))
+    wait_for_ranks(out_dir, rank, world, token, "embed")
     if rank == 0:
         result["manifest"] = write_embed_manifest(upstream, out_dir, cfg, streams)
         if "flow" in streams:

@@ -175,11 +175,11 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
     models = {}
     for system in cfg.systems:
         try:
-            models[system] = load_model(models_dir / system / "v2m.pt", params)
-            if models[system].net.cfg.fusion.mode == "spatial" and patches is None:
-                models.pop(system)
+            model = load_model(models_dir / system / "v2m.pt", params)
+            if model.net.cfg.fusion.mode == "spatial" and patches is None:
                 raise GenerateError(f"{models_dir / system / 'v2m.pt'} is a spatial-fusion model: it reads the patch "
                                     "stream, give --patches DIR (`v2m embed --streams patch --out D` writes D/patch)")
+            models[system] = model
         except GenerateError as exc:
             for item_id in eval_ids:
                 records.append({"system": system, "id": item_id, "status": FAILED, "reason": "no_model",
