@@ -3,6 +3,7 @@
     python scripts/timbre_study.py probe                  # how much of the instrument the cached features carry
     python scripts/timbre_study.py confusion full reference retrieval   # the tagger's instrument per generated clip
     python scripts/timbre_study.py steer [--out DIR]      # a text-conditioned full model steered to other instruments
+    python scripts/timbre_study.py prior [--weights 0,2,4,8] [--plausibility P]  # an instrument prior on the tokens
 
 `probe`: a logistic regression (sklearn, standardised inputs, C in 0.01 / 0.1 / 1) from per-clip summaries of the
 embed stage's streams (`data/features/{clip,flow}`) to the SynthV2M instrument, fitted on the train split and scored
@@ -12,7 +13,11 @@ trains the full system with text (train.text: true) whose captions are `--templa
 (seed base.seed, the demo's settings), then generates every test clip without a prompt, with its own instrument and
 with another one (`other_instrument`), and scores the tagger's instrument against the prompt's and beat F1 against the
 labels (the evaluate stage's beat tracker and F-measure). Prints JSON lines; `steer` also writes its per-clip rows to
-OUT/steer.csv.
+OUT/steer.csv. `prior`: can the decoder play an instrument it is told at the token level? P(instrument | token) per
+codebook is counted from the train split's tokens and SynthV2M labels (`instrument_prior`, add-one smoothed), and
+`weight` x log P(target | token) is added to every token's logit at sampling, beside the harmony bias (the study wraps
+`V2M._harmony_bias` for its run: a measurement, not a feature), with the target the clip's own instrument or
+another one; the tagger's instrument against the target and beat F1, per weight.
 """
 
 from __future__ import annotations
@@ -95,6 +100,79 @@ def confusion(params, systems: list[str]) -> int:
     return 0
 
 
+def instrument_prior(codes: dict[str, np.ndarray], instruments: dict[str, str], num_codebooks: int,
+                     codebook_size: int, alpha: float = 1.0) -> np.ndarray:
+    """log P(instrument | token) (K, V, len(INSTRUMENTS)): per codebook, how often each token was written in clips of
+    each instrument (codes[id]: (T, K) as the token store keeps them), add-`alpha` smoothed; a token never written
+    gets the uniform log(1 / 4)."""
+    counts = np.zeros((num_codebooks, codebook_size, len(INSTRUMENTS)))
+    for clip_id, instrument in instruments.items():
+        c = np.asarray(codes[clip_id]).T  # (K, T)
+        for k in range(num_codebooks):
+            np.add.at(counts[k, :, INSTRUMENTS.index(instrument)], c[k], 1)
+    return np.log((counts + alpha) / (counts + alpha).sum(-1, keepdims=True))
+
+
+def prior(params, model_path: Path, weights: list[float], plausibility: float | None = None) -> int:
+    import torch
+
+    from pipeline.inference import decode_windows, generate_codes, load_model
+    from pipeline.metrics import rhythm
+    from pipeline.metrics.tagger import load_tagger
+    from pipeline.model.v2m import V2M
+
+    labels = read_labels(Path(params.ingest.out_dir))
+    model = load_model(model_path, params)
+    if not model.net.has_token_chroma():
+        raise SystemExit(f"timbre_study prior: {model_path} has no harmony bias to add the prior to")
+    dec = model.net.cfg.decoder
+    train = labels[labels["split"] == "train"]
+    table = torch.from_numpy(instrument_prior(load_features(Path(params.tokenize.store_dir)),
+                                              dict(zip(train["id"], train["instrument"], strict=True)),
+                                              dec.num_codebooks, dec.codebook_size)).float()
+    state = {"weight": 0.0, "target": 0}
+    harmony_bias = V2M._harmony_bias
+
+    def with_prior(net, batch, n_frames, weight):  # the harmony bias (B, F, K, V) plus the prior of the target
+        return harmony_bias(net, batch, n_frames, weight) + state["weight"] * table[:, :, state["target"]]
+
+    torch.set_num_threads(params.train.threads or 1)
+    tagger = load_tagger(Path(params.evaluate.tagger.out_dir) / "tagger.pt")
+    clip, flow = (load_features(Path(params.embed.out_dir) / s) for s in ("clip", "flow"))
+    fps = pd.read_parquet(Path(params.embed.out_dir) / "manifest.parquet").set_index("id")
+    gen = params.generate
+    if plausibility is not None:
+        gen = dataclasses.replace(gen, sampling=dataclasses.replace(gen.sampling, plausibility=plausibility))
+    V2M._harmony_bias = with_prior
+    try:
+        for weight in weights:
+            rows = []
+            for _, r in labels.query("split == @gen.split").iterrows():
+                feats = {"clip": np.asarray(clip[r["id"]]), "flow": np.asarray(flow[r["id"]]),
+                         "clip_fps": float(fps.loc[r["id"], "clip_fps"]),
+                         "flow_fps": float(fps.loc[r["id"], "flow_fps"])}
+                n = int(round(float(r["duration_s"]) * model.codec.sample_rate))
+                beats = np.asarray(json.loads(r["beat_times"]))
+                for target_of in ("own", "other"):
+                    target = r["instrument"] if target_of == "own" else other_instrument(r["id"], r["instrument"])
+                    state.update(weight=weight, target=INSTRUMENTS.index(target))
+                    codes, starts, p = generate_codes(model, feats, model.codec.num_frames(n), gen, params.base.seed,
+                                                      None, progress=False)
+                    wav = decode_windows(model.codec, codes, starts, p, n, gen.crossfade_seconds)
+                    rows.append({"target": target_of,
+                                 "ok": tagger.predict(wav, model.codec.sample_rate)["instrument"] == target,
+                                 "beat_f1": rhythm.beat_f1(rhythm.estimate_beats(wav, model.codec.sample_rate)[1],
+                                                           beats)})
+            for target_of, part in pd.DataFrame(rows).groupby("target", sort=False):
+                print(json.dumps({"weight": weight, "target": target_of, "clips": len(part),
+                                  "plausibility": gen.sampling.plausibility,
+                                  "instrument_acc_vs_target": round(float(part["ok"].mean()), 3),
+                                  "beat_f1": round(float(part["beat_f1"].mean()), 3)}), flush=True)
+    finally:
+        V2M._harmony_bias = harmony_bias
+    return 0
+
+
 def steer(params, params_path: Path, out: Path, template: str, bias: float | None) -> int:
     import torch
     import yaml
@@ -153,18 +231,23 @@ def steer(params, params_path: Path, out: Path, template: str, bias: float | Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("probe", "confusion", "steer"))
+    parser.add_argument("what", choices=("probe", "confusion", "steer", "prior"))
     parser.add_argument("systems", nargs="*", default=["full", "reference", "retrieval"], help="confusion: systems")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="data/.cache/timbre_study", help="steer: its model, params and steer.csv")
     parser.add_argument("--template", default=TEMPLATE, help="steer: the caption and the prompt")
     parser.add_argument("--harmony-bias", type=float, help="steer: instead of generate.sampling.harmony_bias")
+    parser.add_argument("--weights", default="0,2,4,8", help="prior: weights of log P(target | token), comma-separated")
+    parser.add_argument("--model", default="models/full/v2m.pt", help="prior: the model to steer")
+    parser.add_argument("--plausibility", type=float, help="prior: instead of generate.sampling.plausibility")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     if args.what == "probe":
         return probe(params)
     if args.what == "confusion":
         return confusion(params, args.systems)
+    if args.what == "prior":
+        return prior(params, Path(args.model), [float(w) for w in args.weights.split(",")], args.plausibility)
     return steer(params, Path(args.params), Path(args.out), args.template, args.harmony_bias)
 
 

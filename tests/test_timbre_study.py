@@ -50,3 +50,18 @@ def test_the_steering_prompt_names_another_instrument_fixed_per_clip():
     assert all(chosen[i] != INSTRUMENTS[i % 4] and chosen[i] in INSTRUMENTS for i in chosen)
     assert len(set(chosen.values())) == 4  # the prompts spread over the instruments
     assert script.other_instrument("synth_00003", "bell") == chosen[3]  # a pure function of the id
+
+
+def test_instrument_prior_counts_which_instrument_each_token_was_written_in():
+    """log P(instrument | token) per codebook: a token written only in piano clips leans to piano, one written in
+    piano and organ clips alike splits between them, one never written is uniform; each row is a distribution."""
+    script = load_script("timbre_study")
+    codes = {"a": np.array([[3, 0], [3, 1], [5, 1]]),  # (T, K): codebook 0 writes 3, 3, 5; codebook 1 0, 1, 1
+             "b": np.array([[5, 1], [5, 1], [5, 2]])}
+    table = script.instrument_prior(codes, {"a": "piano", "b": "organ"}, 2, 6)
+    assert table.shape == (2, 6, 4)
+    np.testing.assert_allclose(np.exp(table).sum(-1), 1.0)
+    np.testing.assert_allclose(np.exp(table[0, 3]), [3 / 6, 1 / 6, 1 / 6, 1 / 6])  # two piano writes, add-one
+    np.testing.assert_allclose(np.exp(table[0, 5]), [2 / 8, 4 / 8, 1 / 8, 1 / 8])  # one piano, three organ
+    np.testing.assert_allclose(np.exp(table[1, 4]), [0.25] * 4)  # never written
+    np.testing.assert_allclose(np.exp(table[1, 1]), [3 / 8, 3 / 8, 1 / 8, 1 / 8])  # two piano, two organ
