@@ -6,6 +6,7 @@
     v2m embed     [--ingest PARQUET] [--out DIR]            CLIP + flow feature shards (torchrun/SLURM aware)
     v2m embed --init-encoders                               write the seeded encoder weights (models/encoders)
     v2m tokenize  [--music DIR] [--out DIR] [--real DIR]    codec tokens shards (torchrun/SLURM aware) + round trip
+    v2m swaps     [--out DIR]                               timbre swaps of the train clips (text steering)
     v2m train     [--system full|no_motion] [...]            the model; resumes from its checkpoint; torchrun = DDP
     v2m train --report metrics/train.json                   merge the systems' training metrics
     v2m generate  VIDEO [VIDEO ...] -o OUT [--text ...]      music for any video, laid under it (or --wav)
@@ -35,6 +36,7 @@ COMMANDS = {
     "separate": ("pipeline.separate:main", "remove vocals with Demucs (or pass the audio through)"),
     "embed": ("pipeline.embed:main", "CLIP and optical-flow features of every clip, cached as shards"),
     "tokenize": ("pipeline.tokenize:main", "music -> codec tokens (fits melvq on the train split), round trip metrics"),
+    "swaps": ("pipeline.swaps:main", "the train clips' scores on the other instruments, as tokens (text steering)"),
     "train": ("pipeline.train:main", "train the model (full or no_motion); resumable, DDP under torchrun"),
     "generate": ("pipeline.generate:main", "music for any video (v2m generate VIDEO -o OUT); --stage: the eval split"),
     "evaluate": ("pipeline.evaluate:main", "Table 1: metrics/eval.json + reports/eval.md; --fit-tagger: the tagger"),

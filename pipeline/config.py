@@ -326,11 +326,16 @@ class TaggerConfig:
     tempo_edges: tuple[float, ...] = (100.0, 120.0)  # BPM boundaries of the tempo classes
     crop_s: float = 4.0  # training crop, and the window of each FAD embedding frame
     embed_hop_s: float = 1.0  # FAD embedding frames every this many seconds
-    epochs: int = 40
+    epochs: int = 34  # 408 steps of 32 crops for 320 + 48 clips (400 before the round trips)
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 1e-3
-    threads: int = 1  # torch threads, at least 1 (why 1: docs/timings.md, "Threads")
+    threads: int = 2  # torch threads, at least 1 (why 2: docs/timings.md, "Threads")
+    # the tagger also learns from this many train clips (a quarter per instrument; their first crop_s seconds)
+    # passed through the tokenize stage's codec (encode + decode), the sound every generated clip has; 0 = clean
+    # music only (docs/evaluate.md)
+    round_trip_clips: int = 48
+    round_trip_workers: int = 2  # processes that run the codec for those clips
 
 
 @dataclass(frozen=True)
@@ -397,12 +402,38 @@ class AblationsConfig:
     # the spatial-fusion variant (fusion.mode spatial): full with patch-level CLIP and flow tokens, from the patch
     # stream of the DVC stage embed_spatial (data/features_spatial); its own stages, since only it reads that stream
     spatial: bool = True
+    # text steering (train --system text): full with the caption as a condition and a learned token prior, trained
+    # on the clips and on their timbre swaps (`v2m swaps`, DVC stage `swaps`); generated three ways: text (no
+    # prompt), text_own (the caption names the clip's instrument) and text_other (another instrument)
+    text: bool = True
+    caption: str = "music played on the {instrument}"  # the captions in training and the prompts at generation
+    swap_rate: float = 0.5  # fraction of each batch's clips replaced by one of their timbre swaps (with its caption)
+    swaps_dir: str = "data/swaps"  # the swaps stage's output: {id}.npz + manifest.csv
+    swap_workers: int = 2  # processes that render and encode the swaps
 
     @property
     def trained(self) -> tuple[str, ...]:
-        """The group's model folders under models/ablations/{seed}/: the systems, spatial, then data{P} per
+        """The group's model folders under models/ablations/{seed}/: the systems, spatial, text, then data{P} per
         fraction."""
-        return (*self.systems, *(("spatial",) if self.spatial else ()), *(f"data{p}" for p in self.fractions))
+        return (*self.systems, *(("spatial",) if self.spatial else ()), *(("text",) if self.text else ()),
+                *(f"data{p}" for p in self.fractions))
+
+    @property
+    def generated(self) -> tuple[str, ...]:
+        """The group's generated systems under data/generated_ablations/{seed}/: `trained`, with the text model's
+        three prompts in its place."""
+        return tuple(x for s in self.trained for x in (TEXT_PROMPTS if s == "text" else (s,)))
+
+    def problem(self) -> str | None:
+        """What is out of range in the text-steering settings, naming the key; None when all is well."""
+        if "{instrument}" not in self.caption:
+            return f"ablations.caption {self.caption!r} must name {{instrument}}"
+        if not 0.0 <= self.swap_rate <= 1.0:
+            return f"ablations.swap_rate {self.swap_rate:g} must be in [0, 1]"
+        return None
+
+
+TEXT_PROMPTS = ("text", "text_own", "text_other")  # the text model generated without a prompt, own, other instrument
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def load_dataset(features_dir: Path, tokens_dir: Path, manifest: Path | None,
                       "clip": np.asarray(clip[i], np.float32), "flow": np.asarray(flow[i], np.float32),
                       "codes": np.asarray(tokens[i], np.int64).T, "clip_fps": clip_fps[i], "flow_fps": flow_fps[i],
                       "beats": np.asarray(json.loads(beats) if isinstance(beats, str) and beats else [], float),
-                      "caption": str(row.get("caption") or "")})
+                      "caption": str(row.get("caption") or ""), "instrument": str(row.get("instrument") or "")})
         if patch is not None:
             items[-1].update(patch=np.asarray(patch[i], np.float32), patch_fps=patch_fps[i])
     rate = meta["frame_rate"] if codec_info else next(iter(frame_rate.values()))
@@ -73,6 +73,21 @@ def load_dataset(features_dir: Path, tokens_dir: Path, manifest: Path | None,
              "codebook_size": int(meta.get("codebook_size") or max(int(it["codes"].max()) for it in items) + 1),
              "name": meta.get("codec", tokens_dir.name)}
     return items, codec
+
+
+def load_swaps(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    """{clip id: {instrument: codes [K, T] int64}} of the ok rows of a swaps folder (`v2m swaps`, pipeline/swaps.py)."""
+    manifest = Path(folder) / "manifest.csv"
+    if not manifest.exists():
+        raise SystemExit(f"train: {manifest} is missing; run `v2m swaps` (DVC stage `swaps`)")
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    out = {}
+    for clip_id in frame.loc[frame["status"] == "ok", "id"]:
+        with np.load(Path(folder) / f"{clip_id}.npz") as saved:
+            out[clip_id] = {k: saved[k].astype(np.int64) for k in saved.files if k != "key"}
+    if not out:
+        raise SystemExit(f"train: {manifest} has no ok clip")
+    return out
 
 
 def _store_info(tokens_dir: Path) -> dict:
@@ -115,8 +130,10 @@ def collate(items: list[dict], text: dict[str, np.ndarray] | None = None) -> dic
     if any("bank_index" in it for it in items):
         batch["bank_index"] = torch.tensor([it.get("bank_index", -1) for it in items])
     if text is not None:
-        batch["text"] = torch.from_numpy(np.stack([text[it["id"]] for it in items]))
+        batch["text"] = torch.from_numpy(np.stack([text[it.get("text_key", it["id"])] for it in items]))
         batch["text_mask"] = torch.tensor([bool(it["caption"]) for it in items])
+        if any(it.get("text_force") for it in items):  # timbre swaps: their caption is never dropped
+            batch["text_force"] = torch.tensor([bool(it.get("text_force")) for it in items])
     return batch
 
 

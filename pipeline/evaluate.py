@@ -170,9 +170,10 @@ def score_all(cfg: EvaluateConfig, systems: list[str], ids: list[str], labels: p
         import torch
 
         torch.set_num_threads(max(1, tagger.settings.threads))
+    targets = prompt_targets(gen_dir / "manifest.csv")
     for i in tqdm([i for i in ids if i not in problems], desc="kld/fad/tagger", unit="clip"):
         try:
-            models = _score_models(cfg, systems, i, labels.loc[i], classifier, embedder, tagger)
+            models = _score_models(cfg, systems, i, labels.loc[i], classifier, embedder, tagger, targets)
         except _Unscorable as exc:  # read by score_pair already, so rare: a file changed or another decoder failed
             problems.setdefault(i, []).append(str(exc))
             continue
@@ -195,10 +196,24 @@ class _Unscorable(Exception):
     """A clip's file that the tagger/KLD/FAD pass cannot read; the message names it."""
 
 
+def prompt_targets(manifest: Path) -> dict[tuple[str, str], str]:
+    """{(system, id): instrument} for the generated rows whose prompt named an instrument (the text model's,
+    `generate.steering_prompts`): their instrument accuracy is against that one, not the clip's."""
+    if not manifest.exists():
+        return {}
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    if "prompt_instrument" not in frame.columns:
+        return {}
+    named = frame[frame["prompt_instrument"] != ""]
+    return {(r["system"], r["id"]): r["prompt_instrument"] for r in named.to_dict("records")}
+
+
 def _score_models(cfg: EvaluateConfig, systems: list[str], i: str, row: pd.Series, classifier, embedder,
-                  tagger: Tagger | None) -> dict[str, tuple[dict, kld.KldScore | None, tuple | None]]:
+                  tagger: Tagger | None, targets: dict[tuple[str, str], str] | None = None
+                  ) -> dict[str, tuple[dict, kld.KldScore | None, tuple | None]]:
     """{system: (tagger values, KLD, (generated, reference) FAD embeddings)} for one clip; _Unscorable names the file
-    that cannot be read."""
+    that cannot be read. `targets` ({(system, id): instrument}, `prompt_targets`): the instrument a row's prompt
+    named, which its instrument accuracy is scored against."""
     gen_dir, music = Path(cfg.generated_dir), Path(cfg.music_dir)
     try:
         if classifier is not None:  # the ground truth's label distributions and embeddings, once per clip
@@ -215,7 +230,8 @@ def _score_models(cfg: EvaluateConfig, systems: list[str], i: str, row: pd.Serie
         try:
             if tagger is not None and str(row.get("instrument") or ""):
                 pred = tagger.predict(_mono(gen_path, tagger.sample_rate), tagger.sample_rate)
-                values["instrument_acc"] = float(pred["instrument"] == row["instrument"])
+                want = (targets or {}).get((system, i), row["instrument"])
+                values["instrument_acc"] = float(pred["instrument"] == want)
                 if str(row.get("key") or ""):
                     true_key = rhythm.parse_key(str(row["key"]), str(row["mode"]))
                     values["key_acc_tagger"] = float(pred["key"] == true_key.tonic and pred["mode"] == true_key.mode)
@@ -334,12 +350,87 @@ def fit_tagger(params, cfg: EvaluateConfig) -> int:
     if not train:
         print(f"v2m evaluate: no {tcfg.train_split} music in {cfg.music_dir} to fit the tagger on", file=sys.stderr)
         return 1
-    model = tagger.fit(train, tcfg.sample_rate, tcfg, params.base.seed, val=val or None)
+    round_trips, val_round_trips = [], []
+    if tcfg.round_trip_clips:
+        chosen = round_trip_rows([r for _, r in train], tcfg.round_trip_clips)
+        held_out = [r for _, r in val]
+        # the train clips' first crop_s seconds (what one training crop holds: half the decoding), whole val clips
+        waves = codec_round_trips(params, cfg.music_dir, chosen + held_out, tcfg.sample_rate,
+                                  tcfg.round_trip_workers, [tcfg.crop_s] * len(chosen) + [None] * len(held_out))
+        round_trips = list(zip(waves[: len(chosen)], chosen, strict=True))
+        val_round_trips = list(zip(waves[len(chosen):], held_out, strict=True))
+    model = tagger.fit(train + round_trips, tcfg.sample_rate, tcfg, params.base.seed, val=val or None)
     model.save(Path(tcfg.out_dir) / "tagger.pt")
-    atomic_write_json(tcfg.metrics_path, {"train_clips": len(train), "val_clips": len(val),
-                                          "val_accuracy": {k: round(v, 4) for k, v in model.accuracy.items()}})
-    log.info("tagger: %d train clips; held-out accuracy %s", len(train), model.accuracy)
+    result = {"train_clips": len(train), "val_clips": len(val),
+              "val_accuracy": {k: round(v, 4) for k, v in model.accuracy.items()}}
+    if round_trips:  # how well it hears the codec's sound: the held-out music through the codec
+        result["round_trip_clips"] = len(round_trips)
+        result["val_round_trip_accuracy"] = {k: round(v, 4) for k, v in
+                                             tagger.accuracy(model, val_round_trips, tcfg.sample_rate).items()}
+    atomic_write_json(tcfg.metrics_path, result)
+    log.info("tagger: %d train clips (+ %d through the codec); held-out accuracy %s", len(train), len(round_trips),
+             model.accuracy)
     return 0
+
+
+def round_trip_rows(rows: list[dict], n: int) -> list[dict]:
+    """The `n` train rows the tagger also hears through the codec: n / 4 of each instrument (rounded up), in a fixed
+    order (the id's stable hash, then the id), so the same clips on every machine."""
+    from pipeline.shards import stable_hash
+
+    order = sorted(rows, key=lambda r: (stable_hash(str(r["id"])), str(r["id"])))
+    instruments = sorted({str(r.get("instrument") or "") for r in rows})
+    per = -(-n // max(1, len(instruments)))
+    chosen = [r for ins in instruments for r in [r for r in order if str(r.get("instrument") or "") == ins][:per]]
+    return sorted(chosen, key=lambda r: str(r["id"]))[:n] if len(chosen) > n else chosen
+
+
+def _round_trip_job(job: tuple) -> np.ndarray:
+    """One clip's music through the codec (encode + decode), mono at `rate`. Top level: runs in worker processes."""
+    codec_name, tokenize_cfg, path, rate, seconds = job
+    import torch
+
+    from pipeline import codecs
+
+    torch.set_num_threads(1)
+    codec = _CODECS.get(codec_name) or _CODECS.setdefault(codec_name, codecs.load_codec(codec_name, tokenize_cfg))
+    wav = codec.decode(codec.encode(load_audio(path, codec.sample_rate, duration_s=seconds)[0]))
+    return _resampled(wav, codec.sample_rate, rate)
+
+
+_CODECS: dict = {}  # one loaded codec per worker process
+
+
+def _resampled(wav: np.ndarray, rate: int, target: int) -> np.ndarray:
+    import librosa
+
+    wav = np.asarray(wav, np.float64)
+    return (wav if rate == target else librosa.resample(wav, orig_sr=rate, target_sr=target)).astype(np.float32)
+
+
+def codec_round_trips(params: Params, music_dir: str, rows: list[dict], rate: int, workers: int,
+                      seconds: list[float | None] | None = None) -> list[np.ndarray]:
+    """The music of `rows` (the first `seconds[i]` of row i, all of it for None) through the tokenize stage's fitted
+    codec (what `reference` is for the test split), mono at `rate`, in order. A codec that is not fitted stops with
+    what to run."""
+    import multiprocessing
+
+    from pipeline import codecs
+
+    name = params.tokenize.codec
+    try:
+        codecs.load_codec(name, params.tokenize)
+    except Exception as exc:  # noqa: BLE001 - not fitted, weights missing: say what to run
+        raise SystemExit(f"v2m evaluate --fit-tagger: evaluate.tagger.round_trip_clips needs the tokenize stage's "
+                         f"codec ({exc}); run `dvc repro tokenize` or set round_trip_clips: 0") from None
+    seconds = seconds or [None] * len(rows)
+    jobs = [(name, params.tokenize, Path(music_dir) / f"{r['id']}.wav", rate, s)
+            for r, s in zip(rows, seconds, strict=True)]
+    if workers <= 1 or len(jobs) < 2 * workers:
+        return [_round_trip_job(j) for j in tqdm(jobs, desc="tagger round trips", unit="clip", disable=None)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(tqdm(pool.map(_round_trip_job, jobs), total=len(jobs), desc="tagger round trips", unit="clip",
+                         disable=None))
 
 
 def _models(cfg: EvaluateConfig):
@@ -409,7 +500,7 @@ def ablation_study(params: Params, cfg: EvaluateConfig, ablations_dir: Path, see
         (None, Path(cfg.generated_dir), tuple(s for s in ("reference", "retrieval", "random") if s in cfg.systems))]
     for seed in seeds:
         main_dir = Path(cfg.generated_dir) if seed == params.base.seed else seeds_dir / str(seed)
-        groups += [(seed, main_dir, ("full", "no_motion")), (seed, ablations_dir / str(seed), ab.trained)]
+        groups += [(seed, main_dir, ("full", "no_motion")), (seed, ablations_dir / str(seed), ab.generated)]
     ids: list[str] | None = None
     for n, (seed, folder, systems) in enumerate(list(groups)):
         got, missing, _ = select_clips(replace(cfg, generated_dir=str(folder), systems=systems), labels)

@@ -61,6 +61,8 @@ from pipeline.shards import FAILED, OK, atomic_write_json, load_features, report
 log = logging.getLogger(__name__)
 
 STAGE_COLUMNS = ["system", "id", "status", "reason", "error", "wav_path", "mp4_path", "duration_s", "source_id"]
+# the text model's rows also say what its prompt was and which instrument it names (evaluate scores that one)
+PROMPT_COLUMNS = ["prompt", "prompt_instrument"]
 BASELINES = ("retrieval", "random")
 
 
@@ -153,11 +155,13 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
     sr = params.base.sample_rate
     records: list[dict] = []
 
-    def emit(system: str, item_id: str, make, source_id: str = "") -> None:
+    def emit(system: str, item_id: str, make, source_id: str = "", prompt: tuple[str, str] | None = None) -> None:
         t0 = time.perf_counter()
         wav_path, mp4_path = out_dir / system / f"{item_id}.wav", out_dir / system / f"{item_id}.mp4"
         rec = {"system": system, "id": item_id, "status": OK, "reason": "", "error": "", "wav_path": str(wav_path),
                "mp4_path": str(mp4_path), "source_id": source_id}
+        if prompt is not None:
+            rec.update(prompt=prompt[0], prompt_instrument=prompt[1])
         try:
             audio, rate = make()
             n = int(round(float(rows[item_id]["duration_s"]) * rate))
@@ -186,6 +190,11 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
                                 "error": str(exc)})
     if rank != 0:
         records.clear()  # rank 0 writes those
+    instruments = sorted({str(r.get("instrument") or "") for r in rows.values()} - {""})
+    if "text" in models and len(instruments) < 2:
+        raise SystemExit("generate: the text model is steered to another instrument than the clip's: the ingest "
+                         "manifest needs SynthV2M's instrument labels (at least two instruments)")
+    prompt_vectors: dict[str, np.ndarray] = {}
     # the work in a fixed order, each rank taking every world-th job: (system, id) per trained system, then per id
     # the baselines; the merged rows are in that order whatever the number of ranks
     jobs = [(system, item_id) for system in models for item_id in eval_ids]
@@ -200,7 +209,7 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
             continue
         start = len(records)
         if system in models:
-            def make(model=models[system], item_id=item_id):
+            def make(model=models[system], item_id=item_id, vector=None):
                 feats = {"clip": np.asarray(clip[item_id]), "flow": np.asarray(flow[item_id]),
                          "clip_fps": fps["clip"], "flow_fps": fps["flow"]}
                 if model.net.cfg.fusion.mode == "spatial":  # the patch rows are the CLIP rows' frames
@@ -209,10 +218,18 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
                     feats.update(patch=np.asarray(patch[item_id]), patch_fps=fps["clip"])
                 n_samples = int(round(float(rows[item_id]["duration_s"]) * model.codec.sample_rate))
                 codes, starts, prompt = generate_codes(model, feats, model.codec.num_frames(n_samples), cfg,
-                                                       _item_seed(seed, item_id), None, progress=False)
+                                                       _item_seed(seed, item_id), vector, progress=False)
                 wav = decode_windows(model.codec, codes, starts, prompt, n_samples, cfg.crossfade_seconds)
                 return wav, model.codec.sample_rate
-            emit(system, item_id, make)
+            if system == "text":  # text steering: no prompt, the clip's own instrument, another one
+                for name, (text, instrument) in steering_prompts(rows[item_id], instruments,
+                                                                 params.ablations.caption).items():
+                    if text and text not in prompt_vectors:
+                        prompt_vectors[text] = text_embedding(models[system], text)
+                    vector = prompt_vectors.get(text)
+                    emit(name, item_id, lambda v=vector: make(vector=v), prompt=(text, instrument))
+            else:
+                emit(system, item_id, make)
         else:
             emit("reference", item_id,
                  lambda i=item_id: (codec.decode(codec.encode(load_audio(music_dir / f"{i}.wav",
@@ -229,9 +246,25 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
     records = _gather(records, out_dir, rank, world, stable_hash(json.dumps([list(models), jobs])))
     if records is None:
         return pd.DataFrame(columns=STAGE_COLUMNS)  # rank > 0: rank 0 writes the manifest
-    frame = pd.DataFrame([{k: v for k, v in rec.items() if k != "_job"} for rec in records], columns=STAGE_COLUMNS)
-    write_manifest(out_dir / "manifest.csv", frame.to_dict("records"), columns=STAGE_COLUMNS)
+    columns = STAGE_COLUMNS + (PROMPT_COLUMNS if any("prompt" in rec for rec in records) else [])
+    frame = pd.DataFrame([{k: v for k, v in rec.items() if k != "_job"} for rec in records], columns=columns)
+    write_manifest(out_dir / "manifest.csv", frame.to_dict("records"), columns=columns)
     return frame
+
+
+def other_instrument(clip_id: str, instrument: str, instruments: list[str]) -> str:
+    """The instrument a clip's music is steered to: one of the others, fixed by the id's stable hash."""
+    others = [i for i in instruments if i != instrument]
+    return others[int(stable_hash(clip_id), 16) % len(others)]
+
+
+def steering_prompts(row: dict, instruments: list[str], caption: str) -> dict[str, tuple[str, str]]:
+    """The text model's three generations of a clip: {system: (prompt, the instrument it names)} for text (no prompt;
+    scored against the clip's instrument), text_own and text_other."""
+    own = str(row["instrument"])
+    other = other_instrument(str(row["id"]), own, instruments)
+    return {"text": ("", own), "text_own": (caption.format(instrument=own), own),
+            "text_other": (caption.format(instrument=other), other)}
 
 
 def _gather(records: list[dict], out_dir: Path, rank: int, world: int, token: str) -> list[dict] | None:

@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from pipeline import codecs
 from pipeline.config import Params, TrainConfig, VidMuseConfig, fraction_size, load_params, to_dict
-from pipeline.dataset import add_harmony, collate, load_dataset
+from pipeline.dataset import add_harmony, collate, load_dataset, load_swaps
 from pipeline.encoders.text import TEXT_DIM, caption_embeddings
 from pipeline.model import V2M, HarmonyBank, ModelConfig, create_model, load_preset, num_params
 from pipeline.runtime import cores_per_process, dist_env, local_rank, resolve_device
@@ -81,6 +81,8 @@ SYSTEMS: dict[str, dict] = {
     "no_clip": {"fusion": {"use_clip": False, "direction": "none"}, "harmony_knn": 0, "harmony_track": False},
     "vidmuse": {"fusion": {"use_motion": False, "mode": "long_short"}, "harmony_knn": 0, "harmony_track": False},
     "spatial": {"fusion": {"mode": "spatial"}},  # needs the patch stream: --patches
+    # text steering: the caption as a condition (a memory row) and a learned token prior; needs the swaps: --swaps
+    "text": {"fusion": {"text_dim": TEXT_DIM}, "text_prior": True},
 }
 ONSET_WINDOW_S = 0.04
 VALIDATION_ONLY = ("select", "beat_clips", "beat_every", "sampling")
@@ -192,6 +194,38 @@ def draw(step: int, seed: int, n_items: int, batch_size: int, cond_dropout: floa
     return torch.randint(n_items, (batch_size,), generator=g), torch.rand(batch_size, generator=g) >= cond_dropout
 
 
+def steering_captions(items: list[dict], caption: str) -> list[dict]:
+    """The text system's items: each caption is `caption` naming the clip's instrument (the manifest's)."""
+    missing = sorted(it["id"] for it in items if not it.get("instrument"))
+    if missing:
+        raise SystemExit(f"train --system text: {len(missing)} clip(s) have no instrument label in the manifest "
+                         f"(e.g. {missing[0]}); text steering needs SynthV2M's labels")
+    return [{**it, "caption": caption.format(instrument=it["instrument"])} for it in items]
+
+
+def swap_items(chosen: list[dict], swaps: dict[str, dict[str, np.ndarray]], rate: float, seed: int,
+               step: int) -> list[dict]:
+    """The text system's batch: each item, with probability `rate`, replaced by one of its timbre swaps (the same
+    score on another instrument, `v2m swaps`), whose caption names that instrument and is never dropped
+    (`text_force`). A function of (seed, step), drawn from its own generator so the other draws stay as they are."""
+    g = torch.Generator().manual_seed(seed * 7_000_003 + step)
+    swap = (torch.rand(len(chosen), generator=g) < rate).tolist()
+    pick = torch.randint(1 << 20, (len(chosen),), generator=g).tolist()
+    out = []
+    for it, yes, k in zip(chosen, swap, pick, strict=True):
+        options = swaps.get(it["id"], {})
+        if yes and options:
+            instrument = sorted(options)[k % len(options)]
+            codes = options[instrument]
+            if codes.shape != it["codes"].shape:
+                raise SystemExit(f"train: the swap of {it['id']} on {instrument} has codes {codes.shape}, the clip "
+                                 f"{it['codes'].shape}: the swaps were made with another codec or clip length; "
+                                 "rerun `v2m swaps`")
+            it = {**it, "codes": codes, "text_key": f"prompt:{instrument}", "text_force": True}
+        out.append(it)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------------------------------
@@ -275,14 +309,22 @@ class Trainer:
     train_step (get_batch -> forward -> backward -> clip -> optimizer -> EMA), evaluate, save_checkpoint, export."""
 
     def __init__(self, params: Params, system: str, items: list[dict], codec: dict, out_dir: Path,
-                 device: torch.device, rank: int = 0, world: int = 1):
+                 device: torch.device, rank: int = 0, world: int = 1,
+                 swaps: dict[str, dict[str, np.ndarray]] | None = None):
         cfg = self.cfg = params.train
         self.params, self.system, self.codec, self.seed = params, system, codec, params.base.seed
         self.device, self.rank, self.world = device, rank, world
         self.last, self.best_path, self.out_dir = out_dir / "last.pt", out_dir / "best.pt", out_dir
         self.train_items = [it for it in items if it["split"] == "train"]
         self.val_items = [it for it in items if it["split"] == "val"] or self.train_items[: max(1, cfg.beat_clips)]
-        self.text = caption_embeddings(items) if cfg.text else None
+        self.swaps = swaps
+        if system == "text":  # every caption names the clip's instrument; a swapped item's, its swap's
+            items = steering_captions(items, params.ablations.caption)
+            named = sorted({it["instrument"] for it in items} | {i for v in (swaps or {}).values() for i in v})
+            prompts = [{"id": f"prompt:{i}", "caption": params.ablations.caption.format(instrument=i)} for i in named]
+            self.text = caption_embeddings(items + prompts)
+        else:
+            self.text = caption_embeddings(items) if cfg.text else None
         mcfg = model_config(cfg, system, codec, items[0]["clip"].shape[1], items[0]["flow"].shape[1],
                             params.embed.flow.grid ** 2, params.ablations.vidmuse)
         if mcfg.harmony or mcfg.harmony_knn:
@@ -295,9 +337,14 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.ema_decay else None
         # settings that only change validation or which checkpoint is exported do not make a checkpoint stale
-        self.fingerprint = params_hash({"train": {k: v for k, v in to_dict(cfg).items() if k not in VALIDATION_ONLY},
-                                        "seed": self.seed, "model": self.mcfg.to_dict(), "system": system,
-                                        "ids": [it["id"] for it in self.train_items], "world": world})
+        fingerprint = {"train": {k: v for k, v in to_dict(cfg).items() if k not in VALIDATION_ONLY},
+                       "seed": self.seed, "model": self.mcfg.to_dict(), "system": system,
+                       "ids": [it["id"] for it in self.train_items], "world": world}
+        if system == "text":  # what the swaps and captions are (other systems' fingerprints stay as they were)
+            fingerprint["steer"] = {"caption": params.ablations.caption, "swap_rate": params.ablations.swap_rate,
+                                    "swaps": stable_hash(json.dumps({k: {i: c.tolist() for i, c in v.items()}
+                                                                     for k, v in sorted((swaps or {}).items())}))}
+        self.fingerprint = params_hash(fingerprint)
         self.step, self.history, self.evals = 0, [], []
         self.best = {"step": None, "val_beat_f1": -1.0}  # the selected checkpoint (train.select: val_beat_f1) so far
         self.seconds, self.tokens_per_s = 0.0, 0.0  # logged only: machine-local facts stay out of DVC outputs
@@ -342,7 +389,10 @@ class Trainer:
         index, keep = draw(self.step, self.seed, len(self.train_items), cfg.batch_size, self.mcfg.cond_dropout)
         mine = slice(self.rank * local, (self.rank + 1) * local)
         index, keep = index[mine], keep[mine]
-        batch = {k: v.to(self.device) for k, v in collate([self.train_items[i] for i in index], self.text).items()}
+        chosen = [self.train_items[i] for i in index.tolist()]
+        if self.swaps:
+            chosen = swap_items(chosen, self.swaps, self.params.ablations.swap_rate, self.seed, self.step)
+        batch = {k: v.to(self.device) for k, v in collate(chosen, self.text).items()}
         return batch, keep.to(self.device)
 
     def train_step(self) -> float:
@@ -438,12 +488,12 @@ class Trainer:
 
 
 def train(params: Params, system: str, items: list[dict], codec: dict, out_dir: Path, metrics_dir: Path,
-          decode=None) -> dict:
+          decode=None, swaps: dict[str, dict[str, np.ndarray]] | None = None) -> dict:
     """Train (or resume) one system; returns its metrics row. Writes out_dir/{last,v2m}.pt and metrics_dir files."""
     cfg = params.train
     rank, world, device = setup_distributed(cfg)
     check_settings(cfg, world)
-    trainer = Trainer(params, system, items, codec, out_dir, device, rank, world)
+    trainer = Trainer(params, system, items, codec, out_dir, device, rank, world, swaps)
     trainer.resume()
     bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc=f"train {system}", unit="step",
                disable=None if rank == 0 else True)
@@ -503,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(the data-size curve of the ablation group; the validation clips stay all)")
     parser.add_argument("--patches", metavar="DIR", help="the patch stream's store (`v2m embed --streams patch --out "
                         "D`: D/patch), which the spatial system reads and the others do not")
+    parser.add_argument("--swaps", metavar="DIR", help="the timbre swaps (`v2m swaps`: ablations.swaps_dir), which "
+                        "the text system trains on and the others do not")
     parser.add_argument("--report", metavar="JSON", help="only merge the metrics folder's systems into JSON")
     parser.add_argument("--export", metavar="PT", help="with --report: copy the full system's v2m.pt to PT (the "
                         "default model of `v2m generate`, models/v2m.pt)")
@@ -528,6 +580,13 @@ def main(argv: list[str] | None = None) -> int:
     if spatial != bool(args.patches):
         raise SystemExit(f"train: --system {args.system} " + ("reads the patch stream: give --patches DIR (`v2m embed "
                          "--streams patch --out D` writes D/patch)" if spatial else "does not read --patches"))
+    steer = args.system == "text"
+    if steer != bool(args.swaps):
+        raise SystemExit(f"train: --system {args.system} " + ("trains on the timbre swaps: give --swaps DIR (`v2m "
+                         "swaps` writes ablations.swaps_dir)" if steer else "does not read --swaps"))
+    if steer and params.ablations.problem():
+        raise SystemExit(f"train: {params.ablations.problem()}")
+    swaps = load_swaps(Path(args.swaps)) if steer else None
     items, codec = load_dataset(Path(args.features or params.embed.out_dir), tokens_dir,
                                 Path(args.manifest or Path(params.ingest.out_dir) / "manifest.parquet"),
                                 codec_obj.describe() if codec_obj is not None else None,
@@ -540,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     if codec_obj is not None:
         decode = lambda codes: (codec_obj.decode(codes.numpy()), codec_obj.sample_rate)  # noqa: E731
     out_dir = Path(args.out or Path(cfg.out_dir) / args.system)
-    result = train(params, args.system, items, codec, out_dir, metrics_dir, decode)
+    result = train(params, args.system, items, codec, out_dir, metrics_dir, decode, swaps)
     if dist_env()[0] == 0:
         print(f"train {args.system}: " + json.dumps(result))
     if torch.distributed.is_initialized():

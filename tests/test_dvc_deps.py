@@ -44,6 +44,11 @@ NOT_RUN = {
     # counts of Table 1) imports the model. Listing pipeline/model would refit the audio tagger, an evaluation
     # instrument that never sees the V2M model, on every model edit.
     ("tagger", "pipeline/evaluate.py", "model_info", "pipeline.model"),
+    # and only `--fit-tagger` runs the music through the codec (evaluate.tagger.round_trip_clips): the stages that
+    # score generated music read the tagger it wrote (a dep), never the codec
+    *((stage, "pipeline/evaluate.py", func, "pipeline.codecs") for stage in ("evaluate", "evaluate_seeds",
+                                                                           "evaluate_all")
+      for func in ("codec_round_trips", "_round_trip_job")),
 }
 
 REGISTRY_STRING = re.compile(r"pipeline(\.\w+)+(:\w+)?")

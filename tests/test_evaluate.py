@@ -329,6 +329,13 @@ def test_evaluate_ablations_scores_every_system_and_seed_on_the_same_clips(fitte
     layout = {gen: {"reference": reference, "random": other, "full": reference, "no_motion": other},
               seeds / "1": {"full": reference, "no_motion": other},
               abl / "0": {"no_clip": other, "data50": rolled}, abl / "1": {"no_clip": other, "data50": reference}}
+    # the text model's three rows: the true music each time; text_other's prompt names another instrument, so
+    # against its prompt it scores what the tagger gets wrong on the true music
+    labels = pd.read_parquet(root / "ingest/manifest.parquet").set_index("id")
+    others = {i: next(x for x in ("piano", "organ", "pluck", "bell") if x != labels.loc[i, "instrument"])
+              for i in ids[:3]}
+    for seed in ("0", "1"):
+        layout[abl / seed].update({"text": reference, "text_own": reference, "text_other": reference})
     for folder, systems in layout.items():
         rows = []
         for system, source in systems.items():
@@ -336,6 +343,9 @@ def test_evaluate_ablations_scores_every_system_and_seed_on_the_same_clips(fitte
             for i in ids[:3]:
                 shutil.copy(source / f"{i}.wav", folder / system / f"{i}.wav")
                 rows.append({"system": system, "id": i, "status": "ok", "reason": "", "error": ""})
+                if system.startswith("text"):
+                    rows[-1]["prompt_instrument"] = others[i] if system == "text_other" else labels.loc[
+                        i, "instrument"]
         pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
     path = tmp_path / "params.yaml"
     ablations = AblationsConfig(seeds=(0, 1), systems=("no_clip",), fractions=(50,), spatial=False)
@@ -346,7 +356,12 @@ def test_evaluate_ablations_scores_every_system_and_seed_on_the_same_clips(fitte
     assert evaluate.main(["--params", str(path), "--ablations", str(abl), *out]) == 0
     summary = json.loads((tmp_path / "ablations.json").read_text())
     assert summary["seeds"] == [0, 1] and summary["n_clips"] == 3
-    assert set(summary["systems"]) == {"full", "no_motion", "no_clip", "data50", "reference", "random"}
+    assert set(summary["systems"]) == {"full", "no_motion", "no_clip", "text", "text_own", "text_other", "data50",
+                                       "reference", "random"}
+    inst = {s: summary["systems"][s]["instrument_acc"]["mean"] for s in ("text", "text_own", "text_other")}
+    assert inst["text"] == inst["text_own"] >= 0.66 and inst["text_other"] <= 1 - inst["text_own"]  # vs the prompt
+    steering = {t["system"]: t for t in summary["steering"]}
+    assert set(steering) == {"text_own", "text_other"} and not steering["text_other"]["met_every_seed"]
     assert summary["systems"]["full"]["chroma"]["mean"] > 0.99  # "full" is the reference music on both seeds
     assert summary["systems"]["data50"]["train_clips"] == 1  # 50 % of the one labelled train clip, at least one
     claims = {(c["b"], c["metric"]): c for c in summary["claims"]}
@@ -355,8 +370,12 @@ def test_evaluate_ablations_scores_every_system_and_seed_on_the_same_clips(fitte
     text = (tmp_path / "reports" / "ablations.md").read_text()
     cells = [line[2:].split(" | ") for line in text.split("## The paper")[0].splitlines() if line.startswith("| v2m")]
     assert [(c[0], c[2]) for c in cells] == [("v2m full (CLIP + flow)", "2"), ("v2m no_motion (CLIP only)", "2"),
-                                             ("v2m no_clip (flow only)", "2"),
+                                             ("v2m no_clip (flow only)", "2"), ("v2m text, no prompt", "2"),
+                                             ("v2m text, prompt = the clip's instrument", "2"),
+                                             ("v2m text, prompt = another instrument (scored against the prompt)",
+                                              "2"),
                                              ("v2m full on 50 % of the train split", "2")]  # in table order, 2 seeds
+    assert "## Text steering" in text and "| another instrument | beat F1 >= 0.8 |" in text
     assert "## The paper's claims, tested" in text and "![data-size curve](data_size.png)" in text
     assert (tmp_path / "reports" / "data_size.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -368,3 +387,47 @@ def test_evaluate_ablations_scores_every_system_and_seed_on_the_same_clips(fitte
                                                    ablations=replace(ablations, seeds=(0, 2))))))
     assert evaluate.main(["--params", str(path), "--ablations", str(abl), *out]) == 2
     assert "ablations.seeds [0, 2] must be base.seed and seed_study.seeds [0, 1]" in capsys.readouterr().err
+
+
+def test_round_trip_rows_take_each_instrument_alike_in_a_fixed_order():
+    from pipeline.evaluate import round_trip_rows
+
+    rows = [{"id": f"synth_{i:05d}", "instrument": ("piano", "organ", "pluck", "bell")[i % 4 if i < 30 else 0]}
+            for i in range(40)]
+    chosen = round_trip_rows(rows, 8)
+    assert len(chosen) == 8 and pd.Series([r["instrument"] for r in chosen]).value_counts().to_dict() == {
+        "bell": 2, "organ": 2, "piano": 2, "pluck": 2}
+    assert chosen == round_trip_rows(list(reversed(rows)), 8)  # the order of the input does not matter
+    assert {r["id"] for r in round_trip_rows(rows, 4)} <= {r["id"] for r in chosen}  # a smaller set is inside
+
+
+def test_tagger_also_learns_from_the_codec_round_trip(trained_project, tmp_path, capsys):
+    """evaluate.tagger.round_trip_clips: the tagger stage runs that many train clips through the tokenize stage's
+    codec (exactly the reference row's encode + decode) and trains on them too; the held-out round trip accuracy is
+    reported. Without the codec it says what to run."""
+    from pipeline import codecs, evaluate
+    from pipeline.config import load_params
+    from pipeline.media import load_audio
+
+    params = yaml.safe_load(trained_project["params"].read_text())
+    params["evaluate"]["tagger"].update(out_dir=str(tmp_path / "tagger"), metrics_path=str(tmp_path / "tagger.json"),
+                                       epochs=2, round_trip_clips=4, round_trip_workers=1)
+    params["evaluate"].update(ingest_dir=params["ingest"]["out_dir"], music_dir=params["separate"]["out_dir"])
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert evaluate.main(["--params", str(path), "--fit-tagger"]) == 0
+    result = json.loads((tmp_path / "tagger.json").read_text())
+    assert result["train_clips"] == 6 and result["round_trip_clips"] == 4
+    assert set(result["val_round_trip_accuracy"]) == set(result["val_accuracy"])
+    loaded = load_params(path)
+    labels = evaluate.read_labels(Path(loaded.evaluate.ingest_dir))
+    row = labels[labels["split"] == "val"].to_dict("records")[0]
+    got = evaluate.codec_round_trips(loaded, loaded.evaluate.music_dir, [row], 16000, 1)[0]
+    codec = codecs.load_codec(loaded.tokenize.codec, loaded.tokenize)
+    music = load_audio(Path(loaded.evaluate.music_dir) / f"{row['id']}.wav", codec.sample_rate)[0]
+    want = evaluate._resampled(codec.decode(codec.encode(music)), codec.sample_rate, 16000)
+    assert np.array_equal(got, want)
+    params["tokenize"]["model_dir"] = str(tmp_path / "no_codec")
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.raises(SystemExit, match="round_trip_clips needs the tokenize stage's codec"):
+        evaluate.main(["--params", str(path), "--fit-tagger"])

@@ -326,7 +326,7 @@ def test_stage_for_the_ablation_group_generates_its_systems(project, tmp_path):
     folder; each writes its own music for every clip. Without --patches the spatial model's rows fail, and say why."""
     params = yaml.safe_load(project["params"].read_text())
     params["ablations"] = {**params.get("ablations", {}), "systems": ["vidmuse", "no_clip"], "fractions": [50],
-                           "spatial": True}
+                           "spatial": True, "text": False}
     params["train"]["text"] = False
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -357,6 +357,70 @@ def test_stage_for_the_ablation_group_generates_its_systems(project, tmp_path):
     assert len(failed) == frame["id"].nunique() and (failed["status"] == "failed").all()
     assert failed["error"].str.contains("give --patches DIR").all()
     assert (frame[frame["system"] != "spatial"]["status"] == "ok").all()
+
+
+def test_text_steering_from_swaps_to_scored_prompts(project, tmp_path):
+    """Text steering end to end on the project: `v2m swaps` renders each train clip's score on the other instruments
+    and encodes it with the tokenize stage's codec (one manifest row per train clip; a rerun rewrites nothing; a clip
+    that no longer renders from the params is a failed row that says so); `v2m train --system text --swaps` learns
+    from them; `v2m generate --stage --ablations` writes the text model three ways, each row naming its prompt and the
+    instrument it asks for, which evaluate scores it against."""
+    from pipeline import evaluate, swaps
+    from pipeline.dataset import load_swaps
+    from pipeline.shards import load_features
+
+    params = yaml.safe_load(project["params"].read_text())
+    params["ablations"] = {**params.get("ablations", {}), "systems": [], "fractions": [], "spatial": False,
+                           "text": True, "swaps_dir": str(tmp_path / "swaps"), "swap_workers": 1}
+    params["train"]["text"] = False
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    loaded = load_params(path)
+    assert swaps.main(["--params", str(path)]) == 0
+    table = pd.read_csv(tmp_path / "swaps" / "manifest.csv", keep_default_na=False)
+    synth_rows = pd.read_csv(loaded.synth.manifest, keep_default_na=False)
+    train_ids = sorted(synth_rows.loc[synth_rows["split"] == "train", "id"])
+    assert sorted(table["id"]) == train_ids and (table["status"] == "ok").all()
+    made = load_swaps(tmp_path / "swaps")
+    tokens = load_features(Path(loaded.tokenize.store_dir))
+    for i in train_ids:
+        own = synth_rows.set_index("id").loc[i, "instrument"]
+        assert sorted(made[i]) == sorted({"piano", "organ", "pluck", "bell"} - {own})
+        for codes in made[i].values():  # the clip's length in the codec's frames, other tokens than the clip's
+            assert codes.shape == np.asarray(tokens[i]).T.shape and not np.array_equal(codes, np.asarray(tokens[i]).T)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "swaps").glob("*.npz")}
+    tampered = synth_rows.copy()
+    tampered.loc[tampered["id"] == train_ids[0], "spec_hash"] = "0" * 12
+    tampered.to_csv(loaded.synth.manifest, index=False)
+    try:
+        assert swaps.main(["--params", str(path)]) == 0
+    finally:
+        synth_rows.to_csv(loaded.synth.manifest, index=False)
+    table = pd.read_csv(tmp_path / "swaps" / "manifest.csv", keep_default_na=False).set_index("id")
+    assert table.loc[train_ids[0], "status"] == "failed" and "spec_mismatch" in table.loc[train_ids[0], "reason"]
+    assert (table.drop(train_ids[0])["status"] == "ok").all()
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "swaps").glob("*.npz")} == stamps  # nothing redone
+
+    models, out = tmp_path / "models", tmp_path / "generated"
+    assert train.main(["--params", str(path), "--system", "text", "--swaps", str(tmp_path / "swaps"), "--out",
+                       str(models / "text"), "--metrics", str(tmp_path / "metrics")]) == 0
+    assert generate.main(["--stage", "--no-baselines", "--ablations", "--models", str(models), "--out", str(out),
+                          "--params", str(path)]) == 0
+    frame = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    assert set(frame["system"]) == {"text", "text_own", "text_other"} and (frame["status"] == "ok").all()
+    labels = pd.read_parquet(Path(loaded.ingest.out_dir) / "manifest.parquet").set_index("id")
+    for r in frame.to_dict("records"):
+        own = labels.loc[r["id"], "instrument"]
+        if r["system"] == "text":
+            assert r["prompt"] == "" and r["prompt_instrument"] == own
+        else:
+            assert r["prompt"] == f"music played on the {r['prompt_instrument']}"
+            assert (r["prompt_instrument"] == own) == (r["system"] == "text_own")
+    first = frame["id"].iloc[0]
+    music = {s: load_audio(out / s / f"{first}.wav")[0] for s in ("text", "text_own", "text_other")}
+    assert not np.array_equal(music["text_own"], music["text_other"])
+    targets = evaluate.prompt_targets(out / "manifest.csv")
+    assert targets[("text_other", first)] != labels.loc[first, "instrument"] == targets[("text_own", first)]
 
 
 class _Payload:

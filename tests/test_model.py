@@ -12,6 +12,7 @@ from pipeline.model import (
     V2M,
     FusionConfig,
     HarmonyBank,
+    ModelConfig,
     TemporalFusion,
     create_model,
     delay_pattern,
@@ -569,3 +570,40 @@ def test_harmony_bank_is_given_at_construction_and_saved_under_the_names_it_alwa
     with pytest.raises(ValueError, match="does not match the model config"):
         V2M(debug_model().cfg, harmony=bank)  # a bank given to a model without harmony_knn
     assert debug_model().harmony is None and "bank_keys" not in debug_model().state_dict()
+
+
+def test_text_prior_adds_the_captions_bias_to_every_logit_and_only_with_a_caption():
+    """text_prior: a learned (K, V) bias from the caption, zero until trained, added at every step when the caption is
+    there (not masked, not dropped, not the null condition); with it sampling follows the caption; text_force keeps a
+    caption through caption dropout; the field is saved in a checkpoint's config only when set."""
+    with pytest.raises(ValueError, match="text_prior needs a model with text"):
+        debug_model(text_prior=True)
+    model = debug_model(text_prior=True, fusion={"text_dim": 5})
+    batch = make_batch()
+    batch["text"], batch["text_mask"] = torch.randn(2, 5, generator=torch.Generator().manual_seed(3)), torch.ones(
+        2, dtype=torch.bool)
+    before = model(batch)[0]
+    no_caption = dict(batch, text_mask=torch.tensor([False, True]))
+    before_without = model(no_caption)[0]
+    with torch.no_grad():  # as if trained: caption dimension 0 says "token 7 of codebook 1"
+        model.text_prior.weight.zero_()
+        model.text_prior.bias.zero_()
+        row = model.fusion.text_in(batch["text"])
+        model.text_prior.weight[CARD + 7] = 40.0 * row[0] / row[0].norm() ** 2
+    after = model(batch)[0]
+    assert torch.allclose((after - before)[0, 1, :, 7], torch.full_like(after[0, 1, :, 7], 40.0), atol=1e-3)
+    assert torch.allclose((after - before)[0, 0], torch.zeros_like(after[0, 0]), atol=1e-5)  # codebook 0: no bias
+    assert torch.allclose(model(no_caption)[0][0], before_without[0], atol=1e-5)  # no caption, no bias
+    assert torch.allclose(model(batch, torch.tensor([False, True]))[0][0], model(no_caption, torch.tensor(
+        [False, True]))[0][0], atol=1e-5)  # the null condition has no caption either
+    plain = {k: v for k, v in batch.items() if k not in ("codes", "code_mask")}
+    codes = model.generate(plain, 6, guidance=3.0, temperature=0.0)
+    assert (codes[0, 1] == 7).all() and not (model.generate(dict(plain, text_mask=torch.tensor([False, True])), 6,
+                                                               guidance=3.0, temperature=0.0)[0, 1] == 7).all()
+    model.train()
+    model.fusion.cfg = dataclasses.replace(model.fusion.cfg, text_dropout=1.0)  # every caption dropped ...
+    torch.manual_seed(0)
+    cond = model.condition(dict(batch, text_force=torch.tensor([True, False])))
+    assert cond.text[1].tolist() == [True, False]  # ... but the forced one
+    assert "text_prior" not in debug_model().cfg.to_dict() and model.cfg.to_dict()["text_prior"]
+    assert ModelConfig.from_dict(model.cfg.to_dict()) == model.cfg

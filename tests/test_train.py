@@ -25,7 +25,7 @@ import yaml
 
 from pipeline import train
 from pipeline.config import BaseConfig, SynthConfig, params_from_dict, to_dict
-from pipeline.dataset import collate, load_dataset
+from pipeline.dataset import collate, load_dataset, load_swaps
 from pipeline.shards import FeatureStore, Item
 from pipeline.synth import make_spec
 
@@ -70,9 +70,29 @@ def make_data(root: Path, n_train: int = 6, n_val: int = 2) -> dict:
         FeatureStore(root / name, 2).update(items, "enc", fn)
     splits = ["train"] * n_train + ["val"] * n_val
     pd.DataFrame({"id": ids, "split": splits, "status": "ok", "caption": [s.caption() for s in specs],
+                  "instrument": [s.instrument for s in specs],
                   "beat_times": [json.dumps(list(s.beat_times)) for s in specs]}).to_parquet(root / "manifest.parquet")
+    # the text system's timbre swaps (`v2m swaps`' layout): the clip's codes with codebook 1 off the beats naming the
+    # instrument (token 8 + its index), as a real swap changes the timbre and keeps the beats
+    swaps = root / "swaps"
+    swaps.mkdir()
+    for item, split in zip(items, splits, strict=True):
+        if split != "train":
+            continue
+        codes = tokens(item)[0].T.astype(np.int16)  # (K, T)
+        beat = codes[1] == 14
+        arrays = {}
+        for k, name in enumerate(SWAP_INSTRUMENTS):
+            if name != item.payload.instrument:
+                arrays[name] = np.stack([codes[0], np.where(beat, 14, 8 + k)]).astype(np.int16)
+        np.savez(swaps / f"{item.id}.npz", key=np.array("test"), **arrays)
+    pd.DataFrame({"id": [i for i, s in zip(ids, splits, strict=True) if s == "train"], "status": "ok", "reason": "",
+                  "instruments": ""}).to_csv(swaps / "manifest.csv", index=False)
     return {"features": root / "features", "tokens": root / "tokens", "manifest": root / "manifest.parquet",
-            "patches": root / "spatial" / "patch"}
+            "patches": root / "spatial" / "patch", "swaps": swaps}
+
+
+SWAP_INSTRUMENTS = ("piano", "organ", "pluck", "bell")
 
 
 def write_params(path: Path, music_dir: Path | None = None, grid: int = 4, **train_cfg) -> Path:
@@ -122,7 +142,8 @@ def test_lr_schedule_and_draws_are_deterministic():
 def test_main_writes_model_metrics_and_plots(data, tmp_path):
     params = write_params(tmp_path / "params.yaml", grid=1)  # the test flow rows are one cell (3 values)
     for system in train.SYSTEMS:
-        extra = ["--patches", str(data["patches"])] if system == "spatial" else []
+        extra = (["--patches", str(data["patches"])] if system == "spatial" else
+                 ["--swaps", str(data["swaps"])] if system == "text" else [])
         assert train.main(argv(data, params, tmp_path, system) + ["--out", str(tmp_path / system)] + extra) == 0
     metrics = json.loads((tmp_path / "metrics" / "full.json").read_text())["full"]
     assert metrics["steps"] == 20 and {"val_loss", "onset_val_loss", "val_beat_f1"} <= set(metrics)
@@ -138,6 +159,14 @@ def test_main_writes_model_metrics_and_plots(data, tmp_path):
         train.main(argv(data, params, tmp_path, "spatial"))
     with pytest.raises(SystemExit, match="does not read --patches"):
         train.main(argv(data, params, tmp_path, "full") + ["--patches", str(data["patches"])])
+    assert fusion["text"]["text_dim"] == 384 and fusion["text"]["mode"] == "temporal"
+    text = torch.load(tmp_path / "text" / "v2m.pt", weights_only=True)
+    assert text["config"]["text_prior"] and "text_prior.weight" in text["model"]
+    assert "text_prior" not in torch.load(tmp_path / "full" / "v2m.pt", weights_only=True)["config"]
+    with pytest.raises(SystemExit, match="give --swaps DIR"):
+        train.main(argv(data, params, tmp_path, "text"))
+    with pytest.raises(SystemExit, match="does not read --swaps"):
+        train.main(argv(data, params, tmp_path, "full") + ["--swaps", str(data["swaps"])])
     loss = pd.read_csv(tmp_path / "metrics" / "full_loss.csv")
     assert list(loss["step"]) == list(range(1, 21)) and "train_loss" in loss.columns
     assert "tokens_per_s" not in loss.columns
@@ -227,6 +256,52 @@ def test_text_conditioning_trains(data, tmp_path, monkeypatch):
     assert train.main(argv(data, params, tmp_path)) == 0
     ckpt = torch.load(tmp_path / "model" / "v2m.pt", weights_only=False)
     assert ckpt["config"]["fusion"]["text_dim"] == 384 and "fusion.text_in.1.weight" in ckpt["model"]
+
+
+def test_swap_items_replace_a_share_of_the_batch_with_their_swaps(data):
+    """Each drawn item becomes one of its swaps with probability swap_rate: the swap's codes, its instrument's prompt
+    as the caption (never dropped); the same (seed, step) draws the same batch, and items without swaps stay."""
+    items, _ = load_dataset(data["features"], data["tokens"], data["manifest"])
+    swaps = load_swaps(data["swaps"])
+    chosen = [it for it in items if it["split"] == "train"] * 8  # 48 draws
+    out = train.swap_items(chosen, swaps, 0.5, 0, 3)
+    swapped = [(a, b) for a, b in zip(chosen, out, strict=True) if b.get("text_force")]
+    assert 12 <= len(swapped) <= 36  # about half
+    for before, after in swapped:
+        instrument = after["text_key"].split(":", 1)[1]
+        assert instrument != before["instrument"] and instrument in swaps[before["id"]]
+        assert np.array_equal(after["codes"], swaps[before["id"]][instrument])
+        assert np.array_equal(after["codes"][0], before["codes"][0])  # the same score: codebook 0 here
+    assert all(a is b for a, b in zip(chosen, out, strict=True) if not b.get("text_force"))
+    again = train.swap_items(chosen, swaps, 0.5, 0, 3)
+    assert [it.get("text_key") for it in again] == [it.get("text_key") for it in out]
+    assert train.swap_items(chosen, swaps, 0.0, 0, 3) == chosen
+    assert train.swap_items(chosen, {}, 1.0, 0, 3) == chosen
+    mixed = [b for _, b in swapped[:2]] + [b for b in out if not b.get("text_force")][:2]
+    batch = collate(mixed, {**{it["id"]: np.zeros(384, np.float32) for it in items},
+                            **{f"prompt:{i}": np.ones(384, np.float32) for i in SWAP_INSTRUMENTS}})
+    assert batch["text_force"].tolist() == [True, True, False, False]
+    assert [bool(row.any()) for row in batch["text"]] == batch["text_force"].tolist()  # the prompt's embedding
+
+
+def test_text_system_learns_the_instrument_its_caption_names(data, tmp_path):
+    """Trained on the clips and their swaps (codebook 1 names the instrument off the beats), the text system's token
+    prior puts the prompted instrument's token first, whatever the scene: the prompt steers the timbre."""
+    from pipeline.encoders.text import caption_embeddings
+    from pipeline.model import V2M, ModelConfig
+
+    params = write_params(tmp_path / "params.yaml", grid=1, max_steps=120, ckpt_every=120, lr=1e-2)
+    assert train.main(argv(data, params, tmp_path, "text") + ["--swaps", str(data["swaps"])]) == 0
+    ckpt = torch.load(tmp_path / "model" / "v2m.pt", weights_only=True)
+    net = V2M(ModelConfig.from_dict(ckpt["config"]))
+    net.load_state_dict(ckpt["model"])
+    net.eval()
+    prompts = caption_embeddings([{"id": i, "caption": f"music played on the {i}"} for i in SWAP_INSTRUMENTS])
+    with torch.no_grad():
+        for k, name in enumerate(SWAP_INSTRUMENTS):
+            row = net.fusion.text_in(torch.from_numpy(prompts[name])[None])
+            prior = net.text_prior(row).view(K, CARD)[1]  # codebook 1
+            assert int(prior[8:12].argmax()) == k, (name, prior[8:12])
 
 
 @pytest.mark.slow

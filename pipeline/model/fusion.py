@@ -175,6 +175,8 @@ class Conditioning:
     harmony_logits: torch.Tensor | None = None  # (B, 12) the harmony head's prediction
     # (embedded rows (B, Tc, d), mask (B, Tc), fps (B,)): the harmony track, what sounds at each CLIP row's time
     harmony_track: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # (projected caption (B, d), mask (B,) after caption dropout): what V2M's text prior reads (text_prior)
+    text: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def context_at(self, seconds: torch.Tensor) -> torch.Tensor:
         """The fused video streams linearly interpolated to `seconds` (B, S) and summed -> (B, S, d)."""
@@ -187,8 +189,9 @@ class Conditioning:
         """Zero the conditioning of items where keep (B,) is False: the null condition of classifier-free guidance."""
         k = keep.to(self.memory.dtype)[:, None, None]
         track = None if self.harmony_track is None else (self.harmony_track[0] * k, *self.harmony_track[1:])
+        text = None if self.text is None else (self.text[0] * k[:, 0], self.text[1] & keep)
         return Conditioning(self.memory * k, self.mask, [(r * k, m, f, s) for r, m, f, s in self.streams],
-                            None if self.harmony is None else self.harmony * k[:, 0], self.harmony_logits, track)
+                            None if self.harmony is None else self.harmony * k[:, 0], self.harmony_logits, track, text)
 
 
 class _Fusion(nn.Module):
@@ -197,18 +200,24 @@ class _Fusion(nn.Module):
     cfg: FusionConfig
 
     def _with_text(self, cfg: FusionConfig, clip: torch.Tensor, parts: list, masks: list, streams: list,
-                   text: torch.Tensor | None, text_mask: torch.Tensor | None) -> Conditioning:
-        """The memory: `parts` (+ the caption row when the model has text) concatenated along time."""
+                   text: torch.Tensor | None, text_mask: torch.Tensor | None,
+                   text_force: torch.Tensor | None = None) -> Conditioning:
+        """The memory: `parts` (+ the caption row when the model has text) concatenated along time. Caption dropout
+        spares items whose `text_force` (B,) is True (the timbre-swapped items, whose caption names what they play)."""
         B = clip.shape[0]
+        row = None
         if cfg.text_dim:
             if text is None:  # no caption at all: a masked placeholder row keeps shapes fixed
                 text = clip.new_zeros(B, cfg.text_dim)
                 text_mask = torch.zeros(B, dtype=torch.bool, device=clip.device)
             if self.training and cfg.text_dropout > 0:
-                text_mask = text_mask & (torch.rand(B, device=clip.device) >= cfg.text_dropout)
-            parts.append(self.text_in(text)[:, None] + self.stream_emb[2])  # (B, 1, d)
+                kept = torch.rand(B, device=clip.device) >= cfg.text_dropout
+                text_mask = text_mask & (kept if text_force is None else kept | text_force)
+            row = self.text_in(text)  # (B, d)
+            parts.append(row[:, None] + self.stream_emb[2])  # (B, 1, d)
             masks.append(text_mask[:, None])
-        return Conditioning(torch.cat(parts, dim=1), torch.cat(masks, dim=1), streams)
+        return Conditioning(torch.cat(parts, dim=1), torch.cat(masks, dim=1), streams,
+                            text=None if row is None else (row, text_mask))
 
 
 def make_fusion(cfg: FusionConfig) -> _Fusion:
@@ -245,9 +254,10 @@ class TemporalFusion(_Fusion):
     def forward(self, clip: torch.Tensor, clip_mask: torch.Tensor, clip_fps: torch.Tensor,
                 flow: torch.Tensor | None = None, flow_mask: torch.Tensor | None = None,
                 flow_fps: torch.Tensor | None = None, text: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None) -> Conditioning:
+                text_mask: torch.Tensor | None = None, text_force: torch.Tensor | None = None) -> Conditioning:
         """Args: clip (B, Tc, Dc), masks (B, T) bool True = valid, fps (B,) rows per second, text (B, Dt) with
-        text_mask (B,) (False = no caption). Returns Conditioning(memory (B, M, d), mask (B, M), streams)."""
+        text_mask (B,) (False = no caption) and text_force (B,) (True = never dropped in training). Returns
+        Conditioning(memory (B, M, d), mask (B, M), streams)."""
         cfg = self.cfg
         B, Tc, _ = clip.shape
         c = None
@@ -275,7 +285,7 @@ class TemporalFusion(_Fusion):
         if c is not None:
             c = self.out(c)
             parts.insert(0, c), masks.insert(0, clip_mask), streams.insert(0, (c, clip_mask, clip_fps, 0.0))
-        return self._with_text(cfg, clip, parts, masks, streams, text, text_mask)
+        return self._with_text(cfg, clip, parts, masks, streams, text, text_mask, text_force)
 
 
 def window_means(rows: torch.Tensor, mask: torch.Tensor, fps: torch.Tensor, seconds: float) -> torch.Tensor:
@@ -327,7 +337,7 @@ class LongShortFusion(_Fusion):
                 flow: torch.Tensor | None = None, flow_mask: torch.Tensor | None = None,
                 flow_fps: torch.Tensor | None = None, text: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, long_clip: torch.Tensor | None = None,
-                long_mask: torch.Tensor | None = None) -> Conditioning:
+                long_mask: torch.Tensor | None = None, text_force: torch.Tensor | None = None) -> Conditioning:
         """As TemporalFusion.forward (the flow arguments are ignored), plus `long_clip` (B, Tl, Dc) with `long_mask`:
         the whole video's CLIP rows when the clip is one window of a longer video. -> memory (B, long_rows + Tc
         [+ 1], d)."""
@@ -345,7 +355,7 @@ class LongShortFusion(_Fusion):
             short = block(short, long, every)
         short, long = self.out(short), self.out(long)
         return self._with_text(cfg, clip, [long, short], [every, clip_mask], [(short, clip_mask, clip_fps, 0.0)],
-                               text, text_mask)
+                               text, text_mask, text_force)
 
 
 class SpatialFusion(_Fusion):
@@ -382,7 +392,8 @@ class SpatialFusion(_Fusion):
                 flow: torch.Tensor | None = None, flow_mask: torch.Tensor | None = None,
                 flow_fps: torch.Tensor | None = None, text: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, patch: torch.Tensor | None = None,
-                patch_mask: torch.Tensor | None = None, patch_fps: torch.Tensor | None = None) -> Conditioning:
+                patch_mask: torch.Tensor | None = None, patch_fps: torch.Tensor | None = None,
+                text_force: torch.Tensor | None = None) -> Conditioning:
         """As TemporalFusion.forward, plus the patch stream: `patch` (B, Tp, P x Dc) with `patch_mask` (B, Tp) and
         `patch_fps` (B,) (`v2m embed --streams patch`)."""
         cfg = self.cfg
@@ -411,4 +422,4 @@ class SpatialFusion(_Fusion):
         c_mask = patch_mask[:, :, None].expand(B, Tp, P).reshape(B, Tp * P)
         streams = [(c.mean(2), patch_mask, patch_fps, 0.0), (f, flow_mask, flow_fps, shift)]
         return self._with_text(cfg, clip, [c.reshape(B, Tp * P, d), f], [c_mask, flow_mask], streams, text,
-                               text_mask)
+                               text_mask, text_force)

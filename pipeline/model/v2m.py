@@ -50,6 +50,7 @@ from pipeline.model.fusion import Conditioning, FusionConfig, make_fusion, rows_
 from pipeline.model.harmony import N_CHROMA, HarmonyBank, harmony_features, key_profiles, masked_mean, standardise
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+LATER_FIELDS = ("text_prior",)  # ModelConfig fields saved only when they differ from the default
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,16 @@ class ModelConfig:
     # with harmony_knn: the bank holds every CLIP row of the training clips with the chroma of the music around its
     # time, each row of a clip retrieves its own neighbours, and the decoder also gets that harmony track at every step
     harmony_track: bool = False
+    # with fusion.text_dim: the caption also adds a learned bias to every logit, a prior over the tokens it names
+    # (text steering, docs/baselines.md); written to a checkpoint's config only when set
+    text_prior: bool = False
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for name in LATER_FIELDS:  # fields added later are saved only when set: older checkpoints keep their bytes
+            if data[name] == getattr(ModelConfig, name):
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
@@ -128,6 +136,12 @@ class V2M(nn.Module):
         self.decoder = MusicDecoder(cfg.decoder)
         self.ctx_proj = nn.Linear(cfg.decoder.d_model, cfg.decoder.d_model) if cfg.interpolate else None
         d = cfg.decoder.d_model
+        if cfg.text_prior:
+            if not cfg.fusion.text_dim:
+                raise ValueError("text_prior needs a model with text (fusion.text_dim > 0; train.text: true)")
+            dec = cfg.decoder
+            self.text_prior = nn.Linear(d, dec.num_codebooks * dec.codebook_size)
+            nn.init.zeros_(self.text_prior.weight), nn.init.zeros_(self.text_prior.bias)  # no bias until learned
         if cfg.harmony_track:
             self.track_in = nn.Linear(N_CHROMA, d)
         elif cfg.harmony and not cfg.harmony_knn:
@@ -173,6 +187,8 @@ class V2M(nn.Module):
             extra = {"long_clip": batch.get("long_clip"), "long_mask": batch.get("long_clip_mask")}
         elif self.cfg.fusion.mode == "spatial":  # the CLIP patch embeddings (`v2m embed --streams patch`)
             extra = {k: batch.get(k) for k in ("patch", "patch_mask", "patch_fps")}
+        if batch.get("text_force") is not None:
+            extra["text_force"] = batch["text_force"]
         cond = self.fusion(batch["clip"], batch["clip_mask"], batch["clip_fps"], batch.get("flow"),
                            batch.get("flow_mask"), batch.get("flow_fps"), batch.get("text"), batch.get("text_mask"),
                            **extra)
@@ -203,6 +219,16 @@ class V2M(nn.Module):
         """KL(true profile || predicted), mean over items: truth (B, 12) rows summing to 1."""
         logp = cond.harmony_logits.float().log_softmax(-1)
         return (truth * (truth.clamp(min=1e-8).log() - logp)).sum(-1).mean()
+
+    def _text_bias(self, cond: Conditioning) -> torch.Tensor | None:
+        """(B, K, 1, V): the text prior's logit bias of each item's caption (zero where it has none or is dropped);
+        None for a model without text_prior."""
+        if not self.cfg.text_prior or cond.text is None:
+            return None
+        row, mask = cond.text
+        dec = self.cfg.decoder
+        bias = self.text_prior(row) * mask[:, None].to(row.dtype)
+        return bias.view(-1, dec.num_codebooks, 1, dec.codebook_size)
 
     def _extra(self, cond: Conditioning, steps: torch.Tensor) -> torch.Tensor | None:
         """What is added to the decoder input at delayed steps (S,) -> (B, S, d): the interpolated context and the
@@ -258,6 +284,9 @@ class V2M(nn.Module):
         cond = cond if keep is None else cond.drop(keep)
         steps = torch.arange(inputs.shape[-1], device=codes.device)
         logits = self.decoder(inputs, cond.memory, cond.mask, self._extra(cond, steps))
+        text_bias = self._text_bias(cond)
+        if text_bias is not None:
+            logits = logits + text_bias
         valid = batch.get("code_mask", torch.ones(B, T, dtype=torch.bool, device=codes.device))
         valid = delay_pattern(valid[:, None].expand(B, K, T).long(), 0).bool()  # (B, K, S)
         return logits, targets.masked_fill(~valid | (targets == self.special), -100), aux
@@ -318,6 +347,8 @@ class V2M(nn.Module):
             forced[:, 1 : P + K] = known
             seq[:, :, 1 : P + K] = torch.where(known, torch.cat([delayed, delayed]) if cfg_on else delayed,
                                                seq[:, :, 1 : P + K])
+        text_bias = self._text_bias(cond)  # (B', K, 1, V) or None
+        text_bias = None if text_bias is None else text_bias[:, :, 0].float()
         cache = self.decoder.new_cache() if use_cache else None
         if P and use_cache:  # prefill: steps 0 .. P-1 are all known, their inputs are positions 0 .. P-1
             steps = torch.arange(P, device=device)
@@ -327,6 +358,8 @@ class V2M(nn.Module):
             steps = torch.arange(start, s + 1, device=device)
             logits = self.decoder(seq[..., start : s + 1], cond.memory, cond.mask, self._extra(cond, steps),
                                   cache=cache, offset=start)[:, :, -1].float()  # (B', K, card)
+            if text_bias is not None:
+                logits = logits + text_bias
             if cfg_on:
                 cond_logits = logits[:B]
                 logits = logits[B:] + guidance * (cond_logits - logits[B:])
