@@ -354,16 +354,16 @@ def fit_tagger(params, cfg: EvaluateConfig) -> int:
     if tcfg.round_trip_clips:
         chosen = round_trip_rows([r for _, r in train], tcfg.round_trip_clips)
         held_out = [r for _, r in val]
-        # the train clips' first crop_s seconds (what one training crop holds: half the decoding), whole val clips
+        # the first crop_s seconds of each (what one training crop holds: half the decoding of a clip)
         waves = codec_round_trips(params, cfg.music_dir, chosen + held_out, tcfg.sample_rate,
-                                  tcfg.round_trip_workers, [tcfg.crop_s] * len(chosen) + [None] * len(held_out))
+                                  tcfg.round_trip_workers, [tcfg.crop_s] * (len(chosen) + len(held_out)))
         round_trips = list(zip(waves[: len(chosen)], chosen, strict=True))
         val_round_trips = list(zip(waves[len(chosen):], held_out, strict=True))
     model = tagger.fit(train + round_trips, tcfg.sample_rate, tcfg, params.base.seed, val=val or None)
     model.save(Path(tcfg.out_dir) / "tagger.pt")
     result = {"train_clips": len(train), "val_clips": len(val),
               "val_accuracy": {k: round(v, 4) for k, v in model.accuracy.items()}}
-    if round_trips:  # how well it hears the codec's sound: the held-out music through the codec
+    if round_trips:  # how well it hears the codec's sound: the held-out music (first crop_s s) through the codec
         result["round_trip_clips"] = len(round_trips)
         result["val_round_trip_accuracy"] = {k: round(v, 4) for k, v in
                                              tagger.accuracy(model, val_round_trips, tcfg.sample_rate).items()}

@@ -427,6 +427,11 @@ def test_tagger_also_learns_from_the_codec_round_trip(trained_project, tmp_path,
     music = load_audio(Path(loaded.evaluate.music_dir) / f"{row['id']}.wav", codec.sample_rate)[0]
     want = evaluate._resampled(codec.decode(codec.encode(music)), codec.sample_rate, 16000)
     assert np.array_equal(got, want)
+    rows = labels.to_dict("records")[:4]  # in 2 processes: the same round trips, in order (BLAS threads aside)
+    one = evaluate.codec_round_trips(loaded, loaded.evaluate.music_dir, rows, 16000, 1, [2.0] * 4)
+    two = evaluate.codec_round_trips(loaded, loaded.evaluate.music_dir, rows, 16000, 2, [2.0] * 4)
+    assert [len(w) for w in one] == [32000] * 4 and all(np.allclose(a, b, atol=1e-5) for a, b in zip(one, two,
+                                                                                                  strict=True))
     params["tokenize"]["model_dir"] = str(tmp_path / "no_codec")
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     with pytest.raises(SystemExit, match="round_trip_clips needs the tokenize stage's codec"):
