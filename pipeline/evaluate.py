@@ -388,11 +388,8 @@ def round_trip_rows(rows: list[dict], n: int) -> list[dict]:
 def _round_trip_job(job: tuple) -> np.ndarray:
     """One clip's music through the codec (encode + decode), mono at `rate`. Top level: runs in worker processes."""
     codec_name, tokenize_cfg, path, rate, seconds = job
-    import torch
-
     from pipeline import codecs
 
-    torch.set_num_threads(1)
     codec = _CODECS.get(codec_name) or _CODECS.setdefault(codec_name, codecs.load_codec(codec_name, tokenize_cfg))
     wav = codec.decode(codec.encode(load_audio(path, codec.sample_rate, duration_s=seconds)[0]))
     return _resampled(wav, codec.sample_rate, rate)
@@ -428,9 +425,17 @@ def codec_round_trips(params: Params, music_dir: str, rows: list[dict], rate: in
             for r, s in zip(rows, seconds, strict=True)]
     if workers <= 1 or len(jobs) < 2 * workers:
         return [_round_trip_job(j) for j in tqdm(jobs, desc="tagger round trips", unit="clip", disable=None)]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_one_torch_thread) as pool:
         return list(tqdm(pool.map(_round_trip_job, jobs), total=len(jobs), desc="tagger round trips", unit="clip",
                          disable=None))
+
+
+def _one_torch_thread() -> None:
+    """A round-trip worker's start: one torch thread, so the workers do not share out the cores twice."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _models(cfg: EvaluateConfig):
