@@ -51,6 +51,7 @@ from pipeline.inference import (
     generate_one,
     load_model,
     mux,
+    prompt_timbre,
     remove_own_scratch,
     text_embedding,
 )
@@ -104,12 +105,12 @@ def run_files(inputs: list[Path], out: Path, model: Model, cfg: GenerateConfig, 
         raise GenerateError(f"{out}: several inputs need an output folder, not a file")
     dests = [output_path(src, out, many, wav_only) for src in inputs]
     check_outputs(inputs, dests)
-    vector = text_embedding(model, text)
+    vector, timbre = text_embedding(model, text), prompt_timbre(model, text)
     results, failures = [], []
     for src, dest in tqdm(list(zip(inputs, dests, strict=True)), desc="generate", unit="file",
                           disable=None if len(inputs) > 1 else True):
         try:
-            result = generate_one(model, src, dest, cfg, seed, vector, wav_only, keep_audio)
+            result = generate_one(model, src, dest, cfg, seed, vector, wav_only, keep_audio, timbre=timbre)
         except (MediaError, GenerateError) as exc:
             failures.append(str(exc))
             log.error("%s", exc)
@@ -209,7 +210,7 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
             continue
         start = len(records)
         if system in models:
-            def make(model=models[system], item_id=item_id, vector=None):
+            def make(model=models[system], item_id=item_id, vector=None, timbre=None):
                 feats = {"clip": np.asarray(clip[item_id]), "flow": np.asarray(flow[item_id]),
                          "clip_fps": fps["clip"], "flow_fps": fps["flow"]}
                 if model.net.cfg.fusion.mode == "spatial":  # the patch rows are the CLIP rows' frames
@@ -218,7 +219,8 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
                     feats.update(patch=np.asarray(patch[item_id]), patch_fps=fps["clip"])
                 n_samples = int(round(float(rows[item_id]["duration_s"]) * model.codec.sample_rate))
                 codes, starts, prompt = generate_codes(model, feats, model.codec.num_frames(n_samples), cfg,
-                                                       _item_seed(seed, item_id), vector, progress=False)
+                                                       _item_seed(seed, item_id), vector, progress=False,
+                                                       timbre=timbre)
                 wav = decode_windows(model.codec, codes, starts, prompt, n_samples, cfg.crossfade_seconds)
                 return wav, model.codec.sample_rate
             if system == "text":  # text steering: no prompt, the clip's own instrument, another one
@@ -226,8 +228,8 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
                                                                  params.ablations.caption).items():
                     if text and text not in prompt_vectors:
                         prompt_vectors[text] = text_embedding(models[system], text)
-                    vector = prompt_vectors.get(text)
-                    emit(name, item_id, lambda v=vector: make(vector=v), prompt=(text, instrument))
+                    vector, timbre = prompt_vectors.get(text), prompt_timbre(models[system], text)
+                    emit(name, item_id, lambda v=vector, t=timbre: make(vector=v, timbre=t), prompt=(text, instrument))
             else:
                 emit(system, item_id, make)
         else:

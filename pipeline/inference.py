@@ -257,6 +257,17 @@ def text_embedding(model: Model, text: str | None) -> np.ndarray | None:
     return caption_embeddings([{"id": "prompt", "caption": text}])["prompt"]
 
 
+def prompt_timbre(model: Model, text: str | None) -> int | None:
+    """The index of the one instrument of the model's timbre tables (`ModelConfig.timbres`: the text system's) that
+    the prompt names, as a whole word in any case; its table then scores the tokens for the harmony bias. None when
+    the prompt names none of them or several, or the model has no such tables."""
+    names = model.net.cfg.timbres
+    if not text or not names:
+        return None
+    named = [i for i, name in enumerate(names) if re.search(rf"\b{re.escape(name)}\b", text, re.IGNORECASE)]
+    return named[0] if len(named) == 1 else None
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # features on the fly
 # ----------------------------------------------------------------------------------------------------------------------
@@ -304,8 +315,10 @@ def rows_at(rows: np.ndarray, fps: float, start_s: float, seconds: float) -> np.
     return ((1 - w) * rows[lo] + w * rows[hi]).astype(np.float32)
 
 
-def window_batch(feats: dict, start_s: float, seconds: float, text: np.ndarray | None, device) -> dict:
-    """The model's batch (B = 1) for the window [start_s, start_s + seconds), its times counted from the start."""
+def window_batch(feats: dict, start_s: float, seconds: float, text: np.ndarray | None, device,
+                 timbre: int | None = None) -> dict:
+    """The model's batch (B = 1) for the window [start_s, start_s + seconds), its times counted from the start;
+    with `timbre`, the instrument table the harmony bias uses (batch["timbre"])."""
     batch = {}
     for stream in ("clip", "flow", "patch"):  # patch: only the spatial-fusion ablation's features have it
         if stream not in feats:
@@ -318,6 +331,8 @@ def window_batch(feats: dict, start_s: float, seconds: float, text: np.ndarray |
     batch["long_clip_mask"] = torch.ones(batch["long_clip"].shape[:2], dtype=torch.bool)
     if text is not None:
         batch["text"], batch["text_mask"] = torch.from_numpy(text[None]), torch.tensor([True])
+    if timbre is not None:
+        batch["timbre"] = torch.tensor([timbre])
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -335,8 +350,11 @@ def plan_windows(n_frames: int, window: int, prompt: int) -> list[int]:
 
 
 def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig, seed: int,
-                   text: np.ndarray | None = None, progress: bool = True) -> tuple[np.ndarray, list[int], int]:
-    """Codes [K, n_frames] for the whole video, window by window -> (codes, window starts, prompt frames)."""
+                   text: np.ndarray | None = None, progress: bool = True, timbre: int | None = None
+                   ) -> tuple[np.ndarray, list[int], int]:
+    """Codes [K, n_frames] for the whole video, window by window -> (codes, window starts, prompt frames). `text`:
+    the prompt's embedding (`text_embedding`); `timbre`: the instrument it names (`prompt_timbre`), whose token chroma
+    table the harmony bias then uses."""
     fr = model.frame_rate
     window = max(1, int(round(model.params.base.clip_seconds * fr)))
     prompt = max(0, int(round(cfg.prompt_seconds * fr)))
@@ -355,7 +373,7 @@ def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig
     codes = torch.zeros(model.net.cfg.decoder.num_codebooks, 0, dtype=torch.long, device=model.device)
     for i, start in enumerate(tqdm(starts, desc="windows", unit="win", leave=False, disable=not progress or None)):
         n = min(window, n_frames - start)
-        batch = window_batch(feats, start / fr, n / fr, text, model.device)
+        batch = window_batch(feats, start / fr, n / fr, text, model.device, timbre)
         given = codes[None, :, start : start + prompt] if i else None
         out = model.net.generate(batch, n, sampling.guidance, sampling.temperature, sampling.top_k, gen, cfg.use_cache,
                                  given, sampling.plausibility, bias)
@@ -462,7 +480,8 @@ def check_writable(path: Path, wav_only: bool) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 def generate_one(model: Model, src: Path, dest: Path, cfg: GenerateConfig, seed: int, text: np.ndarray | None,
-                 wav_only: bool = False, keep_audio: bool = False, progress: bool = True) -> dict:
+                 wav_only: bool = False, keep_audio: bool = False, progress: bool = True,
+                 timbre: int | None = None) -> dict:
     """Music for one video, written to `dest`; returns what was done (durations, windows, copy or re-encode)."""
     check_writable(dest, wav_only)
     clean_stale_temps([dest.parent])
@@ -472,7 +491,7 @@ def generate_one(model: Model, src: Path, dest: Path, cfg: GenerateConfig, seed:
         sr = model.codec.sample_rate
         n_samples = int(round(feats["duration_s"] * sr))
         n_frames = model.codec.num_frames(n_samples)
-        codes, starts, prompt = generate_codes(model, feats, n_frames, cfg, seed, text, progress)
+        codes, starts, prompt = generate_codes(model, feats, n_frames, cfg, seed, text, progress, timbre)
         music = decode_windows(model.codec, codes, starts, prompt, n_samples, cfg.crossfade_seconds)
         audio = music[None]
         if keep_audio and feats["info"].has_audio:

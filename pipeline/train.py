@@ -152,7 +152,9 @@ def fraction_ids(ids: list[str], percent: int) -> list[str]:
 def build_harmony(train_items: list[dict], mcfg: ModelConfig, device: torch.device
                   ) -> tuple[ModelConfig, HarmonyBank | None]:
     """The kNN harmony bank of the training clips (mcfg.harmony_knn; the items need `add_harmony`) and mcfg with its
-    size; None without harmony_knn. item["bank_index"] names each item's clip in the bank: it never retrieves itself."""
+    size (and, for the text system, the instruments of its timbre tables: every train item has its label, which
+    `steering_captions` checked); None without harmony_knn. item["bank_index"] names each item's clip in the bank: it
+    never retrieves itself."""
     if not mcfg.harmony_knn:
         return mcfg, None
     if mcfg.harmony_track:  # every CLIP row of every training clip, with the chroma around its time
@@ -162,12 +164,15 @@ def build_harmony(train_items: list[dict], mcfg: ModelConfig, device: torch.devi
     else:  # each training clip's mean CLIP row, with its music's profile
         keys = np.stack([it["clip"].mean(0) for it in train_items])
         chroma, clips = np.stack([it["harmony"] for it in train_items]), None
-    mcfg = dataclasses.replace(mcfg, harmony_bank=len(keys))
+    # the text system (text_prior) also keeps a token chroma table per instrument, for prompts that name one
+    timbres = tuple(sorted({it["instrument"] for it in train_items})) if mcfg.text_prior and mcfg.harmony_track else ()
+    mcfg = dataclasses.replace(mcfg, harmony_bank=len(keys), timbres=timbres)
     bank = HarmonyBank.from_config(mcfg).to(device)
     bank.fill(*(None if x is None else torch.from_numpy(x).to(device) for x in (keys, chroma, clips)))
     if mcfg.harmony_track:
         bank.fill_token_chroma([torch.from_numpy(it["codes"]) for it in train_items],
-                               [torch.from_numpy(it["frame_chroma"]) for it in train_items])
+                               [torch.from_numpy(it["frame_chroma"]) for it in train_items],
+                               [timbres.index(it["instrument"]) for it in train_items] if timbres else None)
     for i, it in enumerate(train_items):
         it["bank_index"] = i
     return mcfg, bank

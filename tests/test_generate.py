@@ -372,7 +372,7 @@ def test_text_steering_from_swaps_to_scored_prompts(project, tmp_path):
     params = yaml.safe_load(project["params"].read_text())
     params["ablations"] = {**params.get("ablations", {}), "systems": [], "fractions": [], "spatial": False,
                            "text": True, "swaps_dir": str(tmp_path / "swaps"), "swap_workers": 1}
-    params["train"]["text"] = False
+    params["train"].update(text=False, harmony_knn=1, harmony_track=True)  # the harmony bias, as the demo's
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     loaded = load_params(path)
@@ -404,6 +404,14 @@ def test_text_steering_from_swaps_to_scored_prompts(project, tmp_path):
     models, out = tmp_path / "models", tmp_path / "generated"
     assert train.main(["--params", str(path), "--system", "text", "--swaps", str(tmp_path / "swaps"), "--out",
                        str(models / "text"), "--metrics", str(tmp_path / "metrics")]) == 0
+    # the text model keeps a token chroma table per instrument of its train clips, taken by the prompt naming one
+    model = inference.load_model(models / "text" / "v2m.pt", loaded)
+    trained_on = sorted(set(synth_rows.loc[synth_rows["split"] == "train", "instrument"]))
+    assert list(model.net.cfg.timbres) == trained_on and model.net.harmony.timbre_chroma.any()
+    assert inference.prompt_timbre(model, f"music played on the {trained_on[-1].upper()}") == len(trained_on) - 1
+    assert inference.prompt_timbre(model, f"{trained_on[0]} and {trained_on[-1]}") is None  # two: no choice
+    assert inference.prompt_timbre(model, f"{trained_on[0]}s") is None and inference.prompt_timbre(model, "") is None
+    assert inference.prompt_timbre(inference.load_model(project["model"], loaded), trained_on[0]) is None  # no tables
     assert generate.main(["--stage", "--no-baselines", "--ablations", "--models", str(models), "--out", str(out),
                           "--params", str(path)]) == 0
     frame = pd.read_csv(out / "manifest.csv", keep_default_na=False)

@@ -222,6 +222,58 @@ def test_token_chroma_table_and_harmony_bias_make_tokens_follow_the_retrieved_ch
     assert model.has_token_chroma()
 
 
+def test_timbre_tables_score_the_tokens_by_what_they_sound_like_in_the_prompted_instrument():
+    """A bank with timbre tables (the text system's) fills one token chroma table per instrument from that
+    instrument's clips alone; batch["timbre"] makes the harmony bias use it: where two instruments each have a token
+    sounding the chord, the bias of the table of all clips ties them and the instrument's table picks its own; -1
+    keeps the table of all clips. The tables are saved with the bank (and the instruments in the config, only when
+    there are some), and a bad index or missing labels are refused."""
+    with pytest.raises(ValueError, match="timbres .* need harmony_track"):
+        debug_model(timbres=("bell", "piano"))
+    model = debug_model(harmony_knn=1, harmony_bank=4, harmony_track=True, timbres=("bell", "piano"))
+    model.harmony.fill(torch.eye(4, 8), torch.eye(4, 12), torch.tensor([0, 0, 1, 1]))
+    # training music: the bell clip writes token 0 on pitch class 0 and token 2 on pc 2; the piano clip token 12 on
+    # pc 0 and token 13 on pc 2, on both codebooks
+    frames = torch.eye(12)[[0, 2]].repeat(3, 1)  # (6, 12): pc 0, pc 2, ...
+    bell, piano = torch.tensor([0, 2]).repeat(K, 3), torch.tensor([12, 13]).repeat(K, 3)
+    with pytest.raises(ValueError, match="timbre tables need each clip's instrument"):
+        model.harmony.fill_token_chroma([bell, piano], [frames, frames])
+    model.harmony.fill_token_chroma([bell, piano], [frames, frames], [0, 1])
+    tables = model.harmony.timbre_chroma
+    assert torch.allclose(tables[0][:, [0, 2]], torch.eye(12)[[0, 2]].expand(K, -1, -1))
+    assert not tables[0][:, 12:].any() and not tables[1][:, :12].any()
+    assert torch.allclose(tables[1][:, [12, 13]], torch.eye(12)[[0, 2]].expand(K, -1, -1))
+    rows = torch.eye(12)[[0, 2]][None].expand(3, -1, -1)  # three items, frames sounding pc 0 then pc 2
+    corr = model.harmony.token_correlation(rows, torch.tensor([-1, 0, 1]))
+    assert torch.equal(corr[0], model.harmony.token_correlation(rows[:1])[0])  # -1: the table of all clips
+    assert torch.allclose(corr[0, 0, :, [0, 12]], torch.ones(K, 2))  # both instruments' pc-0 tokens, tied
+    assert torch.allclose(corr[1, 0, :, [0, 12]], torch.tensor([1.0, 0.0]).expand(K, -1))  # bell: its own
+    assert torch.allclose(corr[2, 1, :, [2, 13]], torch.tensor([0.0, 1.0]).expand(K, -1))  # piano: its own
+    with pytest.raises(ValueError, match="timbre must be -1"):
+        model.harmony.token_correlation(rows, torch.tensor([-1, 0, 2]))
+    batch = make_batch(B=2, clip_len=(4, 4))
+    batch = {k: v for k, v in batch.items() if k not in ("codes", "code_mask")}
+    batch["clip"] = torch.zeros(2, 4, 8)
+    batch["clip"][:, :2, 0], batch["clip"][:, 2:, 2] = 1.0, 1.0  # 0-0.5 s retrieves pc 0, 1-1.5 s pc 2
+
+    def draw(timbre):
+        b = dict(batch) if timbre is None else dict(batch, timbre=torch.tensor(timbre))
+        return model.generate(b, 12, guidance=3.0, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                              harmony_bias=200.0)
+
+    seconds = torch.arange(12) / model.cfg.frame_rate
+    early, late = seconds <= 0.5, seconds >= 1.0
+    mixed, own = draw(None), draw([0, 1])  # item 0 asks for the bell's table, item 1 for the piano's
+    assert torch.equal(mixed, draw([-1, -1]))
+    assert set(mixed[:, :, early].unique().tolist()) == {0, 12}  # the table of all clips: either instrument's token
+    assert (own[0][:, early] == 0).all() and (own[0][:, late] == 2).all()
+    assert (own[1][:, early] == 12).all() and (own[1][:, late] == 13).all()
+    assert model.cfg.to_dict()["timbres"] == ("bell", "piano") and "timbres" not in debug_model().cfg.to_dict()
+    fresh = V2M(ModelConfig.from_dict({**model.cfg.to_dict(), "timbres": ["bell", "piano"]}))
+    fresh.load_state_dict(model.state_dict())
+    assert "timbre_chroma" in model.state_dict() and torch.equal(fresh.harmony.timbre_chroma, tables)
+
+
 def test_token_noise_replaces_the_decoders_input_tokens_in_training_only():
     batch = make_batch()
     other = dict(batch, codes=(batch["codes"] + 1) % CARD)

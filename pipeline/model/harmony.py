@@ -13,14 +13,17 @@ same embeddings manages 0.40 (docs/studies/harmony.md). The bank holds, for the 
   nearest bank rows of other clips. That is the harmony track, what sounds at each moment, and its mean over the clip
   is the profile. With the track the bank also keeps the token chroma table (K, V, 12): for every codebook and token,
   the mean chroma of the training music at the frames where the token was written, what each token sounds like
-  (`generate(..., harmony_bias=w)` adds w x its correlation with the track to the token's logit).
+  (`generate(..., harmony_bias=w)` adds w x its correlation with the track to the token's logit). The text system's
+  bank also keeps one such table per instrument (`timbres`, counted over that instrument's training clips alone): a
+  prompt that names an instrument takes its table, so that the bias ranks the tokens by what they sound like in that
+  timbre and stops favouring another instrument's tokens that sound the chord (docs/baselines.md, "Text steering").
 
 Public interface:
-    bank = HarmonyBank(size, key_dim, k, tau, track, token_shape)   # empty; or HarmonyBank.from_config(model_cfg)
+    bank = HarmonyBank(size, key_dim, k, tau, track, token_shape, timbres)  # empty; or HarmonyBank.from_config(cfg)
     bank.fill(keys, profiles[, clips])                                # train: the training clips (or rows)
-    bank.fill_token_chroma(codes, chroma)                             # train, with track: the token chroma table
+    bank.fill_token_chroma(codes, chroma[, timbres])                  # train, with track: the token chroma table(s)
     profile, track = bank(clip, clip_mask, own)                       # (B, 12), (B, Tc, 12) or None
-    bank.token_correlation(rows)                                      # (B, F, 12) -> (B, F, K, V)
+    bank.token_correlation(rows[, timbre])                            # (B, F, 12) -> (B, F, K, V)
     harmony_features(profile, key_profiles())                         # (B, 12) -> (B, 36), what V2M embeds
 
 The bank has no parameters: its buffers travel in the checkpoint (under the names V2M's state dict has always used,
@@ -77,10 +80,10 @@ class HarmonyBank(nn.Module):
     """The k-nearest-scene harmony bank of the training clips (see the module docstring); empty until `fill`."""
 
     def __init__(self, size: int, key_dim: int, k: int, tau: float = 0.05, track: bool = False,
-                 token_shape: tuple[int, int] = (0, 0)):
+                 token_shape: tuple[int, int] = (0, 0), timbres: int = 0):
         """Args: size, the bank's rows (training clips, or their CLIP rows with `track`); key_dim, the CLIP
         embedding's; k neighbours, softmax temperature tau; token_shape (K, V), the token chroma table's (with
-        track)."""
+        track); timbres, how many per-instrument tables it also keeps (with track; the text system's)."""
         super().__init__()
         if k < 1:
             raise ValueError(f"harmony bank: k must be >= 1, got {k}")
@@ -91,12 +94,14 @@ class HarmonyBank(nn.Module):
             self.register_buffer("bank_clips", torch.zeros(size, dtype=torch.long))
             # all zero = unknown (a model trained before the table existed): harmony_bias is then 0
             self.register_buffer("token_chroma", torch.zeros(*token_shape, N_CHROMA))  # (K, V, 12)
+            if timbres:  # the same table counted over each instrument's clips alone: (I, K, V, 12)
+                self.register_buffer("timbre_chroma", torch.zeros(timbres, *token_shape, N_CHROMA))
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> HarmonyBank:
         """The empty bank a model config describes (cfg.harmony_knn > 0): what a checkpoint's buffers load into."""
         return cls(cfg.harmony_bank, cfg.fusion.clip_dim, cfg.harmony_knn, cfg.harmony_tau, cfg.harmony_track,
-                   (cfg.decoder.num_codebooks, cfg.decoder.codebook_size))
+                   (cfg.decoder.num_codebooks, cfg.decoder.codebook_size), len(cfg.timbres))
 
     @property
     def size(self) -> int:
@@ -123,13 +128,27 @@ class HarmonyBank(nn.Module):
         return self
 
     @torch.no_grad()
-    def fill_token_chroma(self, codes: list[torch.Tensor], chroma: list[torch.Tensor]) -> HarmonyBank:
+    def fill_token_chroma(self, codes: list[torch.Tensor], chroma: list[torch.Tensor],
+                          timbres: list[int] | None = None) -> HarmonyBank:
         """Fill the token chroma table (K, V, 12) from training music: codes[i] (K, T_i) a clip's tokens and
         chroma[i] (T_i, 12) the music's chroma at each of its frames (`rhythm.frame_chroma`, rows summing to 1). Row
         (k, v) is the mean chroma over the frames where codebook k wrote token v; a token never written keeps a zero
-        row. Returns the bank."""
+        row. A bank with timbre tables also needs `timbres`, each clip's instrument (an index into them), and fills
+        table t from the clips of instrument t alone. Returns the bank."""
         if not self.track:
             raise ValueError("token chroma: only models with harmony_track have the table")
+        self.token_chroma.copy_(self._token_means(codes, chroma))
+        if self.timbre_count:
+            if timbres is None or len(timbres) != len(codes) or not all(0 <= t < self.timbre_count for t in timbres):
+                raise ValueError(f"token chroma: the {self.timbre_count} timbre tables need each clip's instrument "
+                                 f"index in [0, {self.timbre_count})")
+            for t in range(self.timbre_count):
+                own = [i for i, x in enumerate(timbres) if x == t]
+                self.timbre_chroma[t].copy_(self._token_means([codes[i] for i in own], [chroma[i] for i in own]))
+        return self
+
+    def _token_means(self, codes: list[torch.Tensor], chroma: list[torch.Tensor]) -> torch.Tensor:
+        """(K, V, 12): the mean chroma of the frames where each codebook wrote each token (zero where never)."""
         K, V = self.token_chroma.shape[:2]
         total = torch.zeros(K, V, N_CHROMA, dtype=torch.float64)
         count = torch.zeros(K, V, dtype=torch.float64)
@@ -140,8 +159,12 @@ class HarmonyBank(nn.Module):
             for k in range(K):
                 total[k].index_add_(0, c[k, :T].long(), x[:T].double())
                 count[k].index_add_(0, c[k, :T].long(), torch.ones(T, dtype=torch.float64))
-        self.token_chroma.copy_((total / count.clamp(min=1)[..., None]).float())
-        return self
+        return (total / count.clamp(min=1)[..., None]).float()
+
+    @property
+    def timbre_count(self) -> int:
+        """How many per-instrument tables the bank keeps (0: none)."""
+        return self.timbre_chroma.shape[0] if hasattr(self, "timbre_chroma") else 0
 
     def has_token_chroma(self) -> bool:
         return self.track and bool(self.token_chroma.abs().sum() > 0)
@@ -158,10 +181,18 @@ class HarmonyBank(nn.Module):
         excluded = None if own is None else own[:, None] == torch.arange(self.size, device=own.device)
         return self._retrieve(masked_mean(clip, clip_mask)[:, None], excluded)[:, 0], None
 
-    def token_correlation(self, rows: torch.Tensor) -> torch.Tensor:
+    def token_correlation(self, rows: torch.Tensor, timbre: torch.Tensor | None = None) -> torch.Tensor:
         """(B, F, 12) chroma at F frames (the track at their times) -> (B, F, K, V): the Pearson correlation, over the
-        12 pitch classes, of each frame's chroma with each token's (the token chroma table, per codebook)."""
-        return torch.einsum("bfc,kvc->bfkv", standardise(rows), standardise(self.token_chroma)) / (N_CHROMA - 1)
+        12 pitch classes, of each frame's chroma with each token's (the token chroma table, per codebook). With
+        `timbre` (B,), an item's index into the timbre tables takes what each token sounds like in that instrument's
+        clips instead; -1 keeps the table of all clips."""
+        if timbre is None or not self.timbre_count:
+            return torch.einsum("bfc,kvc->bfkv", standardise(rows), standardise(self.token_chroma)) / (N_CHROMA - 1)
+        if int(timbre.min()) < -1 or int(timbre.max()) >= self.timbre_count:
+            raise ValueError(f"token chroma: timbre must be -1 (all) or below {self.timbre_count}, got "
+                             f"{timbre.tolist()}")
+        tables = torch.cat([self.token_chroma[None], self.timbre_chroma])[timbre.long() + 1]  # (B, K, V, 12)
+        return torch.einsum("bfc,bkvc->bfkv", standardise(rows), standardise(tables)) / (N_CHROMA - 1)
 
     def _retrieve(self, query: torch.Tensor, excluded: torch.Tensor | None) -> torch.Tensor:
         """Query rows (B, Q, Dc) -> (B, Q, 12): the softmax-weighted (at tau) mean profile of the k bank rows nearest

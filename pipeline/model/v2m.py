@@ -50,7 +50,7 @@ from pipeline.model.fusion import Conditioning, FusionConfig, make_fusion, rows_
 from pipeline.model.harmony import N_CHROMA, HarmonyBank, harmony_features, key_profiles, masked_mean, standardise
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-LATER_FIELDS = ("text_prior",)  # ModelConfig fields saved only when they differ from the default
+LATER_FIELDS = ("text_prior", "timbres")  # ModelConfig fields saved only when they differ from the default
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,9 @@ class ModelConfig:
     # with fusion.text_dim: the caption also adds a learned bias to every logit, a prior over the tokens it names
     # (text steering, docs/baselines.md); written to a checkpoint's config only when set
     text_prior: bool = False
+    # with harmony_track: the instruments of the bank's per-instrument token chroma tables (set by train for the text
+    # system from the SynthV2M labels); a prompt that names one of them takes its table for the harmony bias
+    timbres: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -90,6 +93,8 @@ class ModelConfig:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"model config: unknown key(s) {sorted(unknown)}")
+        if "timbres" in data:
+            data["timbres"] = tuple(data["timbres"])
         return cls(decoder=DecoderConfig(**data.pop("decoder", {})), fusion=FusionConfig(**data.pop("fusion", {})),
                    **data)
 
@@ -121,14 +126,18 @@ class V2M(nn.Module):
             cfg = dataclasses.replace(cfg, fusion=dataclasses.replace(cfg.fusion, d_model=cfg.decoder.d_model))
         if cfg.harmony_track and (not cfg.harmony_knn or cfg.harmony_into != "input"):
             raise ValueError("harmony_track needs harmony_knn > 0 and harmony_into: input")
+        if cfg.timbres and not cfg.harmony_track:
+            raise ValueError("timbres (per-instrument token chroma tables) need harmony_track")
         if cfg.harmony_knn and harmony is None:
             harmony = HarmonyBank.from_config(cfg)
         if harmony is not None:
-            got = (harmony.size, harmony.key_dim, harmony.k, harmony.tau, harmony.track)
-            want = (cfg.harmony_bank, cfg.fusion.clip_dim, cfg.harmony_knn, cfg.harmony_tau, cfg.harmony_track)
+            got = (harmony.size, harmony.key_dim, harmony.k, harmony.tau, harmony.track, harmony.timbre_count)
+            want = (cfg.harmony_bank, cfg.fusion.clip_dim, cfg.harmony_knn, cfg.harmony_tau, cfg.harmony_track,
+                    len(cfg.timbres))
             if got != want:
-                raise ValueError(f"harmony bank (size, key_dim, k, tau, track) {got} does not match the model config's "
-                                 f"(harmony_bank, fusion.clip_dim, harmony_knn, harmony_tau, harmony_track) {want}")
+                raise ValueError(f"harmony bank (size, key_dim, k, tau, track, timbre tables) {got} does not match the "
+                                 f"model config's (harmony_bank, fusion.clip_dim, harmony_knn, harmony_tau, "
+                                 f"harmony_track, len(timbres)) {want}")
         self.cfg = cfg
         # registered first, so that its buffers come first in the state dict as they did when they were V2M's own
         self.harmony = harmony
@@ -174,7 +183,7 @@ class V2M(nn.Module):
         _, track = self.harmony(batch["clip"], batch["clip_mask"], batch.get("bank_index"))  # (B, Tc, 12)
         seconds = (torch.arange(n_frames, device=track.device) / self.cfg.frame_rate)[None].expand(track.shape[0], -1)
         rows = rows_at(track, batch["clip_mask"], batch["clip_fps"], seconds)  # (B, n_frames, 12)
-        return weight * self.harmony.token_correlation(rows)
+        return weight * self.harmony.token_correlation(rows, batch.get("timbre"))
 
     def condition(self, batch: dict, keep: torch.Tensor | None = None) -> Conditioning:
         """The conditioning of a batch (see `TemporalFusion.forward` for the keys); keep (B,) False = null condition.
@@ -319,7 +328,8 @@ class V2M(nn.Module):
         conditional model's first choice are sampled. `harmony_bias` (models with harmony_track and a token chroma
         table): the final logits of the token for frame f get harmony_bias x the correlation between what the
         token sounds like (the bank's `token_chroma`) and the retrieved harmony track at f's time
-        (docs/studies/harmony-bias.md)."""
+        (docs/studies/harmony-bias.md); batch["timbre"] (B,), with a bank that has timbre tables: each item's index
+        into `cfg.timbres`, whose table replaces the table of all clips (-1 keeps it; `inference.prompt_timbre`)."""
         B = batch["clip"].shape[0]
         K, device = self.cfg.decoder.num_codebooks, batch["clip"].device
         P = 0 if prompt is None else prompt.shape[-1]

@@ -204,7 +204,7 @@ class JobQueue:
         token = job["token"]
         model = self._model(job["model"])
         cfg = model.params.generate
-        text = inference.text_embedding(model, job["prompt"])
+        text, timbre = inference.text_embedding(model, job["prompt"]), inference.prompt_timbre(model, job["prompt"])
         with tempfile.TemporaryDirectory(prefix="v2m-serve-") as scratch:
             self._progress(token, "reading the video: motion and image features", 0.1)
             feats = inference.video_features(model, src, Path(scratch))
@@ -213,7 +213,7 @@ class JobQueue:
             n_frames = model.codec.num_frames(n_samples)
             self._progress(token, "writing the music", 0.4)
             codes, starts, prompt = inference.generate_codes(model, feats, n_frames, cfg, job["seed"], text,
-                                                             progress=False)
+                                                             progress=False, timbre=timbre)
             self._progress(token, "rendering the audio", 0.85)
             music = inference.decode_windows(model.codec, codes, starts, prompt, n_samples, cfg.crossfade_seconds)
             self._progress(token, "putting the music under the video", 0.95)
