@@ -376,6 +376,9 @@ def test_evaluate_ablations_scores_every_system_and_seed_on_the_same_clips(fitte
                                               "2"),
                                              ("v2m full on 50 % of the train split", "2")]  # in table order, 2 seeds
     assert "## Text steering" in text and "| another instrument | beat F1 >= 0.8 |" in text
+    own = [line for line in text.splitlines() if line.startswith("| the clip's instrument | instrument acc")]
+    assert own and own[0].endswith(" | yes |") == (min(steering["text_own"]["instrument_acc"].values()) >= 0.9)
+    assert "Both targets on every seed: the clip's instrument: **" in text and "another instrument: **no**." in text
     assert "## The paper's claims, tested" in text and "![data-size curve](data_size.png)" in text
     assert (tmp_path / "reports" / "data_size.png").read_bytes()[:4] == b"\x89PNG"
 
