@@ -37,7 +37,7 @@ from pipeline.config import EvaluateConfig, Params, load_params
 from pipeline.media import MediaError, load_audio
 from pipeline.metrics import av_align, chroma, fad, kld, rhythm
 from pipeline.metrics.score import clip_labels, default_flow_cache, score_pair
-from pipeline.metrics.tagger import Tagger
+from pipeline.metrics.tagger import Tagger, resample
 from pipeline.shards import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -391,18 +391,10 @@ def _round_trip_job(job: tuple) -> np.ndarray:
     from pipeline import codecs
 
     codec = _CODECS.get(codec_name) or _CODECS.setdefault(codec_name, codecs.load_codec(codec_name, tokenize_cfg))
-    wav = codec.decode(codec.encode(load_audio(path, codec.sample_rate, duration_s=seconds)[0]))
-    return _resampled(wav, codec.sample_rate, rate)
+    return resample(codecs.round_trip(codec, path, seconds), codec.sample_rate, rate)
 
 
 _CODECS: dict = {}  # one loaded codec per worker process
-
-
-def _resampled(wav: np.ndarray, rate: int, target: int) -> np.ndarray:
-    import librosa
-
-    wav = np.asarray(wav, np.float64)
-    return (wav if rate == target else librosa.resample(wav, orig_sr=rate, target_sr=target)).astype(np.float32)
 
 
 def codec_round_trips(params: Params, music_dir: str, rows: list[dict], rate: int, workers: int,

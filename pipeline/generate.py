@@ -40,6 +40,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from pipeline import codecs
 from pipeline.config import GenerateConfig, Params, load_params
 from pipeline.inference import (
     VIDEO_SUFFIXES,
@@ -234,8 +235,7 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
                 emit(system, item_id, make)
         else:
             emit("reference", item_id,
-                 lambda i=item_id: (codec.decode(codec.encode(load_audio(music_dir / f"{i}.wav",
-                                                                         codec.sample_rate)[0])), codec.sample_rate))
+                 lambda i=item_id: (codecs.round_trip(codec, music_dir / f"{i}.wav"), codec.sample_rate))
             if train_matrix is not None:
                 nearest = train_ids[nearest_row(train_matrix, means[item_id])]
                 emit("retrieval", item_id, lambda j=nearest: load_audio(music_dir / f"{j}.wav", sr, mono=False),
@@ -316,8 +316,6 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def _stage_codec(params: Params):
-    from pipeline import codecs
-
     return codecs.load_codec(params.tokenize.codec, params.tokenize)
 
 
@@ -347,6 +345,8 @@ def _main(argv: list[str] | None = None) -> int:
                         "as likely as the conditional model's first choice; 0 = all")
     parser.add_argument("--harmony-bias", type=float, help="weight of the tokens' agreement with the retrieved "
                         "harmony (models with a harmony track); 0 = none")
+    parser.add_argument("--mode-guard", type=float, help="weight of the penalty on tokens that sound the retrieved "
+                        "key's parallel key (models with a harmony track); 0 = none")
     parser.add_argument("--prompt-seconds", type=float, help="context carried into each next window")
     parser.add_argument("--no-cache", action="store_true", help="no KV cache (slow; for comparison)")
     parser.add_argument("--keep-audio", action="store_true", help="mix the original soundtrack under the music")
@@ -377,7 +377,8 @@ def _main(argv: list[str] | None = None) -> int:
     if not args.inputs or args.out is None:
         parser.error("give one or more videos and -o OUT (or --stage)")
     sampling = {k: v for k, v in {"guidance": args.cfg, "top_k": args.top_k, "temperature": args.temperature,
-                                  "plausibility": args.plausibility, "harmony_bias": args.harmony_bias}.items()
+                                  "plausibility": args.plausibility, "harmony_bias": args.harmony_bias,
+                                  "mode_guard": args.mode_guard}.items()
                 if v is not None}
     overrides = {k: v for k, v in {"prompt_seconds": args.prompt_seconds, "mix_db": args.mix_db}.items()
                  if v is not None}

@@ -362,8 +362,10 @@ def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig
     if sampling.problem("generate.sampling"):
         raise GenerateError(sampling.problem("generate.sampling"))
     bias = sampling.harmony_bias if model.net.has_token_chroma() else 0.0
-    if sampling.harmony_bias and not bias:
-        _warn_once(f"generate.sampling.harmony_bias {sampling.harmony_bias:g} not applied: the model has no token "
+    guard = sampling.mode_guard if model.net.has_token_chroma() else 0.0
+    if (sampling.harmony_bias or sampling.mode_guard) and not model.net.has_token_chroma():
+        _warn_once(f"generate.sampling.harmony_bias {sampling.harmony_bias:g} and mode_guard "
+                   f"{sampling.mode_guard:g} not applied: the model has no token "
                    "chroma table (trained without harmony_track, or before the table existed: retrain to use it)")
     if window - prompt < fr:
         raise GenerateError(f"generate.prompt_seconds {cfg.prompt_seconds:g} must leave at least 1 s of the model's "
@@ -376,7 +378,7 @@ def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig
         batch = window_batch(feats, start / fr, n / fr, text, model.device, timbre)
         given = codes[None, :, start : start + prompt] if i else None
         out = model.net.generate(batch, n, sampling.guidance, sampling.temperature, sampling.top_k, gen, cfg.use_cache,
-                                 given, sampling.plausibility, bias)
+                                 given, sampling.plausibility, bias, guard)
         codes = torch.cat([codes[:, :start], out[0]], dim=1)
     return codes.cpu().numpy(), starts, prompt if len(starts) > 1 else 0
 

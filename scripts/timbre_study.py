@@ -133,8 +133,8 @@ def prior(params, model_path: Path, weights: list[float], plausibility: float | 
     state = {"weight": 0.0, "target": 0}
     harmony_bias = V2M._harmony_bias
 
-    def with_prior(net, batch, n_frames, weight):  # the harmony bias (B, F, K, V) plus the prior of the target
-        return harmony_bias(net, batch, n_frames, weight) + state["weight"] * table[:, :, state["target"]]
+    def with_prior(net, batch, n_frames, weight, *rest):  # the harmony bias (B, F, K, V) plus the target's prior
+        return harmony_bias(net, batch, n_frames, weight, *rest) + state["weight"] * table[:, :, state["target"]]
 
     torch.set_num_threads(params.train.threads or 1)
     tagger = load_tagger(Path(params.evaluate.tagger.out_dir) / "tagger.pt")

@@ -90,10 +90,12 @@ def test_train_validation_samples_as_generate_does_without_the_harmony_bias():
     train, generate = Params().train.sampling, Params().generate.sampling
     assert isinstance(train, SamplingConfig) and isinstance(generate, SamplingConfig)
     assert replace(train, harmony_bias=generate.harmony_bias) == generate and train.harmony_bias == 0.0
-    assert generate == SamplingConfig(guidance=3.0, temperature=0.8, top_k=0, plausibility=0.03, harmony_bias=8.0)
+    assert generate == SamplingConfig(guidance=3.0, temperature=0.8, top_k=0, plausibility=0.03, harmony_bias=8.0,
+                                      mode_guard=0.0)
     assert generate.problem("generate.sampling") is None
     assert replace(generate, plausibility=2.0).problem("x") == "x.plausibility 2 must be in [0, 1] (0 = every token)"
     assert replace(generate, harmony_bias=-1.0).problem("x") == "x.harmony_bias -1 must be >= 0 (0 = none)"
+    assert replace(generate, mode_guard=-1.0).problem("x") == "x.mode_guard -1 must be >= 0 (0 = none)"
 
 
 def test_ints_are_accepted_for_floats_and_missing_keys_take_defaults():

@@ -411,6 +411,7 @@ def test_tagger_also_learns_from_the_codec_round_trip(trained_project, tmp_path,
     from pipeline import codecs, evaluate
     from pipeline.config import load_params
     from pipeline.media import load_audio
+    from pipeline.metrics.tagger import resample
 
     params = yaml.safe_load(trained_project["params"].read_text())
     params["evaluate"]["tagger"].update(out_dir=str(tmp_path / "tagger"), metrics_path=str(tmp_path / "tagger.json"),
@@ -428,8 +429,10 @@ def test_tagger_also_learns_from_the_codec_round_trip(trained_project, tmp_path,
     got = evaluate.codec_round_trips(loaded, loaded.evaluate.music_dir, [row], 16000, 1)[0]
     codec = codecs.load_codec(loaded.tokenize.codec, loaded.tokenize)
     music = load_audio(Path(loaded.evaluate.music_dir) / f"{row['id']}.wav", codec.sample_rate)[0]
-    want = evaluate._resampled(codec.decode(codec.encode(music)), codec.sample_rate, 16000)
+    want = resample(codec.decode(codec.encode(music)), codec.sample_rate, 16000)
     assert np.array_equal(got, want)
+    assert np.array_equal(codecs.round_trip(codec, Path(loaded.evaluate.music_dir) / f"{row['id']}.wav"),
+                          codec.decode(codec.encode(music)))  # the helper the generate stage's reference row uses
     rows = labels.to_dict("records")[:4]  # in 2 processes: the same round trips, in order (BLAS threads aside)
     one = evaluate.codec_round_trips(loaded, loaded.evaluate.music_dir, rows, 16000, 1, [2.0] * 4)
     two = evaluate.codec_round_trips(loaded, loaded.evaluate.music_dir, rows, 16000, 2, [2.0] * 4)

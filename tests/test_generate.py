@@ -227,10 +227,13 @@ def test_bad_inputs_one_line_each_and_the_batch_goes_on(project, tmp_path, capsy
     assert "generate.sampling.plausibility 2 must be in [0, 1]" in capsys.readouterr().err
     assert run(project, str(good), "-o", str(tmp_path / "b.mp4"), "--harmony-bias", "-1") == 1
     assert "generate.sampling.harmony_bias -1 must be >= 0" in capsys.readouterr().err
+    assert run(project, str(good), "-o", str(tmp_path / "m.mp4"), "--mode-guard", "-1") == 1
+    assert "generate.sampling.mode_guard -1 must be >= 0" in capsys.readouterr().err
 
 
 def test_sampling_options_override_generate_sampling(project, tmp_path, monkeypatch):
-    """--cfg, --top-k, --temperature, --plausibility and --harmony-bias set generate.sampling; the rest is params'."""
+    """--cfg, --top-k, --temperature, --plausibility, --harmony-bias and --mode-guard set generate.sampling; the rest
+    is params'."""
     seen = {}
 
     def run_files(inputs, out, model, cfg, *rest):
@@ -239,10 +242,11 @@ def test_sampling_options_override_generate_sampling(project, tmp_path, monkeypa
 
     monkeypatch.setattr(generate, "run_files", run_files)
     assert run(project, "in.mp4", "-o", str(tmp_path / "o.mp4"), "--cfg", "1.5", "--top-k", "4", "--temperature",
-               "0.5", "--plausibility", "0.1", "--harmony-bias", "2", "--prompt-seconds", "1") == 0
+               "0.5", "--plausibility", "0.1", "--harmony-bias", "2", "--mode-guard", "3", "--prompt-seconds",
+               "1") == 0
     sampling = seen["cfg"].sampling
-    assert (sampling.guidance, sampling.top_k, sampling.temperature, sampling.plausibility, sampling.harmony_bias) == (
-        1.5, 4, 0.5, 0.1, 2.0)
+    assert (sampling.guidance, sampling.top_k, sampling.temperature, sampling.plausibility, sampling.harmony_bias,
+            sampling.mode_guard) == (1.5, 4, 0.5, 0.1, 2.0, 3.0)
     assert seen["cfg"].prompt_seconds == 1.0 and seen["cfg"].use_cache is True
 
 

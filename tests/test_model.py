@@ -274,6 +274,45 @@ def test_timbre_tables_score_the_tokens_by_what_they_sound_like_in_the_prompted_
     assert "timbre_chroma" in model.state_dict() and torch.equal(fresh.harmony.timbre_chroma, tables)
 
 
+def test_mode_guard_holds_down_the_tokens_that_sound_the_parallel_key_of_the_retrieved_key():
+    """`HarmonyBank.mode_penalty`: a token that sounds the parallel key of the retrieved key (the major third in a
+    minor clip) gets a penalty, one that sounds the key itself none, one that the two keys share (tonic and fifth)
+    next to none, a token never written none; `generate(..., mode_guard=w)` adds w x that penalty to the logits, so a
+    strong guard never writes the wrong-mode triad that unguarded sampling writes, and a model without the harmony
+    track refuses it."""
+    from pipeline.metrics.rhythm import KK_MAJOR, KK_MINOR
+
+    model = debug_model(harmony_knn=1, harmony_bank=4, harmony_track=True)
+    c_minor, c_major = torch.tensor(KK_MINOR, dtype=torch.float32), torch.tensor(KK_MAJOR, dtype=torch.float32)
+    c_minor, c_major = c_minor / c_minor.sum(), c_major / c_major.sum()
+    model.harmony.fill(torch.eye(4, 8), torch.stack([c_minor, c_minor, c_major, c_major]), torch.tensor([0, 0, 1, 1]))
+    triad = torch.zeros(3, 12)  # token 0: C minor triad (C Eb G); token 1: C major (C E G); token 2: C and G alone
+    triad[0, [0, 3, 7]], triad[1, [0, 4, 7]], triad[2, [0, 7]] = 1 / 3, 1 / 3, 1 / 2
+    model.harmony.fill_token_chroma([torch.tensor([0, 1, 2]).repeat(K, 1)], [triad])
+    penalty = model.harmony.mode_penalty(torch.stack([c_minor, c_major]))  # (2, K, CARD)
+    assert penalty.shape == (2, K, CARD) and (penalty <= 0).all()
+    assert (penalty[0, :, 1] < -0.2).all() and (penalty[0, :, 0] > -1e-3).all()  # C minor: the major triad held down
+    assert (penalty[1, :, 0] < -0.2).all() and (penalty[1, :, 1] > -1e-3).all()  # C major: the minor triad
+    assert (penalty[:, :, 2].abs() < 0.25 * penalty[0, :, 1].abs().min()).all()  # C and G: both keys have them
+    assert (penalty[:, :, 3:] == 0).all()  # never written: no chroma, no penalty
+    batch = {k: v for k, v in make_batch(B=2, clip_len=(4, 4)).items() if k not in ("codes", "code_mask")}
+    batch["clip"] = torch.zeros(2, 4, 8)
+    batch["clip"][0, :, 0], batch["clip"][1, :, 2] = 1.0, 1.0  # item 0 retrieves C minor, item 1 C major
+    bias = model._harmony_bias(batch, 5, 0.0, 3.0)
+    assert torch.allclose(bias, 3.0 * model.harmony.mode_penalty(torch.stack([c_minor, c_major]))[:, None]
+                          .expand(-1, 5, -1, -1), atol=1e-6)
+
+    def draw(guard):
+        return model.generate(batch, 36, guidance=3.0, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                              mode_guard=guard)
+
+    free, guarded = draw(0.0), draw(200.0)
+    assert (free[0] == 1).any() and (free[1] == 0).any()  # unguarded, each writes the other mode's triad
+    assert not (guarded[0] == 1).any() and not (guarded[1] == 0).any()
+    with pytest.raises(ValueError, match="mode_guard must be >= 0 and needs a model with harmony_track"):
+        debug_model().generate(batch, 4, mode_guard=1.0)
+
+
 def test_token_noise_replaces_the_decoders_input_tokens_in_training_only():
     batch = make_batch()
     other = dict(batch, codes=(batch["codes"] + 1) % CARD)

@@ -3,6 +3,7 @@
     codec = create_codec("melvq", params.tokenize)      # or "encodec_32khz"
     codes = codec.encode(wav)                           # wav [N] (or [C, N], downmixed) at codec.sample_rate
     wav = codec.decode(codes)                           # codes [K, T] int64 -> mono float32 [T * hop]
+    wav = round_trip(codec, "music.wav", seconds=8.0)   # a file's first 8 s, encoded and decoded
 
 Every codec has `sample_rate` (Hz), `frame_rate` (token frames per second), `num_codebooks` (K) and `codebook_size`
 (tokens are in [0, codebook_size)). A codec that learns from data (`needs_fit`, e.g. melvq) is fitted with `fit`
@@ -104,6 +105,14 @@ def to_mono(wav: np.ndarray) -> np.ndarray:
     if wav.ndim != 1:
         raise CodecError(f"audio must be [N] or [C, N], got shape {wav.shape}")
     return wav
+
+
+def round_trip(codec: Codec, path: str | Path, seconds: float | None = None) -> np.ndarray:
+    """The music at `path` (its first `seconds`; all of it for None) through `codec`, encoded and decoded: mono
+    float32 at `codec.sample_rate`. What the reference row of the generate stage and the tagger's codec clips are."""
+    from pipeline.media import load_audio
+
+    return codec.decode(codec.encode(load_audio(path, codec.sample_rate, duration_s=seconds)[0]))
 
 
 def list_codecs() -> list[str]:

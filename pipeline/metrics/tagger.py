@@ -153,7 +153,8 @@ def log_mel(wav: np.ndarray, settings: TaggerConfig) -> np.ndarray:
     return np.log(1e-5 + fb @ spec).astype(np.float32)
 
 
-def _resample(wav: np.ndarray, sample_rate: int, target: int) -> np.ndarray:
+def resample(wav: np.ndarray, sample_rate: int, target: int) -> np.ndarray:
+    """Audio [N] (or any shape, flattened) at sample_rate -> float32 [M] at target (soxr_hq; unchanged when equal)."""
     wav = np.asarray(wav, dtype=np.float32).reshape(-1)
     if sample_rate == target:
         return wav
@@ -196,7 +197,7 @@ class Tagger:
 
     def predict(self, wav: np.ndarray, sample_rate: int) -> dict[str, str]:
         """The most likely class of each head for mono audio [N]."""
-        heads = self.head_log_probs(_resample(wav, sample_rate, self.sample_rate))
+        heads = self.head_log_probs(resample(wav, sample_rate, self.sample_rate))
         return {k: self.vocab[k][int(np.argmax(v))] for k, v in heads.items()}
 
     def embed(self, wav: np.ndarray) -> np.ndarray:
@@ -263,7 +264,7 @@ def fit(train: list[tuple[np.ndarray, dict]], sample_rate: int, settings: Tagger
     old_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, settings.threads))
     try:
-        mels = [log_mel(_resample(w, sample_rate, settings.sample_rate), settings) for w, _ in train]
+        mels = [log_mel(resample(w, sample_rate, settings.sample_rate), settings) for w, _ in train]
         encoded = [encode_labels(row, settings) for _, row in train]
         targets = {k: torch.tensor([e[k] for e in encoded]) for k in label_vocab(settings)}
         allframes = np.concatenate(mels, axis=1)

@@ -24,6 +24,7 @@ Public interface:
     bank.fill_token_chroma(codes, chroma[, timbres])                  # train, with track: the token chroma table(s)
     profile, track = bank(clip, clip_mask, own)                       # (B, 12), (B, Tc, 12) or None
     bank.token_correlation(rows[, timbre])                            # (B, F, 12) -> (B, F, K, V)
+    bank.mode_penalty(profile[, timbre])                              # (B, 12) -> (B, K, V), <= 0
     harmony_features(profile, key_profiles())                         # (B, 12) -> (B, 36), what V2M embeds
 
 The bank has no parameters: its buffers travel in the checkpoint (under the names V2M's state dict has always used,
@@ -193,6 +194,29 @@ class HarmonyBank(nn.Module):
                              f"{timbre.tolist()}")
         tables = torch.cat([self.token_chroma[None], self.timbre_chroma])[timbre.long() + 1]  # (B, K, V, 12)
         return torch.einsum("bfc,bkvc->bfkv", standardise(rows), standardise(tables)) / (N_CHROMA - 1)
+
+    def mode_penalty(self, profile: torch.Tensor, timbre: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 12) retrieved profile -> (B, K, V) <= 0: how much more each token sounds the parallel key of the
+        retrieved key than the key itself. For each of the 24 keys, a token's contrast is the Krumhansl-Schmuckler
+        correlation of its chroma (the token chroma table, or the `timbre` table as in `token_correlation`) with the
+        key minus that with its parallel key (C major <-> C minor: the same tonic, the other third, sixth and
+        seventh); the penalty is the contrast where it is negative, 0 where the token sounds the key at least as well,
+        averaged over the keys the profile reads as (the softmax of `harmony_features`, soft: no argmax to flip).
+        So a token that plays the major third in a minor clip is held down, and the tokens the key shares with its
+        parallel key (tonic, fourth, fifth) are left alone (`generate(..., mode_guard=w)`, docs/reproducibility.md)."""
+        keys = key_profiles().to(profile.device)
+        if timbre is None or not self.timbre_count:
+            tables = self.token_chroma[None].expand(profile.shape[0], -1, -1, -1)
+        else:
+            if int(timbre.min()) < -1 or int(timbre.max()) >= self.timbre_count:
+                raise ValueError(f"token chroma: timbre must be -1 (all) or below {self.timbre_count}, got "
+                                 f"{timbre.tolist()}")
+            tables = torch.cat([self.token_chroma[None], self.timbre_chroma])[timbre.long() + 1]
+        corr = standardise(tables) @ keys.T / (N_CHROMA - 1)  # (B, K, V, 24)
+        parallel = torch.cat([torch.arange(12, 24), torch.arange(12)]).to(profile.device)
+        contrast = (corr - corr[..., parallel]).clamp(max=0.0)  # (B, K, V, 24)
+        weights = (KEY_SHARPNESS * standardise(profile.float()) @ keys.T / (N_CHROMA - 1)).softmax(-1)  # (B, 24)
+        return torch.einsum("bkvj,bj->bkv", contrast, weights)
 
     def _retrieve(self, query: torch.Tensor, excluded: torch.Tensor | None) -> torch.Tensor:
         """Query rows (B, Q, Dc) -> (B, Q, 12): the softmax-weighted (at tau) mean profile of the k bank rows nearest

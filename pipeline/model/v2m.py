@@ -177,13 +177,17 @@ class V2M(nn.Module):
         """Whether the harmony bank has a token chroma table, which `generate(..., harmony_bias=w)` needs."""
         return self.harmony is not None and self.harmony.has_token_chroma()
 
-    def _harmony_bias(self, batch: dict, n_frames: int, weight: float) -> torch.Tensor:
+    def _harmony_bias(self, batch: dict, n_frames: int, weight: float, mode_guard: float = 0.0) -> torch.Tensor:
         """(B, n_frames, K, V): weight x the correlation between the retrieved harmony track at each frame's time and
-        each token's chroma (`HarmonyBank.token_correlation`)."""
-        _, track = self.harmony(batch["clip"], batch["clip_mask"], batch.get("bank_index"))  # (B, Tc, 12)
+        each token's chroma (`HarmonyBank.token_correlation`), plus mode_guard x the token's mode penalty under the
+        retrieved profile (`HarmonyBank.mode_penalty`, the same at every frame)."""
+        profile, track = self.harmony(batch["clip"], batch["clip_mask"], batch.get("bank_index"))  # (B, Tc, 12)
         seconds = (torch.arange(n_frames, device=track.device) / self.cfg.frame_rate)[None].expand(track.shape[0], -1)
         rows = rows_at(track, batch["clip_mask"], batch["clip_fps"], seconds)  # (B, n_frames, 12)
-        return weight * self.harmony.token_correlation(rows, batch.get("timbre"))
+        bias = weight * self.harmony.token_correlation(rows, batch.get("timbre"))
+        if mode_guard:
+            bias = bias + mode_guard * self.harmony.mode_penalty(profile, batch.get("timbre"))[:, None]
+        return bias
 
     def condition(self, batch: dict, keep: torch.Tensor | None = None) -> Conditioning:
         """The conditioning of a batch (see `TemporalFusion.forward` for the keys); keep (B,) False = null condition.
@@ -313,8 +317,8 @@ class V2M(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict, n_frames: int, guidance: float = 3.0, temperature: float = 1.0,
                  top_k: int = 0, generator: torch.Generator | None = None, use_cache: bool = True,
-                 prompt: torch.Tensor | None = None, plausibility: float = 0.0, harmony_bias: float = 0.0
-                 ) -> torch.Tensor:
+                 prompt: torch.Tensor | None = None, plausibility: float = 0.0, harmony_bias: float = 0.0,
+                 mode_guard: float = 0.0) -> torch.Tensor:
         """Sample codes (B, K, n_frames) for the conditioning in `batch` (no "codes" needed), with classifier-free
         guidance (guidance 1 = conditional only, no doubled batch) and a KV cache (`use_cache=False` recomputes the
         whole prefix each step: slow, for tests). temperature 0 = greedy.
@@ -329,7 +333,9 @@ class V2M(nn.Module):
         table): the final logits of the token for frame f get harmony_bias x the correlation between what the
         token sounds like (the bank's `token_chroma`) and the retrieved harmony track at f's time
         (docs/studies/harmony-bias.md); batch["timbre"] (B,), with a bank that has timbre tables: each item's index
-        into `cfg.timbres`, whose table replaces the table of all clips (-1 keeps it; `inference.prompt_timbre`)."""
+        into `cfg.timbres`, whose table replaces the table of all clips (-1 keeps it; `inference.prompt_timbre`).
+        `mode_guard` (the same models): the logits also get mode_guard x each token's mode penalty, how much more it
+        sounds the parallel key of the retrieved key than the key (`HarmonyBank.mode_penalty`, <= 0)."""
         B = batch["clip"].shape[0]
         K, device = self.cfg.decoder.num_codebooks, batch["clip"].device
         P = 0 if prompt is None else prompt.shape[-1]
@@ -339,9 +345,12 @@ class V2M(nn.Module):
         if harmony_bias < 0 or (harmony_bias > 0 and not self.cfg.harmony_track):
             raise ValueError(f"harmony_bias must be >= 0 and needs a model with harmony_track, got {harmony_bias:g}"
                              f" (harmony_track: {self.cfg.harmony_track})")
+        if mode_guard < 0 or (mode_guard > 0 and not self.cfg.harmony_track):
+            raise ValueError(f"mode_guard must be >= 0 and needs a model with harmony_track, got {mode_guard:g}"
+                             f" (harmony_track: {self.cfg.harmony_track})")
         if P > n_frames or (prompt is not None and tuple(prompt.shape[:2]) != (B, K)):
             raise ValueError(f"prompt must be (B={B}, K={K}, P <= {n_frames}), got {tuple(prompt.shape)}")
-        bias = self._harmony_bias(batch, n_frames, harmony_bias) if harmony_bias > 0 else None
+        bias = self._harmony_bias(batch, n_frames, harmony_bias, mode_guard) if harmony_bias or mode_guard else None
         cfg_on = guidance != 1.0
         if cfg_on:
             batch = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in batch.items()}
