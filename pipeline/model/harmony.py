@@ -187,13 +187,19 @@ class HarmonyBank(nn.Module):
         12 pitch classes, of each frame's chroma with each token's (the token chroma table, per codebook). With
         `timbre` (B,), an item's index into the timbre tables takes what each token sounds like in that instrument's
         clips instead; -1 keeps the table of all clips."""
+        tables = self._token_table(timbre)
+        spec = "bfc,kvc->bfkv" if tables.dim() == 3 else "bfc,bkvc->bfkv"
+        return torch.einsum(spec, standardise(rows), standardise(tables)) / (N_CHROMA - 1)
+
+    def _token_table(self, timbre: torch.Tensor | None) -> torch.Tensor:
+        """The token chroma table to score tokens by: (K, V, 12), the table of all clips; or (B, K, V, 12) with
+        `timbre` (B,) on a bank with timbre tables, each item's instrument's table (-1: the table of all clips)."""
         if timbre is None or not self.timbre_count:
-            return torch.einsum("bfc,kvc->bfkv", standardise(rows), standardise(self.token_chroma)) / (N_CHROMA - 1)
+            return self.token_chroma
         if int(timbre.min()) < -1 or int(timbre.max()) >= self.timbre_count:
             raise ValueError(f"token chroma: timbre must be -1 (all) or below {self.timbre_count}, got "
                              f"{timbre.tolist()}")
-        tables = torch.cat([self.token_chroma[None], self.timbre_chroma])[timbre.long() + 1]  # (B, K, V, 12)
-        return torch.einsum("bfc,bkvc->bfkv", standardise(rows), standardise(tables)) / (N_CHROMA - 1)
+        return torch.cat([self.token_chroma[None], self.timbre_chroma])[timbre.long() + 1]
 
     def mode_penalty(self, profile: torch.Tensor, timbre: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 12) retrieved profile -> (B, K, V) <= 0: how much more each token sounds the parallel key of the
@@ -205,13 +211,7 @@ class HarmonyBank(nn.Module):
         So a token that plays the major third in a minor clip is held down, and the tokens the key shares with its
         parallel key (tonic, fourth, fifth) are left alone (`generate(..., mode_guard=w)`, docs/reproducibility.md)."""
         keys = key_profiles().to(profile.device)
-        if timbre is None or not self.timbre_count:
-            tables = self.token_chroma[None].expand(profile.shape[0], -1, -1, -1)
-        else:
-            if int(timbre.min()) < -1 or int(timbre.max()) >= self.timbre_count:
-                raise ValueError(f"token chroma: timbre must be -1 (all) or below {self.timbre_count}, got "
-                                 f"{timbre.tolist()}")
-            tables = torch.cat([self.token_chroma[None], self.timbre_chroma])[timbre.long() + 1]
+        tables = self._token_table(timbre).expand(profile.shape[0], -1, -1, -1)  # (B, K, V, 12)
         corr = standardise(tables) @ keys.T / (N_CHROMA - 1)  # (B, K, V, 24)
         parallel = torch.cat([torch.arange(12, 24), torch.arange(12)]).to(profile.device)
         contrast = (corr - corr[..., parallel]).clamp(max=0.0)  # (B, K, V, 24)
