@@ -50,7 +50,7 @@ def score(model: V2M, items: list[dict], rows: pd.DataFrame, codec, setting: dic
                            generator, plausibility=setting.get("plausibility", defaults.plausibility),
                            harmony_bias=setting.get("harmony_bias", defaults.harmony_bias)
                            if model.has_token_chroma() else 0.0,
-                           mode_guard=setting.get("mode_guard", getattr(defaults, "mode_guard", 0.0))
+                           mode_guard=setting.get("mode_guard", defaults.mode_guard)
                            if model.has_token_chroma() else 0.0)
     values, chromas = {m: [] for m in METRICS}, []
     for it, c in zip(items, codes, strict=True):

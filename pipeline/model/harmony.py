@@ -215,7 +215,7 @@ class HarmonyBank(nn.Module):
         corr = standardise(tables) @ keys.T / (N_CHROMA - 1)  # (B, K, V, 24)
         parallel = torch.cat([torch.arange(12, 24), torch.arange(12)]).to(profile.device)
         contrast = (corr - corr[..., parallel]).clamp(max=0.0)  # (B, K, V, 24)
-        weights = (KEY_SHARPNESS * standardise(profile.float()) @ keys.T / (N_CHROMA - 1)).softmax(-1)  # (B, 24)
+        weights = harmony_features(profile.float(), keys)[:, N_CHROMA:]  # (B, 24): the distribution over the keys
         return torch.einsum("bkvj,bj->bkv", contrast, weights)
 
     def _retrieve(self, query: torch.Tensor, excluded: torch.Tensor | None) -> torch.Tensor:
