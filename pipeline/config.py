@@ -300,6 +300,10 @@ class GenerateConfig:
     max_clips: int = 0  # 0 = every clip of the split; else the first ids in sorted order
     model: str = "models/v2m.pt"  # `v2m generate`'s default checkpoint (models/full/v2m.pt when it is missing)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # draws per window, of which the one whose music (decoded, its CQT chroma) reads most surely as the key the model
+    # retrieved from the video is kept (models with a harmony bank; others draw once). 1 = a single draw
+    # (docs/generate.md, "Candidates")
+    candidates: int = 8
     prompt_seconds: float = 4.0  # past the window, each window starts with this much of the music before it
     crossfade_seconds: float = 0.5  # window audio is crossfaded over this much of the shared (prompt) tokens
     use_cache: bool = True  # KV cache (False recomputes the prefix every step: for benchmarks and tests)

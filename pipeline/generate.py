@@ -1,7 +1,7 @@
 """generate: music for any video, and the generate stage. Params: base (seed), generate; the checkpoint brings the rest.
 
     v2m generate VIDEO [VIDEO ...] -o OUT [--model CKPT] [--text "..."] [--seed S] [--cfg G] [--top-k K]
-                 [--temperature T] [--keep-audio [--mix-db DB]] [--wav]
+                 [--temperature T] [--candidates N] [--keep-audio [--mix-db DB]] [--wav]
     v2m generate --stage        the eval split -> data/generated/{system}/{id}.{wav,mp4} + manifest.csv
 
 Model loading, features on the fly, window batching, decoding and muxing are the inference library,
@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import threadpoolctl
 import torch
 from tqdm import tqdm
 
@@ -204,7 +205,13 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
     codec = next(iter(models.values())).codec if models else _stage_codec(params)
     means = {i: _unit(np.asarray(clip[i], np.float64).mean(0)) for i in train_ids + eval_ids}
     train_matrix = np.stack([means[i] for i in train_ids]) if train_ids else None
-    torch.set_num_threads(cfg.threads or cores_per_process(local_world_size()))
+    threads = cfg.threads or cores_per_process(local_world_size())
+    torch.set_num_threads(threads)
+    # numpy's BLAS too (the codec's decoding, every candidate draw's): by default each worker would start a BLAS thread
+    # per core, and two workers on two cores then wait on each other (1 min 13 s of 2 min 55 s for the demo's trained
+    # systems); the bytes are the same with any count (docs/timings.md). Restored after the loop (whose items catch
+    # their own errors)
+    blas = threadpoolctl.threadpool_limits(threads, user_api="blas")
     label = f"generate [rank {rank}/{world}]" if world > 1 else "generate"
     for job, (system, item_id) in enumerate(tqdm(jobs, desc=label, unit="job", disable=None)):
         if job % world != rank:
@@ -245,6 +252,7 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
                 emit("random", item_id, lambda j=chosen: load_audio(music_dir / f"{j}.wav", sr, mono=False), chosen)
         for rec in records[start:]:
             rec["_job"] = job
+    blas.restore_original_limits()
     records = _gather(records, out_dir, rank, world, stable_hash(json.dumps([list(models), jobs])))
     if records is None:
         return pd.DataFrame(columns=STAGE_COLUMNS)  # rank > 0: rank 0 writes the manifest
@@ -347,6 +355,8 @@ def _main(argv: list[str] | None = None) -> int:
                         "harmony (models with a harmony track); 0 = none")
     parser.add_argument("--mode-guard", type=float, help="weight of the penalty on tokens that sound the retrieved "
                         "key's parallel key (models with a harmony track); 0 = none")
+    parser.add_argument("--candidates", type=int, help="draws per window, the one whose music reads as the "
+                        "retrieved key kept (models with a harmony bank; default: generate.candidates); 1 = one draw")
     parser.add_argument("--prompt-seconds", type=float, help="context carried into each next window")
     parser.add_argument("--no-cache", action="store_true", help="no KV cache (slow; for comparison)")
     parser.add_argument("--keep-audio", action="store_true", help="mix the original soundtrack under the music")
@@ -380,7 +390,8 @@ def _main(argv: list[str] | None = None) -> int:
                                   "plausibility": args.plausibility, "harmony_bias": args.harmony_bias,
                                   "mode_guard": args.mode_guard}.items()
                 if v is not None}
-    overrides = {k: v for k, v in {"prompt_seconds": args.prompt_seconds, "mix_db": args.mix_db}.items()
+    overrides = {k: v for k, v in {"prompt_seconds": args.prompt_seconds, "mix_db": args.mix_db,
+                                   "candidates": args.candidates}.items()
                  if v is not None}
     if args.no_cache:
         overrides["use_cache"] = False

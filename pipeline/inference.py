@@ -65,7 +65,7 @@ from pipeline.media import (
     video_duration,
     write_wav,
 )
-from pipeline.model import V2M, ModelConfig
+from pipeline.model import V2M, ModelConfig, key_agreement
 from pipeline.runtime import resolve_device, set_threads
 from pipeline.shards import Item, atomic_path
 
@@ -354,7 +354,8 @@ def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig
                    ) -> tuple[np.ndarray, list[int], int]:
     """Codes [K, n_frames] for the whole video, window by window -> (codes, window starts, prompt frames). `text`:
     the prompt's embedding (`text_embedding`); `timbre`: the instrument it names (`prompt_timbre`), whose token chroma
-    table the harmony bias then uses."""
+    table the harmony bias then uses. Each window keeps the best of `cfg.candidates` draws by the retrieved key
+    (`pick_draw`; models with a harmony bank, and not when the prompt names an instrument: one draw there)."""
     fr = model.frame_rate
     window = max(1, int(round(model.params.base.clip_seconds * fr)))
     prompt = max(0, int(round(cfg.prompt_seconds * fr)))
@@ -370,6 +371,14 @@ def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig
     if window - prompt < fr:
         raise GenerateError(f"generate.prompt_seconds {cfg.prompt_seconds:g} must leave at least 1 s of the model's "
                             f"{window / fr:g} s window")
+    if cfg.candidates < 1:
+        raise GenerateError(f"generate.candidates {cfg.candidates} must be >= 1 (1 = a single draw)")
+    # a prompt that names an instrument asks for a timbre the scene does not show: the draws are not chosen by the
+    # scene's key there (it cost the ablation group's text steering a clip or two of instrument accuracy per seed)
+    draws = cfg.candidates if model.net.harmony is not None and timbre is None else 1
+    if cfg.candidates > 1 and model.net.harmony is None:
+        _warn_once(f"generate.candidates {cfg.candidates} not applied: the model has no harmony bank to rank the "
+                   "draws by (trained with harmony_knn: 0); one draw per window")
     starts = plan_windows(n_frames, window, prompt)
     gen = torch.Generator(device=model.device).manual_seed(seed)
     codes = torch.zeros(model.net.cfg.decoder.num_codebooks, 0, dtype=torch.long, device=model.device)
@@ -377,10 +386,49 @@ def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig
         n = min(window, n_frames - start)
         batch = window_batch(feats, start / fr, n / fr, text, model.device, timbre)
         given = codes[None, :, start : start + prompt] if i else None
+        if draws > 1:  # the window's draws side by side, one batch
+            batch = {k: v.repeat(draws, *[1] * (v.dim() - 1)) for k, v in batch.items()}
+            given = None if given is None else given.repeat(draws, 1, 1)
         out = model.net.generate(batch, n, sampling.guidance, sampling.temperature, sampling.top_k, gen, cfg.use_cache,
                                  given, sampling.plausibility, bias, guard)
-        codes = torch.cat([codes[:, :start], out[0]], dim=1)
+        codes = torch.cat([codes[:, :start], out[pick_draw(model, batch, out) if draws > 1 else 0]], dim=1)
     return codes.cpu().numpy(), starts, prompt if len(starts) > 1 else 0
+
+
+def pick_draw(model: Model, batch: dict, draws: torch.Tensor) -> int:
+    """Which of a window's draws (D, K, n) to keep: the one whose music reads most surely as the key the model
+    retrieved from the window's video. Each draw is decoded by the codec (the music as it will sound: melvq's audio
+    without Griffin-Lim reads as another key for 6 of the 40 val + test clips' true tokens), its CQT chroma profile
+    taken (`rhythm.chroma_profile`, what the key metric reads) and scored by `harmony.key_agreement` with the harmony
+    bank's profile for the window (the same for every draw); ties and silent draws go to the first. The score uses the
+    video and the draws only, never a label (docs/generate.md, "Candidates"). The kept draw's audio is remembered, so
+    that `decode_windows` does not decode a one-window video twice."""
+    from pipeline.metrics.rhythm import chroma_profile
+
+    with torch.no_grad():
+        retrieved, _ = model.net.harmony(batch["clip"][:1], batch["clip_mask"][:1])
+    scores, audio = [], []
+    for codes in draws.cpu().numpy():
+        audio.append(model.codec.decode(codes))
+        try:
+            heard = chroma_profile(audio[-1], model.codec.sample_rate)
+        except ValueError:  # digital silence has no key
+            scores.append(float("-inf"))
+            continue
+        scores.append(float(key_agreement(retrieved.cpu(), torch.from_numpy(heard)[None])[0]))
+    best = max(range(len(scores)), key=lambda d: (scores[d], -d))
+    _DECODED.clear()
+    _DECODED[_decode_key(model.codec, draws[best].cpu().numpy())] = audio[best]
+    return best
+
+
+# the last kept draw's audio (one entry): generate_codes decodes every draw to choose one, decode_windows would decode
+# the kept one again
+_DECODED: dict[tuple, np.ndarray] = {}
+
+
+def _decode_key(codec, codes: np.ndarray) -> tuple:
+    return id(codec), codes.shape, np.ascontiguousarray(codes, dtype=np.int64).tobytes()
 
 
 def decode_windows(codec, codes: np.ndarray, starts: list[int], prompt: int, n_samples: int,
@@ -390,7 +438,8 @@ def decode_windows(codec, codes: np.ndarray, starts: list[int], prompt: int, n_s
     there over `crossfade_s`. The token stream itself is continuous, so a seam blends two renderings of one music."""
     T, hop, fr = codes.shape[1], codec.hop_length, codec.frame_rate
     if len(starts) == 1 or prompt == 0 or T < 1.5 * DECODE_CHUNK_S * fr:
-        wav = codec.decode(codes)
+        wav = _DECODED.pop(_decode_key(codec, codes), None)  # the kept draw, already decoded to choose it
+        wav = codec.decode(codes) if wav is None else wav
     else:
         half = max(1, min(prompt, int(round(crossfade_s * fr)))) / 2  # frames each side of the seam
         margin = int(math.ceil(DECODE_MARGIN_S * fr))

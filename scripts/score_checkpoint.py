@@ -9,8 +9,10 @@ harmony bias 8 (none for a model without a token chroma table) in the embedded p
 video decoding), decodes with the tokenize stage's codec, writes the wavs to a scratch folder and scores them with the
 evaluate stage's per-clip scorer (`metrics.score.score_pair`): beat F1, tempo accuracy and key accuracy against the
 SynthV2M labels of the ingest manifest, chroma cosine (pooled over frames) and AV-Align against the clip's music and
-video. One JSON line per setting; clip problems go to stderr. It is quicker than `v2m generate --stage` + `v2m
-evaluate`, which score the stage's own generations (another draw) with the baselines and confidence intervals.
+video. One JSON line per setting; clip problems go to stderr. Each clip is one draw: the stage's
+`generate.candidates` (the best of several draws by the retrieved key) is not applied here. It is quicker than
+`v2m generate --stage` + `v2m evaluate`, which score the stage's own generations (another draw) with the baselines
+and confidence intervals.
 """
 
 from __future__ import annotations

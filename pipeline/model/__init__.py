@@ -6,9 +6,9 @@ pipeline/model/presets/{debug,embedded,musicgen-small}.yaml.
 
 from pipeline.model.decoder import DecoderConfig, MusicDecoder, delay_pattern, undelay
 from pipeline.model.fusion import Conditioning, FusionConfig, LongShortFusion, TemporalFusion
-from pipeline.model.harmony import HarmonyBank
+from pipeline.model.harmony import HarmonyBank, key_agreement
 from pipeline.model.v2m import V2M, ModelConfig, create_model, list_presets, load_preset, num_params, token_loss
 
 __all__ = ["Conditioning", "DecoderConfig", "FusionConfig", "HarmonyBank", "LongShortFusion", "ModelConfig",
-           "MusicDecoder", "TemporalFusion", "V2M", "create_model", "delay_pattern", "list_presets", "load_preset",
-           "num_params", "token_loss", "undelay"]
+           "MusicDecoder", "TemporalFusion", "V2M", "create_model", "delay_pattern", "key_agreement", "list_presets",
+           "load_preset", "num_params", "token_loss", "undelay"]

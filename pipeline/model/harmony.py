@@ -26,6 +26,7 @@ Public interface:
     bank.token_correlation(rows[, timbre])                            # (B, F, 12) -> (B, F, K, V)
     bank.mode_penalty(profile[, timbre])                              # (B, 12) -> (B, K, V), <= 0
     harmony_features(profile, key_profiles())                         # (B, 12) -> (B, 36), what V2M embeds
+    key_agreement(profile, heard)                                     # (B, 12) x 2 -> (B,), same key, how likely
 
 The bank has no parameters: its buffers travel in the checkpoint (under the names V2M's state dict has always used,
 see `V2M.__init__`), and `V2M` learns how to embed what it retrieves.
@@ -69,6 +70,16 @@ def harmony_features(profile: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     z = standardise(profile)
     corr = z @ keys.T / (N_CHROMA - 1)  # (B, 24) Pearson correlations
     return torch.cat([z, (KEY_SHARPNESS * corr).softmax(-1)], dim=-1)
+
+
+def key_agreement(profile: torch.Tensor, heard: torch.Tensor) -> torch.Tensor:
+    """(B, 12) two pitch-class profiles -> (B,): the probability that both read as the same key, under the key
+    distributions `harmony_features` gives each (softmax over the 24 Krumhansl-Schmuckler correlations). 1 when both
+    are certain of one key, near 0 when they name different ones; a soft score, no argmax. How `inference` ranks a
+    window's candidate draws: the retrieved profile against the chroma of each draw's music."""
+    keys = key_profiles().to(profile.device)
+    return (harmony_features(profile.float(), keys)[:, N_CHROMA:]
+            * harmony_features(heard.float(), keys)[:, N_CHROMA:]).sum(-1)
 
 
 def masked_mean(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

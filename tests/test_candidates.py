@@ -1,0 +1,195 @@
+"""generate.candidates: a window's draws are sampled side by side, decoded, and the one whose music reads most surely as
+the key the model retrieved from the video is kept (inference.generate_codes, inference.pick_draw,
+harmony.key_agreement).
+
+The music is real audio read by the key metric's own chroma (librosa CQT): a small codec renders each token as a
+chord of sine tones, so a draw's key is known by construction. The model is the debug preset with a harmony bank
+filled by hand, as in tests/test_model.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import inference
+from pipeline.codecs import Codec
+from pipeline.config import GenerateConfig, Params
+from pipeline.inference import GenerateError, Model, generate_codes, pick_draw, window_batch
+from pipeline.metrics.rhythm import KK_MAJOR, KK_MINOR
+from pipeline.model import key_agreement
+from tests.test_model import CARD, K, debug_model
+
+torch.set_num_threads(1)
+C_MINOR, C_MAJOR, C_AND_G, SILENT = 0, 1, 2, 3  # what the tone codec plays for a token of codebook 0
+CHORDS = {C_MINOR: (60, 63, 67), C_MAJOR: (60, 64, 67), C_AND_G: (60, 67)}
+
+
+class ToneCodec(Codec):
+    """Codebook 0's token at each frame -> a chord of sine tones (C minor, C major, C and G; other tokens silence)."""
+
+    name, sample_rate, frame_rate, num_codebooks, codebook_size = "tones", 32000, 6.0, K, CARD
+
+    def encode(self, wav: np.ndarray) -> np.ndarray:
+        raise NotImplementedError("the tone codec only renders")
+
+    decoded = 0  # how many times decode ran
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        codes = self.check_codes(codes)
+        self.decoded += 1
+        t = np.arange(self.hop_length) / self.sample_rate
+        frames = [sum((np.sin(2 * np.pi * 440 * 2 ** ((m - 69) / 12) * t) for m in CHORDS.get(int(c), ())),
+                      np.zeros_like(t)) for c in codes[0]]
+        return (0.2 * np.concatenate(frames)).astype(np.float32)
+
+    def state_hash(self) -> str:
+        return "tones"
+
+
+def profile(kk) -> torch.Tensor:
+    p = torch.tensor(kk, dtype=torch.float32)
+    return p / p.sum()
+
+
+def harmony_model(harmony: bool = True) -> Model:
+    """The debug model; with `harmony`, a bank whose clip 0 is C minor and clip 1 C major (CLIP rows e0 and e2)."""
+    if not harmony:
+        net = debug_model()
+    else:
+        net = debug_model(harmony_knn=1, harmony_bank=4, harmony_track=True)
+        minor, major = profile(KK_MINOR), profile(KK_MAJOR)
+        net.harmony.fill(torch.eye(4, 8), torch.stack([minor, minor, major, major]), torch.tensor([0, 0, 1, 1]))
+        chroma = torch.zeros(3, 12)  # what tokens 0, 1, 2 sound like: the harmony bias's table
+        for token, notes in CHORDS.items():
+            chroma[token, [m % 12 for m in notes]] = 1 / len(notes)
+        net.harmony.fill_token_chroma([torch.tensor([0, 1, 2]).repeat(K, 1)], [chroma])
+    params = dataclasses.replace(Params(), base=dataclasses.replace(Params().base, clip_seconds=2.0))
+    return Model(Path("debug.pt"), net, "full", params, ToneCodec(), torch.device("cpu"))
+
+
+def features(mode: str) -> dict:
+    """A 2 s video's cached features whose CLIP rows retrieve the bank's C minor (`minor`) or C major clip."""
+    clip = np.zeros((4, 8), np.float32)
+    clip[:, 0 if mode == "minor" else 2] = 1.0
+    rng = np.random.default_rng(0)
+    return {"clip": clip, "clip_fps": 2.0, "flow": rng.standard_normal((16, 6)).astype(np.float32), "flow_fps": 8.0}
+
+
+def draws_of(*tokens: int, n: int = 12) -> torch.Tensor:
+    """(D, K, n) draws, draw d playing tokens[d] throughout."""
+    return torch.stack([torch.full((K, n), t, dtype=torch.long) for t in tokens])
+
+
+def config(candidates: int) -> GenerateConfig:
+    return dataclasses.replace(GenerateConfig(), prompt_seconds=1.0, candidates=candidates)
+
+
+def test_key_agreement_is_high_for_one_key_and_low_for_its_parallel_key():
+    minor, major = profile(KK_MINOR)[None], profile(KK_MAJOR)[None]
+    same, parallel = key_agreement(minor, minor), key_agreement(minor, major)
+    assert same.shape == (1,) and float(same) > 0.5 and float(parallel) < 0.1
+    assert torch.allclose(parallel, key_agreement(major, minor))
+    g_minor = torch.roll(profile(KK_MINOR), 7)[None]  # another tonic: no agreement either
+    assert float(key_agreement(minor, g_minor)) < 0.05
+
+
+def test_pick_draw_keeps_the_draw_whose_music_reads_as_the_retrieved_key():
+    """Among a draw of the parallel key, a silent one and one of the key itself, the key's is kept, whichever key the
+    video retrieves; in minor it also beats the bare fifth (C and G, which Krumhansl-Schmuckler reads as C major
+    0.78 to 0.19); of two equal draws the first; a window of silence alone keeps draw 0."""
+    model = harmony_model()
+    for mode, right, wrong in (("minor", C_MINOR, C_MAJOR), ("major", C_MAJOR, C_MINOR)):
+        batch = window_batch(features(mode), 0.0, 2.0, None, model.device)
+        batch = {k: v.repeat(4, *[1] * (v.dim() - 1)) for k, v in batch.items()}
+        assert pick_draw(model, batch, draws_of(wrong, SILENT, right)) == 2
+        if mode == "minor":
+            assert pick_draw(model, batch, draws_of(C_AND_G, wrong, SILENT, right)) == 3
+        assert pick_draw(model, batch, draws_of(SILENT, right, right, wrong)) == 1
+        assert pick_draw(model, batch, draws_of(SILENT, SILENT)) == 0
+
+
+def test_candidates_keep_the_picked_one_of_the_windows_draws_and_one_candidate_is_a_single_draw():
+    """generate_codes with candidates D samples the window's D draws in one batch from the seeded generator and keeps
+    the one pick_draw picks; with 1 it is the plain single draw of before (the same tokens)."""
+    model = harmony_model()
+    feats, n = features("minor"), 12
+    cfg = config(1)
+    s = cfg.sampling
+
+    def sample(draws: int) -> torch.Tensor:
+        batch = window_batch(feats, 0.0, n / model.frame_rate, None, model.device)
+        batch = {k: v.repeat(draws, *[1] * (v.dim() - 1)) for k, v in batch.items()}
+        with torch.no_grad():
+            return model.net.generate(batch, n, s.guidance, s.temperature, s.top_k, torch.Generator().manual_seed(5),
+                                      True, None, s.plausibility, s.harmony_bias, s.mode_guard), batch
+
+    one = generate_codes(model, feats, n, cfg, 5, progress=False)[0]
+    assert np.array_equal(one, sample(1)[0][0].numpy())
+    draws, batch = sample(6)
+    picked = pick_draw(model, batch, draws)
+    four, starts, prompt = generate_codes(model, feats, n, dataclasses.replace(cfg, candidates=6), 5, progress=False)
+    assert np.array_equal(four, draws[picked].numpy()) and starts == [0] and prompt == 0
+    assert len({tuple(d.flatten().tolist()) for d in draws}) > 1  # the draws differ: there was a choice
+
+
+def test_bad_candidates_are_refused_and_a_model_without_a_bank_draws_once(caplog):
+    model = harmony_model()
+    with pytest.raises(GenerateError, match="generate.candidates 0 must be >= 1"):
+        generate_codes(model, features("minor"), 12, config(0), 0, progress=False)
+    plain = harmony_model(harmony=False)
+    inference._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.inference"):
+        many = generate_codes(plain, features("minor"), 12, config(4), 3, progress=False)[0]
+        generate_codes(plain, features("minor"), 12, config(4), 3, progress=False)
+    once = generate_codes(plain, features("minor"), 12, config(1), 3, progress=False)[0]
+    assert np.array_equal(many, once)
+    said = [r.getMessage() for r in caplog.records if "generate.candidates" in r.getMessage()]
+    assert len(said) == 1 and "no harmony bank" in said[0]
+
+
+def test_a_long_videos_windows_each_keep_a_draw_and_continue_the_music_before_them():
+    """Past one window (2 s here) each window's candidates are drawn after the same prompt (the previous window's
+    last second) and one is kept: the tokens cover the video in the planned windows, the result is the same twice
+    (the seed fixes every draw and every pick), and it is not the single draw's."""
+    model = harmony_model()
+    feats = features("minor")
+    feats["clip"] = np.repeat(feats["clip"], 3, axis=0)  # 6 s
+    feats["flow"] = np.repeat(feats["flow"], 3, axis=0)
+    codes, starts, prompt = generate_codes(model, feats, 36, config(3), 1, progress=False)
+    assert codes.shape == (K, 36) and starts == [0, 6, 12, 18, 24] and prompt == 6
+    again = generate_codes(model, feats, 36, config(3), 1, progress=False)[0]
+    assert np.array_equal(codes, again)
+    assert not np.array_equal(codes, generate_codes(model, feats, 36, config(1), 1, progress=False)[0])
+
+
+def test_a_one_window_video_decodes_each_draw_once_and_the_kept_one_is_not_decoded_again():
+    """Choosing decodes every draw; decode_windows then takes the kept draw's audio instead of decoding it again (the
+    same samples as a fresh decode). A single draw is decoded once, by decode_windows."""
+    model = harmony_model()
+    codes, starts, prompt = generate_codes(model, features("minor"), 12, config(3), 2, progress=False)
+    assert model.codec.decoded == 3
+    wav = inference.decode_windows(model.codec, codes, starts, prompt, 12 * model.codec.hop_length, 0.5)
+    assert model.codec.decoded == 3 and np.array_equal(wav, model.codec.decode(codes))
+    assert np.array_equal(inference.decode_windows(model.codec, codes, starts, prompt, len(wav), 0.5), wav)
+    assert model.codec.decoded == 5  # remembered once: the second call decodes
+    single = generate_codes(model, features("minor"), 12, config(1), 2, progress=False)[0]
+    assert model.codec.decoded == 5
+    inference.decode_windows(model.codec, single, [0], 0, len(wav), 0.5)
+    assert model.codec.decoded == 6
+
+
+def test_a_prompt_that_names_an_instrument_draws_once():
+    """With `timbre` (the instrument a text prompt names) the window is one draw, whatever generate.candidates says:
+    the same tokens as candidates 1, and nothing is decoded to choose."""
+    model = harmony_model()
+    named = generate_codes(model, features("minor"), 12, config(4), 7, progress=False, timbre=0)[0]
+    assert model.codec.decoded == 0
+    assert np.array_equal(named, generate_codes(model, features("minor"), 12, config(1), 7, progress=False,
+                                                timbre=0)[0])
+    assert not np.array_equal(named, generate_codes(model, features("minor"), 12, config(4), 7, progress=False)[0])
