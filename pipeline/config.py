@@ -257,6 +257,12 @@ class TrainConfig:
     direction: str | None = None  # fusion cross-attention: flow_to_clip | clip_to_flow | both | none; null = preset's
     interpolate: bool | None = None  # add the video context at the token frame rate; null = preset's
     text: bool = False  # condition on caption sentence embeddings (all-MiniLM-L6-v2), with caption dropout
+    # full and its variants read the scene stream (embed's, pipeline/encoders/scene.py) through a learned token prior:
+    # the timbre the scene shows (docs/baselines.md, "Timbre"); no_clip, vidmuse and text never do
+    scene: bool = True
+    # with train.scene: the harmony bias's token chroma table is counted over the music of the k training clips whose
+    # scenes are nearest (HarmonyBank.scene_table; the timbre those scenes sound in); 0 = over all training clips
+    scene_knn: int = 16
     flow_time: str | None = None  # end | centre: where a flow row sits in its frame interval; null = preset's (end)
     flow_norm: str | None = None  # layer | log: how flow rows are scaled (pipeline/model/fusion.py); null = preset's
     flow_pool: bool = False  # average the flow descriptor over its embed.flow.grid cells (less to memorise)

@@ -36,9 +36,11 @@ def load_dataset(features_dir: Path, tokens_dir: Path, manifest: Path | None,
     codec info {frame_rate, num_codebooks, codebook_size, name}: from `codec_info` (the codec's `describe()`) when
     given, else from the token store's metadata (a frame_rate or fps column, codec.json). With `patch_dir` (the
     patch stream's store, `v2m embed --streams patch`: the spatial-fusion ablation) items also have patch (Tp, P x Dc)
-    and patch_fps, and only ids with patches are kept."""
+    and patch_fps, and only ids with patches are kept. Items also have scene (Tc, 11), the scene stream's rows (at the
+    CLIP stream's rate), when features_dir has that stream and it has the item."""
     clip, flow, tokens = (load_features(features_dir / "clip"), load_features(features_dir / "flow"),
                           load_features(tokens_dir))
+    scene = load_features(features_dir / "scene") if (features_dir / "scene").is_dir() else {}
     patch = load_features(patch_dir) if patch_dir is not None else None
     ids = sorted(set(clip) & set(flow) & set(tokens) & (set(patch) if patch is not None else set(clip)))
     rows = {}
@@ -68,6 +70,8 @@ def load_dataset(features_dir: Path, tokens_dir: Path, manifest: Path | None,
                       "caption": str(row.get("caption") or ""), "instrument": str(row.get("instrument") or "")})
         if patch is not None:
             items[-1].update(patch=np.asarray(patch[i], np.float32), patch_fps=patch_fps[i])
+        if i in scene:
+            items[-1]["scene"] = np.asarray(scene[i], np.float32)
     rate = meta["frame_rate"] if codec_info else next(iter(frame_rate.values()))
     codec = {"frame_rate": float(rate), "num_codebooks": int(items[0]["codes"].shape[0]),
              "codebook_size": int(meta.get("codebook_size") or max(int(it["codes"].max()) for it in items) + 1),
@@ -123,6 +127,8 @@ def collate(items: list[dict], text: dict[str, np.ndarray] | None = None) -> dic
     if all("patch" in it for it in items):
         batch["patch"], batch["patch_mask"] = pad("patch", 0)
         batch["patch_fps"] = torch.tensor([it["patch_fps"] for it in items], dtype=torch.float32)
+    if all("scene" in it for it in items):  # on the CLIP stream's time axis: clip_fps is its rate too
+        batch["scene"], batch["scene_mask"] = pad("scene", 0)
     if all("harmony" in it for it in items):
         batch["harmony"] = torch.from_numpy(np.stack([it["harmony"] for it in items]))
     if all("harmony_track" in it for it in items):

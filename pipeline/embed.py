@@ -1,8 +1,11 @@
-"""embed: data/ingest/clips -> data/features/{clip,flow}/ shards + data/features/manifest.parquet. Params: base, embed.
+"""embed: data/ingest/clips -> data/features/{clip,flow,scene}/ shards + data/features/manifest.parquet. Params: base,
+embed.
 
-Two streams per clip, on one time axis (row k = time k / fps): CLIP image embeddings at `embed.clip_fps`
-(pipeline/encoders/clip.py) and a compact optical-flow descriptor at `embed.flow_fps` (pipeline/encoders/flow.py),
-both through `pipeline.encoders.streams.Encoders` (which generation uses too, so any video gets the same features).
+Three streams per clip, on one time axis (row k = time k / fps): CLIP image embeddings at `embed.clip_fps`
+(pipeline/encoders/clip.py), a compact optical-flow descriptor at `embed.flow_fps` (pipeline/encoders/flow.py) and the
+scene stream, an edge-orientation spectrum of the CLIP stream's frames (pipeline/encoders/scene.py: what shapes the
+scene is made of, the timbre's cue; integer arithmetic, the same bytes on every CPU), all through
+`pipeline.encoders.streams.Encoders` (which generation uses too, so any video gets the same features).
 Each stream is a `pipeline.shards.FeatureStore`: {stream}/{shard:05d}.npy + .index.parquet + .done.json (last),
 shard = stable hash of id mod `embed.num_shards`; read them with `pipeline.shards.load_features(root, ids)`.
 
@@ -36,6 +39,7 @@ import pandas as pd
 from pipeline.config import BaseConfig, EmbedConfig, Params, load_params, to_dict
 from pipeline.encoders import clip as clip_enc
 from pipeline.encoders import flow as flow_enc
+from pipeline.encoders import scene as scene_enc
 from pipeline.encoders.streams import Encoders
 from pipeline.manifest import INGEST_COLUMNS, label_columns, read_upstream, skipped_upstream, upstream_hash
 from pipeline.runtime import local_ranks, resolve_device, set_threads, wait_for_ranks
@@ -53,7 +57,7 @@ from pipeline.shards import (
 
 log = logging.getLogger(__name__)
 
-STREAMS = ("clip", "flow")  # the default: what every system reads
+STREAMS = ("clip", "flow", "scene")  # the default: what the systems read (scene: full and its variants, train.scene)
 # `--streams patch --out data/features_spatial` (the DVC stage `embed_spatial`, for the spatial-fusion ablation only)
 OPTIONAL_STREAMS = ("patch",)
 
@@ -76,6 +80,8 @@ def encoder_hashes(base: BaseConfig, cfg: EmbedConfig) -> dict[str, str]:
                              "dis_preset": flow.dis_preset if flow.method == "opencv_dis" else "",
                              "grid": flow.grid, "bins": flow.direction_bins, "version": flow_enc.VERSION}),
         "patch": params_hash({**clip_facts, "patch_grid": flow.grid}),
+        "scene": params_hash({"fps": cfg.clip_fps, "bins": scene_enc.N_BINS, "coeffs": scene_enc.N_COEFFS,
+                              "strongest": scene_enc.STRONGEST, "version": scene_enc.VERSION}),
     }
 
 

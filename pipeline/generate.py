@@ -145,6 +145,8 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
     upstream = pd.read_parquet(Path(params.ingest.out_dir) / "manifest.parquet")
     upstream = upstream[upstream["status"] == OK]
     clip, flow = load_features(Path(params.embed.out_dir) / "clip"), load_features(Path(params.embed.out_dir) / "flow")
+    scene_dir = Path(params.embed.out_dir) / "scene"
+    scene = load_features(scene_dir) if scene_dir.is_dir() else {}
     have = set(clip) & set(flow)
     rows = {r["id"]: r for r in upstream.to_dict("records") if r["id"] in have}
     patch = load_features(patches) if patches is not None else {}
@@ -221,6 +223,11 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
             def make(model=models[system], item_id=item_id, vector=None, timbre=None):
                 feats = {"clip": np.asarray(clip[item_id]), "flow": np.asarray(flow[item_id]),
                          "clip_fps": fps["clip"], "flow_fps": fps["flow"]}
+                if model.net.cfg.scene_dim:  # the scene rows are the CLIP rows' frames
+                    if item_id not in scene:
+                        raise MediaError(str(scene_dir), f"no scene features for {item_id} (run `v2m embed`)",
+                                         "no_scene")
+                    feats.update(scene=np.asarray(scene[item_id]), scene_fps=fps["clip"])
                 if model.net.cfg.fusion.mode == "spatial":  # the patch rows are the CLIP rows' frames
                     if item_id not in patch:
                         raise MediaError(str(patches), f"no patch features for {item_id}", "no_patches")

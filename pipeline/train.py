@@ -61,7 +61,7 @@ from pipeline import codecs
 from pipeline.config import Params, TrainConfig, VidMuseConfig, fraction_size, load_params, to_dict
 from pipeline.dataset import add_harmony, collate, load_dataset, load_swaps
 from pipeline.encoders.text import TEXT_DIM, caption_embeddings
-from pipeline.model import V2M, HarmonyBank, ModelConfig, create_model, load_preset, num_params
+from pipeline.model import V2M, HarmonyBank, ModelConfig, create_model, load_preset, num_params, scene_summary
 from pipeline.runtime import cores_per_process, dist_env, local_rank, resolve_device
 from pipeline.shards import (
     atomic_path,
@@ -78,11 +78,15 @@ log = logging.getLogger(__name__)
 SYSTEMS: dict[str, dict] = {
     "full": {},
     "no_motion": {"fusion": {"use_motion": False}},
-    "no_clip": {"fusion": {"use_clip": False, "direction": "none"}, "harmony_knn": 0, "harmony_track": False},
-    "vidmuse": {"fusion": {"use_motion": False, "mode": "long_short"}, "harmony_knn": 0, "harmony_track": False},
+    # no_clip sees no scene at all (nor its shapes: no scene stream); the VidMuse-style baseline is its own design
+    "no_clip": {"fusion": {"use_clip": False, "direction": "none"}, "harmony_knn": 0, "harmony_track": False,
+                "scene_dim": 0},
+    "vidmuse": {"fusion": {"use_motion": False, "mode": "long_short"}, "harmony_knn": 0, "harmony_track": False,
+                "scene_dim": 0},
     "spatial": {"fusion": {"mode": "spatial"}},  # needs the patch stream: --patches
-    # text steering: the caption as a condition (a memory row) and a learned token prior; needs the swaps: --swaps
-    "text": {"fusion": {"text_dim": TEXT_DIM}, "text_prior": True},
+    # text steering: the caption as a condition (a memory row) and a learned token prior; needs the swaps: --swaps.
+    # Its timbre is the caption's: it does not read the scene stream, whose timbre a swapped item's music contradicts
+    "text": {"fusion": {"text_dim": TEXT_DIM}, "text_prior": True, "scene_dim": 0},
 }
 ONSET_WINDOW_S = 0.04
 VALIDATION_ONLY = ("select", "beat_clips", "beat_every", "sampling")
@@ -107,9 +111,10 @@ def onset_frames(items: list[dict], n_frames: int, frame_rate: float) -> torch.T
 # ----------------------------------------------------------------------------------------------------------------------
 
 def model_config(cfg: TrainConfig, system: str, codec: dict, clip_dim: int, flow_dim: int,
-                 flow_cells: int = 1, vidmuse: VidMuseConfig | None = None) -> ModelConfig:
+                 flow_cells: int = 1, vidmuse: VidMuseConfig | None = None, scene_dim: int = 0) -> ModelConfig:
     """The model config of `system` (SYSTEMS): the preset's, with train's overrides and the system's changes;
-    `vidmuse` sets the vidmuse system's window and summary."""
+    `vidmuse` sets the vidmuse system's window and summary; `scene_dim`, the scene stream's width, is the model's
+    with train.scene (unless the system never reads the scene)."""
     if system not in SYSTEMS:
         raise ValueError(f"train: unknown system {system!r}; known: {', '.join(SYSTEMS)}")
     decoder = {"num_codebooks": codec["num_codebooks"], "codebook_size": codec["codebook_size"]}
@@ -122,7 +127,7 @@ def model_config(cfg: TrainConfig, system: str, codec: dict, clip_dim: int, flow
         fusion["flow_time"] = cfg.flow_time
     if cfg.flow_norm:
         fusion["flow_norm"] = cfg.flow_norm
-    extra = {}
+    extra = {"scene_dim": scene_dim} if cfg.scene and scene_dim else {}
     for key in ("interpolate", "harmony_track", "harmony", "harmony_knn"):  # null = the preset's
         if getattr(cfg, key) is not None:
             extra[key] = getattr(cfg, key)
@@ -139,7 +144,10 @@ def model_config(cfg: TrainConfig, system: str, codec: dict, clip_dim: int, flow
                 extra.pop(key)
                 if getattr(cfg, key) is not None:
                     extra[key] = getattr(cfg, key)
-    return load_preset(cfg.preset, decoder=decoder, fusion=fusion, frame_rate=codec["frame_rate"], **extra)
+    mcfg = load_preset(cfg.preset, decoder=decoder, fusion=fusion, frame_rate=codec["frame_rate"], **extra)
+    if mcfg.scene_dim and mcfg.harmony_track and cfg.scene_knn:  # the harmony bias's tables: the nearest scenes'
+        mcfg = dataclasses.replace(mcfg, timbre_knn=cfg.scene_knn)
+    return mcfg
 
 
 def fraction_ids(ids: list[str], percent: int) -> list[str]:
@@ -149,12 +157,18 @@ def fraction_ids(ids: list[str], percent: int) -> list[str]:
     return sorted(order[: fraction_size(len(ids), percent)])
 
 
+def scene_keys(train_items: list[dict]) -> torch.Tensor:
+    """(N, 2 D): each training clip's scene summary (`scene_summary`, the mean and spread of its scene rows)."""
+    return torch.cat([scene_summary(torch.from_numpy(np.array(it["scene"], np.float32))[None],
+                                    torch.ones(1, len(it["scene"]), dtype=torch.bool)) for it in train_items])
+
+
 def build_harmony(train_items: list[dict], mcfg: ModelConfig, device: torch.device
                   ) -> tuple[ModelConfig, HarmonyBank | None]:
     """The kNN harmony bank of the training clips (mcfg.harmony_knn; the items need `add_harmony`) and mcfg with its
     size (and, for the text system, the instruments of its timbre tables: every train item has its label, which
-    `steering_captions` checked); None without harmony_knn. item["bank_index"] names each item's clip in the bank: it
-    never retrieves itself."""
+    `steering_captions` checked; with timbre_knn, the clips' scene keys, tokens and frame chroma, `fill_scene`); None
+    without harmony_knn. item["bank_index"] names each item's clip in the bank: it never retrieves itself."""
     if not mcfg.harmony_knn:
         return mcfg, None
     if mcfg.harmony_track:  # every CLIP row of every training clip, with the chroma around its time
@@ -167,12 +181,20 @@ def build_harmony(train_items: list[dict], mcfg: ModelConfig, device: torch.devi
     # the text system (text_prior) also keeps a token chroma table per instrument, for prompts that name one
     timbres = tuple(sorted({it["instrument"] for it in train_items})) if mcfg.text_prior and mcfg.harmony_track else ()
     mcfg = dataclasses.replace(mcfg, harmony_bank=len(keys), timbres=timbres)
+    if mcfg.timbre_knn:
+        frames = max(it["codes"].shape[1] for it in train_items)
+        mcfg = dataclasses.replace(mcfg, timbre_bank=(len(train_items), frames))
     bank = HarmonyBank.from_config(mcfg).to(device)
     bank.fill(*(None if x is None else torch.from_numpy(x).to(device) for x in (keys, chroma, clips)))
     if mcfg.harmony_track:
         bank.fill_token_chroma([torch.from_numpy(it["codes"]) for it in train_items],
                                [torch.from_numpy(it["frame_chroma"]) for it in train_items],
                                [timbres.index(it["instrument"]) for it in train_items] if timbres else None)
+    if mcfg.timbre_knn:  # standardised as V2M.fit_scene standardises the queries
+        pooled = scene_keys(train_items).double()
+        keys = (pooled - pooled.mean(0)) / pooled.std(0, correction=0).clamp(min=1e-6)
+        bank.fill_scene(keys.float().to(device), [torch.from_numpy(it["codes"]) for it in train_items],
+                        [torch.from_numpy(it["frame_chroma"]) for it in train_items])
     for i, it in enumerate(train_items):
         it["bank_index"] = i
     return mcfg, bank
@@ -330,8 +352,13 @@ class Trainer:
             self.text = caption_embeddings(items + prompts)
         else:
             self.text = caption_embeddings(items) if cfg.text else None
+        scene_dim = items[0]["scene"].shape[1] if "scene" in items[0] else 0
         mcfg = model_config(cfg, system, codec, items[0]["clip"].shape[1], items[0]["flow"].shape[1],
-                            params.embed.flow.grid ** 2, params.ablations.vidmuse)
+                            params.embed.flow.grid ** 2, params.ablations.vidmuse, scene_dim)
+        if cfg.scene and SYSTEMS[system].get("scene_dim", 1) and not all("scene" in it for it in items):
+            raise SystemExit(f"train: train.scene is on and {system} reads the scene stream, but "
+                             f"{sum('scene' not in it for it in items)} clip(s) have no scene rows in "
+                             f"{params.embed.out_dir}/scene: run `v2m embed` (or set train.scene: false)")
         if mcfg.harmony or mcfg.harmony_knn:
             add_harmony(self.train_items, Path(params.tokenize.music_dir),
                         mcfg.frame_rate if mcfg.harmony_track else None,
@@ -339,10 +366,15 @@ class Trainer:
         self.mcfg, harmony = build_harmony(self.train_items, mcfg, device)
         torch.manual_seed(self.seed)
         self.model = create_model(self.mcfg, cfg.pretrained_dir, harmony).to(device)
+        if self.mcfg.scene_dim:  # the scene prior's input standardisation: the training clips' (a buffer)
+            self.model.fit_scene(scene_keys(self.train_items).to(device))
         self.optimizer = make_optimizer(self.model, cfg)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.ema_decay else None
         # settings that only change validation or which checkpoint is exported do not make a checkpoint stale
-        fingerprint = {"train": {k: v for k, v in to_dict(cfg).items() if k not in VALIDATION_ONLY},
+        # train.scene and scene_knn are left out: the model config says whether the model reads the scene (scene_dim,
+        # timbre_knn), so the systems that never do keep their checkpoints
+        fingerprint = {"train": {k: v for k, v in to_dict(cfg).items()
+                                 if k not in VALIDATION_ONLY + ("scene", "scene_knn")},
                        "seed": self.seed, "model": self.mcfg.to_dict(), "system": system,
                        "ids": [it["id"] for it in self.train_items], "world": world}
         if system == "text":  # what the swaps and captions are (other systems' fingerprints stay as they were)

@@ -193,3 +193,42 @@ def test_a_prompt_that_names_an_instrument_draws_once():
     assert np.array_equal(named, generate_codes(model, features("minor"), 12, config(1), 7, progress=False,
                                                 timbre=0)[0])
     assert not np.array_equal(named, generate_codes(model, features("minor"), 12, config(4), 7, progress=False)[0])
+
+
+def beat_draw(period: int, n: int = 24) -> torch.Tensor:
+    """(K, n): the C minor chord on every `period`-th frame (6 frames a second), silence between."""
+    codes = torch.full((K, n), SILENT, dtype=torch.long)
+    codes[:, ::period] = C_MINOR
+    return codes
+
+
+def moving(bpm: float, seconds: float = 4.0, fps: float = 24.0) -> np.ndarray:
+    """Flow rows (the embed stage's descriptor: 4 x 4 cells of 8 direction bins + the mean vector) whose speed jumps
+    on every beat at `bpm`, as SynthV2M's objects hop on the beats."""
+    rows = np.zeros((int(seconds * fps), 16, 10), np.float32)
+    beats = np.round(np.arange(0, seconds, 60.0 / bpm) * fps).astype(int)
+    rows[beats, :, 0] = 1.0
+    rows[np.minimum(beats + 1, len(rows) - 1), :, 0] = 0.5
+    return rows.reshape(len(rows), 160)
+
+
+def test_of_draws_in_the_same_key_the_one_at_the_videos_tempo_is_kept_when_the_model_sees_motion():
+    """video_tempo reads the tempo the flow rows show (librosa's beat tracker on their mean speed); pick_draw adds
+    TEMPO_MATCH to a draw whose tracked tempo is within 4 % of it. Two C minor draws, at 90 and 120 BPM: a video moving
+    at 120 BPM keeps the second, one at 90 BPM the first. A model without motion (no_motion) is not told the tempo:
+    the two tie on the key and the first is kept."""
+    model = harmony_model()
+    model = dataclasses.replace(model, params=dataclasses.replace(
+        model.params, base=dataclasses.replace(model.params.base, clip_seconds=4.0)))
+    draws = torch.stack([beat_draw(4), beat_draw(3)])  # 6 / 4 = 1.5 beats a second (90 BPM); 2 (120 BPM)
+    for bpm, kept in ((120.0, 1), (90.0, 0)):
+        feats = dict(features("minor"), flow=moving(bpm), flow_fps=24.0)
+        feats["clip"] = np.repeat(feats["clip"][:1], 8, 0)
+        batch = window_batch(feats, 0.0, 4.0, None, model.device)
+        assert abs(inference.video_tempo(model, batch) - bpm) <= 0.04 * bpm
+        assert pick_draw(model, batch, draws) == kept
+    still = dataclasses.replace(model, net=debug_model(harmony_knn=1, harmony_bank=4, harmony_track=True,
+                                                      fusion={"use_motion": False}))
+    still.net.load_state_dict(model.net.state_dict(), strict=False)
+    assert inference.video_tempo(still, batch) is None
+    assert inference.video_tempo(model, dict(batch, flow=batch["flow"][..., :6])) is None  # not the descriptor

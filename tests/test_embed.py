@@ -122,7 +122,7 @@ def test_adding_one_video_to_40_computes_that_video_only(tmp_path, clip, encoder
     after = files(out)
     rewritten = {k.split(".")[0] for k in after if after[k] != before.get(k) and k[-4:] in (".npy", "json", "quet")}
     shard = f"{shard_of('v040', 4):05d}"
-    assert rewritten - {"manifest", "report"} == {f"clip/{shard}", f"flow/{shard}"}
+    assert rewritten - {"manifest", "report"} == {f"clip/{shard}", f"flow/{shard}", f"scene/{shard}"}
 
     embed.run(params, fake_ingest(tmp_path, clip, 41, changed={"v007": "sha1"}), out)  # a changed source
     assert calls.take() == {"clip": ["v007"], "flow": ["v007"]}

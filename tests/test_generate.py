@@ -132,9 +132,11 @@ def test_prompt_is_honoured_and_the_cache_changes_nothing(project):
     recomputation give the same codes; a greedy continuation of its own first frames reproduces the whole."""
     model = inference.load_model(project["model"], load_params(project["params"]))
     feats = {"clip": np.random.default_rng(0).normal(size=(8, 256)).astype(np.float32), "clip_fps": 2.0,
-             "flow": np.random.default_rng(1).normal(size=(32, 160)).astype(np.float32), "flow_fps": 8.0}
+             "flow": np.random.default_rng(1).normal(size=(32, 160)).astype(np.float32), "flow_fps": 8.0,
+             "scene": np.random.default_rng(2).uniform(size=(8, 11)).astype(np.float32), "scene_fps": 2.0}
     batch = inference.window_batch(feats, 0.0, SECONDS, None, "cpu")
     net = model.net
+    assert net.cfg.scene_dim == 11 and batch["scene"].shape == (1, 8, 11)  # the project's full reads the scene
     greedy = net.generate(batch, 100, guidance=3.0, temperature=0.0)
     again = net.generate(batch, 100, guidance=3.0, temperature=0.0, prompt=greedy[..., :60])
     assert torch.equal(again, greedy)
@@ -159,7 +161,8 @@ def test_text_prompt_changes_the_music_and_seed_fixes_it(project, tmp_path):
     # the trained model: a caption moves the guided next-token distribution
     model = inference.load_model(project["model"], load_params(project["params"]))
     feats = {"clip": np.random.default_rng(0).normal(size=(8, 256)).astype(np.float32), "clip_fps": 2.0,
-             "flow": np.random.default_rng(1).normal(size=(32, 160)).astype(np.float32), "flow_fps": 8.0}
+             "flow": np.random.default_rng(1).normal(size=(32, 160)).astype(np.float32), "flow_fps": 8.0,
+             "scene": np.random.default_rng(2).uniform(size=(8, 11)).astype(np.float32), "scene_fps": 2.0}
     codes = model.net.generate(inference.window_batch(feats, 0.0, SECONDS, None, "cpu"), 100, temperature=0.0)
     probs = []
     for text in ("calm slow piano in C major", "fast loud drums and bass"):

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -26,8 +27,9 @@ import yaml
 from pipeline import train
 from pipeline.config import BaseConfig, SynthConfig, params_from_dict, to_dict
 from pipeline.dataset import collate, load_dataset, load_swaps
+from pipeline.encoders import scene
 from pipeline.shards import FeatureStore, Item
-from pipeline.synth import make_spec
+from pipeline.synth import make_spec, render_frames
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +37,7 @@ SECONDS, FRAME_RATE, K, CARD = 4.0, 25.0, 2, 16
 
 
 def make_data(root: Path, n_train: int = 6, n_val: int = 2) -> dict:
-    """features/{clip,flow}, tokens/, manifest.parquet under root from SynthV2M specs; returns the paths."""
+    """features/{clip,flow,scene}, tokens/, manifest.parquet under root from SynthV2M specs; returns the paths."""
     base = BaseConfig(clip_seconds=SECONDS)
     specs = [make_spec(0, i, SynthConfig(), base) for i in range(n_train + n_val)]
     ids = [f"synth_{i:05d}" for i in range(len(specs))]
@@ -65,8 +67,13 @@ def make_data(root: Path, n_train: int = 6, n_val: int = 2) -> dict:
     def patch(item):  # the spatial system's stream: one cell (params' embed.flow.grid 1) holding the CLIP row
         return clip(item)
 
+    def scene_rows(item):  # the scene stream of the clip's real frames, as embed computes it
+        frames = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in render_frames(item.payload, 2.0, 96, 96)]
+        return scene.spectra(np.stack(frames)), {"fps": 2.0}
+
     items = [Item(i, "h", s) for i, s in zip(ids, specs, strict=True)]
-    for name, fn in (("features/clip", clip), ("features/flow", flow), ("tokens", tokens), ("spatial/patch", patch)):
+    for name, fn in (("features/clip", clip), ("features/flow", flow), ("features/scene", scene_rows),
+                     ("tokens", tokens), ("spatial/patch", patch)):
         FeatureStore(root / name, 2).update(items, "enc", fn)
     splits = ["train"] * n_train + ["val"] * n_val
     pd.DataFrame({"id": ids, "split": splits, "status": "ok", "caption": [s.caption() for s in specs],

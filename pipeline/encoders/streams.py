@@ -1,5 +1,6 @@
-"""The two video streams of a clip, as the embed stage computes them and generation recomputes them on any video:
-frame sampling at a target rate, and `Encoders`, the CLIP and flow encoders built on first use.
+"""The video streams of a clip, as the embed stage computes them and generation recomputes them on any video: frame
+sampling at a target rate, and `Encoders`, the CLIP and flow encoders built on first use, and the scene stream's
+edge-orientation spectrum (pipeline/encoders/scene.py, no weights) on the CLIP stream's frames.
 
 Both streams use the same time axis: row k of a stream sampled at `fps` belongs to time k / fps seconds from the start
 of the clip, and a clip of duration d has ceil(d * fps) rows (ingested clips start at 0 with a constant frame rate).
@@ -18,6 +19,7 @@ import numpy as np
 from pipeline.config import EmbedConfig
 from pipeline.encoders import clip as clip_enc
 from pipeline.encoders import flow as flow_enc
+from pipeline.encoders import scene as scene_enc
 from pipeline.media import MediaError, decode_video
 from pipeline.shards import Item
 
@@ -101,8 +103,8 @@ def _to_array(frame: av.VideoFrame, gray: bool) -> np.ndarray:
 
 
 class Encoders:
-    """The compute functions FeatureStore calls (clip, flow; patch for the spatial ablation); each encoder is built
-    on its first use."""
+    """The compute functions FeatureStore calls (clip, flow, scene; patch for the spatial ablation); each encoder is
+    built on its first use."""
 
     def __init__(self, cfg: EmbedConfig, device: str):
         self.cfg, self.device = cfg, device
@@ -123,6 +125,13 @@ class Encoders:
         frames, native_fps, n = sample_frames(item.payload, self.cfg.flow_fps, gray=self._flow.gray)
         return self._flow(frames, self.cfg.flow_fps), {"fps": self.cfg.flow_fps,
                                                        "duration_s": round(n / native_fps, 6)}  # (T, Df)
+
+    def scene(self, item: Item) -> tuple[np.ndarray, dict]:
+        """The edge-orientation spectra of the CLIP stream's frames (their luma, `scene.spectra`): (T, 11), row k at
+        time k / clip_fps like the clip stream's."""
+        _check_exists(item.payload)
+        frames, native_fps, n = sample_frames(item.payload, self.cfg.clip_fps, gray=True)
+        return scene_enc.spectra(frames), {"fps": self.cfg.clip_fps, "duration_s": round(n / native_fps, 6)}
 
     def patch(self, item: Item) -> tuple[np.ndarray, dict]:
         """The CLIP stream's frames as patch embeddings on the flow descriptor's grid (`ClipEncoder.patches`):
@@ -148,6 +157,14 @@ class Encoders:
         rows = [self._clip(frames) for frames in _chunks(iter_samples(path, self.cfg.clip_fps, False, info), size)]
         return np.concatenate(rows), {"fps": self.cfg.clip_fps,
                                       "duration_s": round(info["n_frames"] / info["native_fps"], 6)}
+
+    def scene_streamed(self, path: str | Path) -> tuple[np.ndarray, dict]:
+        """scene(), one frame in memory at a time -> (rows [T, 11], metadata)."""
+        _check_exists(path)
+        info: dict = {}
+        rows = [scene_enc.edge_spectrum(f) for f in iter_samples(path, self.cfg.clip_fps, True, info)]
+        return np.stack(rows), {"fps": self.cfg.clip_fps,
+                                "duration_s": round(info["n_frames"] / info["native_fps"], 6)}
 
     def flow_streamed(self, path: str | Path, chunk_frames: int = 240) -> tuple[np.ndarray, dict]:
         """flow(), `chunk_frames` frames in memory at a time -> (rows [T, Df], metadata)."""

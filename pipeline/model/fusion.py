@@ -177,6 +177,7 @@ class Conditioning:
     harmony_track: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     # (projected caption (B, d), mask (B,) after caption dropout): what V2M's text prior reads (text_prior)
     text: tuple[torch.Tensor, torch.Tensor] | None = None
+    scene: torch.Tensor | None = None  # (B, K, V) the scene prior's logit bias (V2M's, with scene_dim)
 
     def context_at(self, seconds: torch.Tensor) -> torch.Tensor:
         """The fused video streams linearly interpolated to `seconds` (B, S) and summed -> (B, S, d)."""
@@ -191,7 +192,8 @@ class Conditioning:
         track = None if self.harmony_track is None else (self.harmony_track[0] * k, *self.harmony_track[1:])
         text = None if self.text is None else (self.text[0] * k[:, 0], self.text[1] & keep)
         return Conditioning(self.memory * k, self.mask, [(r * k, m, f, s) for r, m, f, s in self.streams],
-                            None if self.harmony is None else self.harmony * k[:, 0], self.harmony_logits, track, text)
+                            None if self.harmony is None else self.harmony * k[:, 0], self.harmony_logits, track, text,
+                            None if self.scene is None else self.scene * k)
 
 
 class _Fusion(nn.Module):

@@ -17,14 +17,21 @@ same embeddings manages 0.40 (docs/studies/harmony.md). The bank holds, for the 
   bank also keeps one such table per instrument (`timbres`, counted over that instrument's training clips alone): a
   prompt that names an instrument takes its table, so that the bias ranks the tokens by what they sound like in that
   timbre and stops favouring another instrument's tokens that sound the chord (docs/baselines.md, "Text steering").
+  A model that reads the scene stream (`scene_dim`, with `timbre_knn: k`) keeps, instead of labels, every training
+  clip's scene key (its standardised scene summary), tokens and frame chroma: the table of a query is counted over
+  the music of the k training clips whose scenes are nearest (`scene_table`), what each token sounds like in music
+  of scenes like this one. No label is read, and a token those clips never wrote is left alone (docs/baselines.md,
+  "Timbre").
 
 Public interface:
     bank = HarmonyBank(size, key_dim, k, tau, track, token_shape, timbres)  # empty; or HarmonyBank.from_config(cfg)
     bank.fill(keys, profiles[, clips])                                # train: the training clips (or rows)
     bank.fill_token_chroma(codes, chroma[, timbres])                  # train, with track: the token chroma table(s)
     profile, track = bank(clip, clip_mask, own)                       # (B, 12), (B, Tc, 12) or None
-    bank.token_correlation(rows[, timbre])                            # (B, F, 12) -> (B, F, K, V)
-    bank.mode_penalty(profile[, timbre])                              # (B, 12) -> (B, K, V), <= 0
+    bank.fill_scene(keys, codes, chroma)                              # train, with timbre_knn: the scenes' music
+    bank.scene_table(query)                                           # (B, 2 D) scene keys -> (B, K, V, 12)
+    bank.token_correlation(rows[, timbre, table])                     # (B, F, 12) -> (B, F, K, V)
+    bank.mode_penalty(profile[, timbre, table])                       # (B, 12) -> (B, K, V), <= 0
     harmony_features(profile, key_profiles())                         # (B, 12) -> (B, 36), what V2M embeds
     key_agreement(profile, heard)                                     # (B, 12) x 2 -> (B,), same key, how likely
 
@@ -45,6 +52,11 @@ if TYPE_CHECKING:
 
 N_CHROMA = 12
 KEY_SHARPNESS = 20.0  # softmax scale of the key correlations (in [-1, 1]): a 0.1 lead is a 7x odds ratio
+# `scene_table`: a token's chroma in the nearest scenes' music is shrunk toward its chroma over all training clips as if
+# that estimate came from this many frames (a token written a few times by the neighbours mostly keeps the all-clips
+# estimate; 50 against none or 1000: key 0.925 against 0.875, chroma 0.577 against 0.556 / 0.587, instrument 0.825
+# against 0.825 / 0.775 over the 40 val + test clips, docs/baselines.md, "Timbre")
+SCENE_PRIOR_FRAMES = 50.0
 
 
 def key_profiles() -> torch.Tensor:
@@ -92,10 +104,13 @@ class HarmonyBank(nn.Module):
     """The k-nearest-scene harmony bank of the training clips (see the module docstring); empty until `fill`."""
 
     def __init__(self, size: int, key_dim: int, k: int, tau: float = 0.05, track: bool = False,
-                 token_shape: tuple[int, int] = (0, 0), timbres: int = 0):
+                 token_shape: tuple[int, int] = (0, 0), timbres: int = 0, scene_k: int = 0,
+                 scene_shape: tuple[int, int, int] = (0, 0, 0)):
         """Args: size, the bank's rows (training clips, or their CLIP rows with `track`); key_dim, the CLIP
         embedding's; k neighbours, softmax temperature tau; token_shape (K, V), the token chroma table's (with
-        track); timbres, how many per-instrument tables it also keeps (with track; the text system's)."""
+        track); timbres, how many per-instrument tables it also keeps (with track; the text system's); scene_k > 0
+        (with track): the token chroma table of a query is counted over the music of its scene_k nearest scenes, of
+        scene_shape (training clips, their most token frames, the scene key's width)."""
         super().__init__()
         if k < 1:
             raise ValueError(f"harmony bank: k must be >= 1, got {k}")
@@ -108,12 +123,21 @@ class HarmonyBank(nn.Module):
             self.register_buffer("token_chroma", torch.zeros(*token_shape, N_CHROMA))  # (K, V, 12)
             if timbres:  # the same table counted over each instrument's clips alone: (I, K, V, 12)
                 self.register_buffer("timbre_chroma", torch.zeros(timbres, *token_shape, N_CHROMA))
+        self.scene_k = scene_k
+        if scene_k:
+            if not track:
+                raise ValueError("harmony bank: scene tables (timbre_knn) need harmony_track")
+            clips, frames, width = scene_shape
+            self.register_buffer("scene_keys", torch.zeros(clips, width))  # standardised scene summaries
+            self.register_buffer("scene_codes", torch.full((clips, token_shape[0], frames), -1, dtype=torch.int16))
+            self.register_buffer("scene_chroma", torch.zeros(clips, frames, N_CHROMA))
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> HarmonyBank:
         """The empty bank a model config describes (cfg.harmony_knn > 0): what a checkpoint's buffers load into."""
         return cls(cfg.harmony_bank, cfg.fusion.clip_dim, cfg.harmony_knn, cfg.harmony_tau, cfg.harmony_track,
-                   (cfg.decoder.num_codebooks, cfg.decoder.codebook_size), len(cfg.timbres))
+                   (cfg.decoder.num_codebooks, cfg.decoder.codebook_size), len(cfg.timbres), cfg.timbre_knn,
+                   (*cfg.timbre_bank, 2 * cfg.scene_dim) if cfg.timbre_knn else (0, 0, 0))
 
     @property
     def size(self) -> int:
@@ -159,6 +183,46 @@ class HarmonyBank(nn.Module):
                 self.timbre_chroma[t].copy_(self._token_means([codes[i] for i in own], [chroma[i] for i in own]))
         return self
 
+    @torch.no_grad()
+    def fill_scene(self, keys: torch.Tensor, codes: list[torch.Tensor], chroma: list[torch.Tensor]) -> HarmonyBank:
+        """Keep each training clip's standardised scene key (N, 2 D), tokens codes[i] (K, T_i) and frame chroma
+        chroma[i] (T_i, 12), for `scene_table`. Returns the bank."""
+        clips, K, frames = self.scene_codes.shape
+        if tuple(keys.shape) != tuple(self.scene_keys.shape) or len(codes) != clips or len(chroma) != clips:
+            raise ValueError(f"scene tables: expected {clips} clips with keys {tuple(self.scene_keys.shape)}, got "
+                             f"{tuple(keys.shape)}, {len(codes)} token arrays and {len(chroma)} chroma arrays")
+        self.scene_keys.copy_(keys.float())
+        self.scene_codes.fill_(-1)
+        self.scene_chroma.zero_()
+        for i, (c, x) in enumerate(zip(codes, chroma, strict=True)):
+            T = min(c.shape[-1], x.shape[0], frames)
+            self.scene_codes[i, :, :T] = c[:, :T].to(torch.int16)
+            self.scene_chroma[i, :T] = x[:T].float()
+        return self
+
+    def scene_table(self, query: torch.Tensor) -> torch.Tensor:
+        """Standardised scene keys (B, 2 D) -> (B, K, V, 12): for each, the token chroma table counted over the music
+        of the scene_k training clips whose keys are nearest (Euclidean): the mean chroma of the frames where each
+        codebook wrote each token, shrunk toward the token's row in the table of all clips (`SCENE_PRIOR_FRAMES`), and
+        zero where those clips never wrote it."""
+        K, V = self.token_chroma.shape[:2]
+        dist = ((query.float()[:, None] - self.scene_keys[None]) ** 2).sum(-1)  # (B, N)
+        nearest = dist.topk(min(self.scene_k, dist.shape[-1]), dim=-1, largest=False).indices  # (B, k)
+        out = torch.zeros(query.shape[0], K, V, N_CHROMA)
+        for b, index in enumerate(nearest):
+            codes, chroma = self.scene_codes[index].long(), self.scene_chroma[index]  # (k, K, T), (k, T, 12)
+            total = torch.zeros(K, V, N_CHROMA, dtype=torch.float64)
+            count = torch.zeros(K, V, dtype=torch.float64)
+            rows = chroma.reshape(-1, N_CHROMA).double()
+            for k in range(K):
+                c = codes[:, k].reshape(-1)
+                written = c >= 0
+                total[k].index_add_(0, c[written], rows[written])
+                count[k].index_add_(0, c[written], torch.ones(int(written.sum()), dtype=torch.float64))
+            shrunk = (total + SCENE_PRIOR_FRAMES * self.token_chroma.double()) / (count + SCENE_PRIOR_FRAMES)[..., None]
+            out[b] = torch.where((count > 0)[..., None], shrunk, torch.zeros_like(shrunk)).float()
+        return out.to(query.device)
+
     def _token_means(self, codes: list[torch.Tensor], chroma: list[torch.Tensor]) -> torch.Tensor:
         """(K, V, 12): the mean chroma of the frames where each codebook wrote each token (zero where never)."""
         K, V = self.token_chroma.shape[:2]
@@ -193,12 +257,13 @@ class HarmonyBank(nn.Module):
         excluded = None if own is None else own[:, None] == torch.arange(self.size, device=own.device)
         return self._retrieve(masked_mean(clip, clip_mask)[:, None], excluded)[:, 0], None
 
-    def token_correlation(self, rows: torch.Tensor, timbre: torch.Tensor | None = None) -> torch.Tensor:
+    def token_correlation(self, rows: torch.Tensor, timbre: torch.Tensor | None = None,
+                          table: torch.Tensor | None = None) -> torch.Tensor:
         """(B, F, 12) chroma at F frames (the track at their times) -> (B, F, K, V): the Pearson correlation, over the
         12 pitch classes, of each frame's chroma with each token's (the token chroma table, per codebook). With
         `timbre` (B,), an item's index into the timbre tables takes what each token sounds like in that instrument's
-        clips instead; -1 keeps the table of all clips."""
-        tables = self._token_table(timbre)
+        clips instead; -1 keeps the table of all clips. `table` (B, K, V, 12) (`scene_table`) replaces both."""
+        tables = self._token_table(timbre) if table is None else table
         spec = "bfc,kvc->bfkv" if tables.dim() == 3 else "bfc,bkvc->bfkv"
         return torch.einsum(spec, standardise(rows), standardise(tables)) / (N_CHROMA - 1)
 
@@ -212,7 +277,8 @@ class HarmonyBank(nn.Module):
                              f"{timbre.tolist()}")
         return torch.cat([self.token_chroma[None], self.timbre_chroma])[timbre.long() + 1]
 
-    def mode_penalty(self, profile: torch.Tensor, timbre: torch.Tensor | None = None) -> torch.Tensor:
+    def mode_penalty(self, profile: torch.Tensor, timbre: torch.Tensor | None = None,
+                     table: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 12) retrieved profile -> (B, K, V) <= 0: how much more each token sounds the parallel key of the
         retrieved key than the key itself. For each of the 24 keys, a token's contrast is the Krumhansl-Schmuckler
         correlation of its chroma (the token chroma table, or the `timbre` table as in `token_correlation`) with the
@@ -222,7 +288,7 @@ class HarmonyBank(nn.Module):
         So a token that plays the major third in a minor clip is held down, and the tokens the key shares with its
         parallel key (tonic, fourth, fifth) are left alone (`generate(..., mode_guard=w)`, docs/reproducibility.md)."""
         keys = key_profiles().to(profile.device)
-        tables = self._token_table(timbre).expand(profile.shape[0], -1, -1, -1)  # (B, K, V, 12)
+        tables = (self._token_table(timbre) if table is None else table).expand(profile.shape[0], -1, -1, -1)
         corr = standardise(tables) @ keys.T / (N_CHROMA - 1)  # (B, K, V, 24)
         parallel = torch.cat([torch.arange(12, 24), torch.arange(12)]).to(profile.device)
         contrast = (corr - corr[..., parallel]).clamp(max=0.0)  # (B, K, V, 24)

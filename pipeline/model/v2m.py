@@ -22,6 +22,13 @@ input at every step, embedded together with its correlations to the 24 major/min
   the track at its frame's time to its logit.
 - `harmony > 0`: a small head on the pooled CLIP stream, trained against the true profile with a KL loss of that
   weight (0.45-0.65 key accuracy on val after the demo's 400 steps: too little data for it).
+Timbre (docs/baselines.md, "Timbre"): with `scene_dim` the model reads the scene stream (batch["scene"], the
+edge-orientation spectra of pipeline/encoders/scene.py: which shapes the scene shows, SynthV2M's cue for the
+instrument). Its mean and spread over the clip, standardised by the training clips', go through a small MLP to a bias
+on every logit (`scene_prior`, zero until learned, off in the null condition), as the text system's caption does with
+its prior. With `timbre_knn: k` the harmony bias's token chroma table is counted over the music of the k training
+clips whose scenes are nearest (`HarmonyBank.scene_table`): the chord is pushed with the tokens of the scene's timbre.
+
 In training a fraction `harmony_teacher` of items feed the decoder the true profile (it learns what a profile means
 from the start) and the rest the predicted one (so it learns to live with the predictor's errors); at inference the
 prediction. The null condition of classifier-free guidance hides it.
@@ -50,7 +57,8 @@ from pipeline.model.fusion import Conditioning, FusionConfig, make_fusion, rows_
 from pipeline.model.harmony import N_CHROMA, HarmonyBank, harmony_features, key_profiles, masked_mean, standardise
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-LATER_FIELDS = ("text_prior", "timbres")  # ModelConfig fields saved only when they differ from the default
+LATER_FIELDS = ("text_prior", "timbres", "scene_dim", "timbre_knn", "timbre_bank")
+SCENE_HIDDEN = 64  # the scene prior's hidden width  # ModelConfig fields saved only when they differ from the default
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,14 @@ class ModelConfig:
     # with harmony_track: the instruments of the bank's per-instrument token chroma tables (set by train for the text
     # system from the SynthV2M labels); a prompt that names one of them takes its table for the harmony bias
     timbres: tuple[str, ...] = ()
+    # > 0: the model reads the scene stream (batch["scene"] (B, Tc, scene_dim), pipeline/encoders/scene.py): its mean
+    # and spread over the clip, standardised by the training clips' (buffers scene_mean, scene_std), go through a small
+    # MLP to a bias on every logit, a prior over the tokens of the timbre the scene shows (docs/baselines.md, "Timbre")
+    scene_dim: int = 0
+    # with scene_dim and harmony_track: the harmony bias's token chroma table is counted over the music of the
+    # timbre_knn training clips whose scenes are nearest (HarmonyBank.scene_table); 0 = the table of all clips
+    timbre_knn: int = 0
+    timbre_bank: tuple[int, int] = (0, 0)  # (training clips, their most token frames): set by train
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -93,8 +109,9 @@ class ModelConfig:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"model config: unknown key(s) {sorted(unknown)}")
-        if "timbres" in data:
-            data["timbres"] = tuple(data["timbres"])
+        for name in ("timbres", "timbre_bank"):
+            if name in data:
+                data[name] = tuple(data[name])
         return cls(decoder=DecoderConfig(**data.pop("decoder", {})), fusion=FusionConfig(**data.pop("fusion", {})),
                    **data)
 
@@ -128,16 +145,19 @@ class V2M(nn.Module):
             raise ValueError("harmony_track needs harmony_knn > 0 and harmony_into: input")
         if cfg.timbres and not cfg.harmony_track:
             raise ValueError("timbres (per-instrument token chroma tables) need harmony_track")
+        if cfg.timbre_knn and not (cfg.scene_dim and cfg.harmony_track):
+            raise ValueError("timbre_knn (token chroma tables of the nearest scenes) needs scene_dim and harmony_track")
         if cfg.harmony_knn and harmony is None:
             harmony = HarmonyBank.from_config(cfg)
         if harmony is not None:
-            got = (harmony.size, harmony.key_dim, harmony.k, harmony.tau, harmony.track, harmony.timbre_count)
+            got = (harmony.size, harmony.key_dim, harmony.k, harmony.tau, harmony.track, harmony.timbre_count,
+                   harmony.scene_k)
             want = (cfg.harmony_bank, cfg.fusion.clip_dim, cfg.harmony_knn, cfg.harmony_tau, cfg.harmony_track,
-                    len(cfg.timbres))
+                    len(cfg.timbres), cfg.timbre_knn)
             if got != want:
-                raise ValueError(f"harmony bank (size, key_dim, k, tau, track, timbre tables) {got} does not match the "
-                                 f"model config's (harmony_bank, fusion.clip_dim, harmony_knn, harmony_tau, "
-                                 f"harmony_track, len(timbres)) {want}")
+                raise ValueError(f"harmony bank (size, key_dim, k, tau, track, timbre tables, scene k) {got} does not "
+                                 f"match the model config's (harmony_bank, fusion.clip_dim, harmony_knn, harmony_tau, "
+                                 f"harmony_track, len(timbres), timbre_knn) {want}")
         self.cfg = cfg
         # registered first, so that its buffers come first in the state dict as they did when they were V2M's own
         self.harmony = harmony
@@ -158,6 +178,13 @@ class V2M(nn.Module):
         if cfg.harmony_knn or cfg.harmony:
             self.harmony_in = nn.Linear(N_CHROMA + 2 * N_CHROMA, d)
             self.register_buffer("key_profiles", key_profiles(), persistent=False)
+        if cfg.scene_dim:  # built last: the other modules' initial weights are those of a model without it
+            dec = cfg.decoder
+            self.register_buffer("scene_mean", torch.zeros(2 * cfg.scene_dim))
+            self.register_buffer("scene_std", torch.ones(2 * cfg.scene_dim))
+            self.scene_prior = nn.Sequential(nn.Linear(2 * cfg.scene_dim, SCENE_HIDDEN), nn.GELU(),
+                                             nn.Linear(SCENE_HIDDEN, dec.num_codebooks * dec.codebook_size))
+            nn.init.zeros_(self.scene_prior[-1].weight), nn.init.zeros_(self.scene_prior[-1].bias)  # none until learned
         if harmony is not None:
             # the bank's buffers keep the names they had as V2M's own (bank_keys, bank_profiles, bank_clips,
             # token_chroma; not harmony.bank_keys ...): older checkpoints load as they are, and the same weights
@@ -177,16 +204,40 @@ class V2M(nn.Module):
         """Whether the harmony bank has a token chroma table, which `generate(..., harmony_bias=w)` needs."""
         return self.harmony is not None and self.harmony.has_token_chroma()
 
+    @torch.no_grad()
+    def fit_scene(self, pooled: torch.Tensor) -> None:
+        """Set the scene standardisation from the training clips' pooled scene rows (N, 2 scene_dim)
+        (`scene_summary`): their mean and (population) standard deviation per feature."""
+        self.scene_mean.copy_(pooled.double().mean(0).float())
+        self.scene_std.copy_(pooled.double().std(0, correction=0).clamp(min=1e-6).float())
+
+    def _scene_bias(self, batch: dict) -> torch.Tensor:
+        """(B, K, V): the scene prior's logit bias for the batch's scene rows."""
+        if batch.get("scene") is None:
+            raise ValueError("this model reads the scene stream (scene_dim > 0): the batch needs 'scene' (B, Tc, "
+                             f"{self.cfg.scene_dim}) and 'scene_mask' (`v2m embed` writes it; features/scene)")
+        dec = self.cfg.decoder
+        return self.scene_prior(self._scene_key(batch)).view(-1, dec.num_codebooks, dec.codebook_size)
+
+    def _scene_key(self, batch: dict) -> torch.Tensor:
+        """(B, 2 scene_dim): the batch's scene summary, standardised by the training clips' statistics."""
+        return (scene_summary(batch["scene"], batch["scene_mask"]) - self.scene_mean) / self.scene_std
+
     def _harmony_bias(self, batch: dict, n_frames: int, weight: float, mode_guard: float = 0.0) -> torch.Tensor:
         """(B, n_frames, K, V): weight x the correlation between the retrieved harmony track at each frame's time and
         each token's chroma (`HarmonyBank.token_correlation`), plus mode_guard x the token's mode penalty under the
-        retrieved profile (`HarmonyBank.mode_penalty`, the same at every frame)."""
+        retrieved profile (`HarmonyBank.mode_penalty`, the same at every frame). With timbre_knn (and no prompt's
+        timbre table), what each token sounds like is counted over the music of the nearest scenes
+        (`HarmonyBank.scene_table`)."""
         profile, track = self.harmony(batch["clip"], batch["clip_mask"], batch.get("bank_index"))  # (B, Tc, 12)
         seconds = (torch.arange(n_frames, device=track.device) / self.cfg.frame_rate)[None].expand(track.shape[0], -1)
         rows = rows_at(track, batch["clip_mask"], batch["clip_fps"], seconds)  # (B, n_frames, 12)
-        bias = weight * self.harmony.token_correlation(rows, batch.get("timbre"))
+        timbre, table = batch.get("timbre"), None
+        if self.cfg.timbre_knn and (timbre is None or not self.harmony.timbre_count):  # the nearest scenes' music
+            table = self.harmony.scene_table(self._scene_key(batch))
+        bias = weight * self.harmony.token_correlation(rows, timbre, table)
         if mode_guard:
-            bias = bias + mode_guard * self.harmony.mode_penalty(profile, batch.get("timbre"))[:, None]
+            bias = bias + mode_guard * self.harmony.mode_penalty(profile, timbre, table)[:, None]
         return bias
 
     def condition(self, batch: dict, keep: torch.Tensor | None = None) -> Conditioning:
@@ -205,6 +256,8 @@ class V2M(nn.Module):
         cond = self.fusion(batch["clip"], batch["clip_mask"], batch["clip_fps"], batch.get("flow"),
                            batch.get("flow_mask"), batch.get("flow_fps"), batch.get("text"), batch.get("text_mask"),
                            **extra)
+        if self.cfg.scene_dim:
+            cond.scene = self._scene_bias(batch)
         track = None
         if self.harmony is not None:  # the retrieved profile (B, 12), and with harmony_track the track (B, Tc, 12)
             profile, track = self.harmony(batch["clip"], batch["clip_mask"], batch.get("bank_index"))
@@ -300,6 +353,8 @@ class V2M(nn.Module):
         text_bias = self._text_bias(cond)
         if text_bias is not None:
             logits = logits + text_bias
+        if cond.scene is not None:
+            logits = logits + cond.scene[:, :, None]
         valid = batch.get("code_mask", torch.ones(B, T, dtype=torch.bool, device=codes.device))
         valid = delay_pattern(valid[:, None].expand(B, K, T).long(), 0).bool()  # (B, K, S)
         return logits, targets.masked_fill(~valid | (targets == self.special), -100), aux
@@ -368,6 +423,8 @@ class V2M(nn.Module):
                                                seq[:, :, 1 : P + K])
         text_bias = self._text_bias(cond)  # (B', K, 1, V) or None
         text_bias = None if text_bias is None else text_bias[:, :, 0].float()
+        if cond.scene is not None:  # the scene prior: like the text prior, zero in the null condition's half
+            text_bias = cond.scene.float() if text_bias is None else text_bias + cond.scene.float()
         cache = self.decoder.new_cache() if use_cache else None
         if P and use_cache:  # prefill: steps 0 .. P-1 are all known, their inputs are positions 0 .. P-1
             steps = torch.arange(P, device=device)
@@ -395,6 +452,16 @@ class V2M(nn.Module):
             nxt = torch.cat([nxt, nxt]) if cfg_on else nxt
             seq[:, :, s + 1] = torch.where(forced[None, :, s + 1], seq[:, :, s + 1], nxt)
         return undelay(seq[:B, :, 1:])
+
+
+def scene_summary(scene: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scene rows (B, T, D) with mask (B, T) -> (B, 2 D): each feature's mean and standard deviation over the valid
+    rows (what shapes the clip shows, and how much that changes)."""
+    m = mask[..., None].to(scene.dtype)
+    n = m.sum(1).clamp(min=1)
+    mean = (scene * m).sum(1) / n
+    var = (((scene - mean[:, None]) ** 2) * m).sum(1) / n
+    return torch.cat([mean, var.sqrt()], dim=-1)
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
