@@ -11,7 +11,9 @@ its music as `v2m generate` does for any video (`inference.video_features`, wind
 `generate.prompt_seconds` of the previous one, crossfaded decoding). Then:
 
 - every `--span-seconds` span (spans never straddle a segment change): key (`rhythm.estimate_key`) and tempo
-  (`rhythm.estimate_beats` + `tempo_accuracy`, 4 %) against that segment's labels, and beat F1 against its beats;
+  (`rhythm.estimate_beats` + `tempo_accuracy`, 4 %) against that segment's labels, beat F1 against its beats, and
+  the instrument the evaluate stage's tagger hears against the one the segment's scene shows (when the tagger is
+  there);
 - seams: at each window seam (where a window's own tokens start) and at the middle of each window (the control),
   the spectral jump = 1 - cosine of the mean log-mel spectra of the 150 ms before and after, and the onset strength
   there relative to the clip's median. A seam is audible if these stand out from the in-window values.
@@ -36,6 +38,7 @@ from pipeline import inference  # noqa: E402
 from pipeline.config import BaseConfig, load_params  # noqa: E402
 from pipeline.media import encode_video  # noqa: E402
 from pipeline.metrics.rhythm import beat_f1, estimate_beats, estimate_key, tempo_accuracy  # noqa: E402
+from pipeline.metrics.tagger import load_tagger  # noqa: E402
 from pipeline.shards import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
 from pipeline.synth import ClipSpec, make_spec, render_audio, render_frames  # noqa: E402
 
@@ -128,6 +131,8 @@ def run(model_path: Path, params_path: Path, segments: int, segment_s: float, sp
     seams = [t for t in seams if edge <= t <= total_s - edge]
     mids = [t for t in mids if edge <= t <= total_s - edge]
 
+    tagger_path = Path(params.evaluate.tagger.out_dir) / "tagger.pt"
+    tagger = load_tagger(tagger_path) if tagger_path.is_file() else None  # the evaluate stage's (SynthV2M tagger)
     spans = []
     for j, spec in enumerate(specs):
         offset = j * segment_s
@@ -147,7 +152,12 @@ def run(model_path: Path, params_path: Path, segments: int, segment_s: float, sp
                           "bpm": round(float(tempo), 1),
                           "tempo_ok": bool(tempo_accuracy(tempo, spec.tempo_bpm).correct),
                           "beat_f1": round(float(beat_f1(beats, true_beats)), 4) if len(true_beats) else None})
+            if tagger is not None:  # the instrument the span is heard as, against the one its scene shows
+                heard = tagger.predict(np.asarray(piece, np.float32).reshape(-1), sr)["instrument"]
+                spans[-1].update(instrument=heard, label_instrument=spec.instrument,
+                                 instrument_ok=heard == spec.instrument)
     f1s = [s["beat_f1"] for s in spans if s["beat_f1"] is not None]
+    named = [s["instrument_ok"] for s in spans if "instrument_ok" in s]
     return {"model": str(model_path), "seed": seed, "seconds": total_s, "window_s": model.params.base.clip_seconds,
             "prompt_s": cfg.prompt_seconds, "span_s": span_s,
             "segments": [{"start_s": j * segment_s, "id": s.id, "key": f"{s.key} {s.mode}", "bpm": s.tempo_bpm,
@@ -156,7 +166,8 @@ def run(model_path: Path, params_path: Path, segments: int, segment_s: float, sp
                         "tonic_acc": round(float(np.mean([s["tonic_ok"] for s in spans])), 4),
                         "truth_key_acc": round(float(np.mean([s["truth_key_ok"] for s in spans])), 4),
                         "tempo_acc": round(float(np.mean([s["tempo_ok"] for s in spans])), 4),
-                        "beat_f1": round(float(np.mean(f1s)), 4) if f1s else None, "spans": len(spans)},
+                        "beat_f1": round(float(np.mean(f1s)), 4) if f1s else None, "spans": len(spans),
+                        "instrument_acc": round(float(np.mean(named)), 4) if named else None},
             "spans": spans, "seams": seam_scores(wav, sr, seams, mids), "_wav": wav, "_sr": sr}
 
 
@@ -192,11 +203,12 @@ def write_report(result: dict, path: Path, command: str) -> None:
              f"{result['window_s']:g} s continuing {result['prompt_s']:g} s of the previous one). The video: "
              + ", then ".join(f"{g['key']} at {g['bpm']:g} BPM ({g['instrument']}) from {g['start_s']:g} s"
                               for g in result["segments"]) + ".", "",
-             f"| every {result['span_s']:g} s span ({s['spans']}) | key acc | tonic acc | tempo acc | beat F1 |",
-             "|---|---|---|---|---|",
+             f"| every {result['span_s']:g} s span ({s['spans']}) | key acc | tonic acc | tempo acc | beat F1 | "
+             "instrument acc (tagger) |",
+             "|---|---|---|---|---|---|",
              f"| the generated music, against its segment's labels | {s['key_acc']:.3f} | {s['tonic_acc']:.3f} | "
-             f"{s['tempo_acc']:.3f} | {s['beat_f1']} |",
-             f"| the true music of the video (the estimator's ceiling) | {s['truth_key_acc']:.3f} | | | |", "",
+             f"{s['tempo_acc']:.3f} | {s['beat_f1']} | {s.get('instrument_acc')} |",
+             f"| the true music of the video (the estimator's ceiling) | {s['truth_key_acc']:.3f} | | | | |", "",
              "| seams | at window seams | inside windows (control) | seams above the control's 90th percentile |",
              "|---|---|---|---|"]
     for key, name in (("spectral_jump", "spectral jump (1 - cosine, 150 ms each side)"),
@@ -205,12 +217,15 @@ def write_report(result: dict, path: Path, command: str) -> None:
         lines.append(f"| {name} | {m['seams']:.4f} (n={seams['seams']['n']}) | {m['inside']:.4f} "
                      f"(n={seams['inside']['n']}) | {seams[f'{key}_above_inside_p90']:.2f} (0.10 by chance) |")
     lines += ["", f"![tempo and waveform]({png.name})", "",
-              "| span | label | key (true music's key read right) | tempo (BPM) | beat F1 |", "|---|---|---|---|---|"]
+              "| span | label | key (true music's key read right) | tempo (BPM) | beat F1 | instrument |",
+              "|---|---|---|---|---|---|"]
     for sp in result["spans"]:
         mark = {True: "✓", False: "✗"}
+        heard = (f"{sp['instrument']} {mark[sp['instrument_ok']]} ({sp['label_instrument']})" if "instrument" in sp
+                 else "")
         lines.append(f"| {sp['start_s']:g}-{sp['end_s']:g} s | {sp['label_key']}, {sp['label_bpm']:g} | "
                      f"{sp['key']} {mark[sp['key_ok']]} ({'yes' if sp['truth_key_ok'] else 'no'}) | "
-                     f"{sp['bpm']:g} {mark[sp['tempo_ok']]} | {sp['beat_f1']} |")
+                     f"{sp['bpm']:g} {mark[sp['tempo_ok']]} | {sp['beat_f1']} | {heard} |")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

@@ -41,6 +41,19 @@ INSTRUMENTS = ("piano", "organ", "pluck", "bell")  # SynthV2M's (pipeline/synth.
 TEMPLATE = "music played on the {instrument}"
 
 
+
+def scene_rows(params) -> dict:
+    """The scene stream's rows by id (models that read the scene need them), or {} without the stream."""
+    folder = Path(params.embed.out_dir) / "scene"
+    return load_features(folder) if folder.is_dir() else {}
+
+
+def scene_of(scene: dict, item_id: str, fps: pd.DataFrame) -> dict:
+    """The scene rows of a clip as generate_codes' features (at the CLIP stream's rate), if there are any."""
+    if item_id not in scene:
+        return {}
+    return {"scene": np.asarray(scene[item_id]), "scene_fps": float(fps.loc[item_id, "clip_fps"])}
+
 def summaries(rows: np.ndarray) -> np.ndarray:
     """A stream's rows (T, D) -> (2D,): mean and standard deviation over time."""
     return np.concatenate([rows.mean(0), rows.std(0)])
@@ -139,6 +152,7 @@ def prior(params, model_path: Path, weights: list[float], plausibility: float | 
     torch.set_num_threads(params.train.threads or 1)
     tagger = load_tagger(Path(params.evaluate.tagger.out_dir) / "tagger.pt")
     clip, flow = (load_features(Path(params.embed.out_dir) / s) for s in ("clip", "flow"))
+    scene = scene_rows(params)
     fps = pd.read_parquet(Path(params.embed.out_dir) / "manifest.parquet").set_index("id")
     gen = params.generate
     if plausibility is not None:
@@ -150,7 +164,7 @@ def prior(params, model_path: Path, weights: list[float], plausibility: float | 
             for _, r in labels.query("split == @gen.split").iterrows():
                 feats = {"clip": np.asarray(clip[r["id"]]), "flow": np.asarray(flow[r["id"]]),
                          "clip_fps": float(fps.loc[r["id"], "clip_fps"]),
-                         "flow_fps": float(fps.loc[r["id"], "flow_fps"])}
+                         "flow_fps": float(fps.loc[r["id"], "flow_fps"]), **scene_of(scene, r["id"], fps)}
                 n = int(round(float(r["duration_s"]) * model.codec.sample_rate))
                 beats = np.asarray(json.loads(r["beat_times"]))
                 for target_of in ("own", "other"):
@@ -202,11 +216,13 @@ def steer(params, params_path: Path, out: Path, template: str, bias: float | Non
     torch.set_num_threads(params.train.threads or 1)
     tagger = load_tagger(Path(params.evaluate.tagger.out_dir) / "tagger.pt")
     clip, flow = (load_features(Path(params.embed.out_dir) / s) for s in ("clip", "flow"))
+    scene = scene_rows(params)
     fps = pd.read_parquet(Path(params.embed.out_dir) / "manifest.parquet").set_index("id")
     rows = []
     for _, r in read_labels(ingest).query("split == @params.generate.split").iterrows():
         feats = {"clip": np.asarray(clip[r["id"]]), "flow": np.asarray(flow[r["id"]]),
-                 "clip_fps": float(fps.loc[r["id"], "clip_fps"]), "flow_fps": float(fps.loc[r["id"], "flow_fps"])}
+                 "clip_fps": float(fps.loc[r["id"], "clip_fps"]), "flow_fps": float(fps.loc[r["id"], "flow_fps"]),
+                 **scene_of(scene, r["id"], fps)}
         n = int(round(float(r["duration_s"]) * model.codec.sample_rate))
         beats = np.asarray(json.loads(r["beat_times"]) if isinstance(r["beat_times"], str) else r["beat_times"])
         for prompt in ("none", "own", "other"):
