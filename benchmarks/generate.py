@@ -176,15 +176,17 @@ def seam_study(model_path: Path, clips: int, seconds: float, prompts: list[float
             feats = inference.video_features(model, video, Path(tmp))
             n = model.codec.num_frames(int(round(feats["duration_s"] * sr)))
             for prompt_s in prompts:
-                cfg = dataclasses.replace(model.params.generate, prompt_seconds=prompt_s)
+                # a crossfade of at most half the prompt (0.25 s for VidMuse's 0.5 s)
+                cfg = dataclasses.replace(model.params.generate, prompt_seconds=prompt_s,
+                                          crossfade_seconds=min(model.params.generate.crossfade_seconds, prompt_s / 2))
                 for seed in range(seeds):
-                    codes, starts, prompt = inference.generate_codes(model, feats, n, cfg, seed, None, False)
-                    wav = inference.decode_windows(model.codec, codes, starts, prompt, n * model.codec.hop_length,
-                                                  cfg.crossfade_seconds)
+                    windows = inference.generate_codes(model, feats, n, cfg, seed, None, False)
+                    wav = inference.decode_windows(model.codec, windows, n * model.codec.hop_length)
                     row = scores[str(prompt_s)]
                     row["beat_f1"].append(beat_f1(estimate_beats(wav, sr)[1], np.asarray(spec.beat_times)))
-                    seams = [(s + prompt) / fr for s in starts[1:]]
-                    mids = [(s + prompt + (window - prompt) / 2) / fr for s in starts[1:-1]]
+                    prompt = windows.given + windows.overlap
+                    seams = [end / fr for _, end in windows.seams()]
+                    mids = [(s + prompt + (window - prompt) / 2) / fr for s in windows.starts[1:-1]]
                     row["seam_chroma"] += [chroma_cos(wav, t) for t in seams if 3 <= t <= seconds - 3]
                     row["mid_chroma"] += [chroma_cos(wav, t) for t in mids if 3 <= t <= seconds - 3]
             print(spec.id, {k: {m: round(float(np.mean(v)), 3) for m, v in r.items() if v} for k, r in scores.items()})

@@ -85,7 +85,7 @@ def v2m_side(device: str, seconds: float, n_layers: int):
 
     def generate(frames: int):
         with torch.no_grad():
-            return inference.generate_codes(model, feats, frames, model.params.generate, 0, None, progress=False)[0]
+            return inference.generate_codes(model, feats, frames, model.params.generate, 0, None, progress=False).codes
 
     params = sum(p.numel() for p in model.net.decoder.parameters())
     return generate, {"what": "v2m pipeline.inference.generate_codes (fusion + decoder, KV cache, CFG)",

@@ -233,10 +233,9 @@ def run_stage(params: Params, out_dir: Path | None = None, models_dir: Path | No
                         raise MediaError(str(patches), f"no patch features for {item_id}", "no_patches")
                     feats.update(patch=np.asarray(patch[item_id]), patch_fps=fps["clip"])
                 n_samples = int(round(float(rows[item_id]["duration_s"]) * model.codec.sample_rate))
-                codes, starts, prompt = generate_codes(model, feats, model.codec.num_frames(n_samples), cfg,
-                                                       _item_seed(seed, item_id), vector, progress=False,
-                                                       timbre=timbre)
-                wav = decode_windows(model.codec, codes, starts, prompt, n_samples, cfg.crossfade_seconds)
+                windows = generate_codes(model, feats, model.codec.num_frames(n_samples), cfg,
+                                         _item_seed(seed, item_id), vector, progress=False, timbre=timbre)
+                wav = decode_windows(model.codec, windows, n_samples)
                 return wav, model.codec.sample_rate
             if system == "text":  # text steering: no prompt, the clip's own instrument, another one
                 for name, (text, instrument) in steering_prompts(rows[item_id], instruments,
@@ -364,7 +363,9 @@ def _main(argv: list[str] | None = None) -> int:
                         "key's parallel key (models with a harmony track); 0 = none")
     parser.add_argument("--candidates", type=int, help="draws per window, the one whose music reads as the "
                         "retrieved key kept (models with a harmony bank; default: generate.candidates); 1 = one draw")
-    parser.add_argument("--prompt-seconds", type=float, help="context carried into each next window")
+    parser.add_argument("--prompt-seconds", type=float, help="overlap of consecutive windows (long videos)")
+    parser.add_argument("--crossfade-seconds", type=float,
+                        help="of that overlap, the last part both windows write, their audio crossfaded there")
     parser.add_argument("--no-cache", action="store_true", help="no KV cache (slow; for comparison)")
     parser.add_argument("--keep-audio", action="store_true", help="mix the original soundtrack under the music")
     parser.add_argument("--mix-db", type=float, help="level of the kept soundtrack vs the music (default -12)")
@@ -397,8 +398,8 @@ def _main(argv: list[str] | None = None) -> int:
                                   "plausibility": args.plausibility, "harmony_bias": args.harmony_bias,
                                   "mode_guard": args.mode_guard}.items()
                 if v is not None}
-    overrides = {k: v for k, v in {"prompt_seconds": args.prompt_seconds, "mix_db": args.mix_db,
-                                   "candidates": args.candidates}.items()
+    overrides = {k: v for k, v in {"prompt_seconds": args.prompt_seconds, "crossfade_seconds": args.crossfade_seconds,
+                                   "mix_db": args.mix_db, "candidates": args.candidates}.items()
                  if v is not None}
     if args.no_cache:
         overrides["use_cache"] = False

@@ -3,8 +3,8 @@ benchmarks call it; it reads no params file and writes only the output it is ask
 
     model = load_model("models/v2m.pt", params)               # the checkpoint, its codec and its training params
     feats = video_features(model, video, scratch)              # CLIP + flow streams, as embed computes them
-    codes, starts, prompt = generate_codes(model, feats, n_frames, params.generate, seed)
-    music = decode_windows(model.codec, codes, starts, prompt, n_samples, params.generate.crossfade_seconds)
+    windows = generate_codes(model, feats, n_frames, params.generate, seed)  # WindowCodes: tokens, window by window
+    music = decode_windows(model.codec, windows, n_samples)
     mux(video, music[None], model.codec.sample_rate, out)      # or generate_one(model, video, out, ...) for all of it
 
 Any video ingest reads (any container, resolution, rotation or frame rate) is normalised exactly as ingest normalises a
@@ -15,12 +15,14 @@ params; relative paths in them (encoders, fitted codec) are looked up from the w
 checkpoint's folder upwards.
 
 Long videos. The model's window is `base.clip_seconds` (its training clips). Past it, windows overlap by
-`generate.prompt_seconds`: window i starts where window i-1's last `prompt_seconds` start, those tokens are its
-prompt (forced, prefilled through the KV cache in one pass) and it writes the rest, seeing the video of its own span.
-VidMuse keeps 0.5 s of context across windows; the default here is half the window (4 s of an 8 s window). Each
-window's tokens are decoded on their own and consecutive windows' audio is crossfaded (raised cosine,
-`crossfade_seconds`) in the middle of the prompt region, where both windows hold the *same* tokens: the crossfade
-blends two renderings of one piece of music, never two different continuations, and hides the decoder's edges.
+`generate.prompt_seconds`: window i starts where window i-1's last `prompt_seconds` start. Of that overlap, all but
+the last `crossfade_seconds` are its prompt (window i-1's tokens, forced, prefilled through the KV cache in one pass);
+from there on it writes its own tokens, seeing the video of its own span, so the last `crossfade_seconds` of window
+i-1 are written twice. Each window's tokens are decoded on their own and the two windows' audio is crossfaded (raised
+cosine) over those frames. Why: a window's first own token, following a prompt it did not write, changes more often
+than the tokens inside a window (0.65 against 0.45), a small attack at every seam; under the crossfade it comes in at
+no gain (docs/generate.md, "Seams"). VidMuse keeps 0.5 s of context across windows; the default here is half the
+window (4 s of an 8 s window).
 
 Output: the input's video stream copied untouched (no re-encode) when the output container can hold its codec
 (H.264/HEVC/AV1/VP9 in mp4 or mov, VP8/VP9/AV1 in webm, anything in mkv), else re-encoded (H.264, or VP9 for webm),
@@ -84,8 +86,7 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm")
 # video codecs each container takes by stream copy; None = any. Others are re-encoded (and the log says so).
 COPYABLE = {".mp4": {"h264", "hevc", "av1", "vp9", "mpeg4"}, ".m4v": {"h264", "hevc", "mpeg4"},
             ".mov": {"h264", "hevc", "mpeg4", "prores", "mjpeg"}, ".webm": {"vp8", "vp9", "av1"}, ".mkv": None}
-DECODE_MARGIN_S = 0.12  # decoded beyond each crossfade, so neither chunk's edge effects reach the mix
-DECODE_CHUNK_S = 30.0  # audio is decoded in chunks of at least this long (bounded memory; melvq is ~3x slower on 3 s)
+DECODE_MARGIN_S = 0.12  # decoded before each crossfade, so the decoder's edge effects never reach the mix
 
 
 class GenerateError(RuntimeError):
@@ -352,16 +353,52 @@ def plan_windows(n_frames: int, window: int, prompt: int) -> list[int]:
     return starts
 
 
-def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig, seed: int,
-                   text: np.ndarray | None = None, progress: bool = True, timbre: int | None = None
-                   ) -> tuple[np.ndarray, list[int], int]:
-    """Codes [K, n_frames] for the whole video, window by window -> (codes, window starts, prompt frames). `text`:
-    the prompt's embedding (`text_embedding`); `timbre`: the instrument it names (`prompt_timbre`), whose token chroma
-    table the harmony bias then uses. Each window keeps the best of `cfg.candidates` draws by the retrieved key
-    (`pick_draw`; models with a harmony bank, and not when the prompt names an instrument: one draw there)."""
+@dataclass(frozen=True)
+class WindowCodes:
+    """The music of a video as tokens, window by window (`generate_codes`), for `decode_windows`.
+
+    codes [K, T]: the music as one stream (window i's own tokens from starts[i] + given on, after window i-1's);
+    starts: each window's first frame; given: frames of each later window taken from the one before (its prompt);
+    overlap: the frames after those that both windows write (window i-1's last ones), over which their audio is
+    crossfaded; tails[i - 1] [K, overlap]: window i-1's tokens there (codes holds window i's)."""
+
+    codes: np.ndarray
+    starts: list[int]
+    given: int = 0
+    overlap: int = 0
+    tails: tuple[np.ndarray, ...] = ()
+
+    def seams(self) -> list[tuple[int, int]]:
+        """Frames [first, end) of each crossfade: where window i's own tokens start and window i-1's end."""
+        return [(s + self.given, s + self.given + self.overlap) for s in self.starts[1:]]
+
+
+def window_plan(model: Model, cfg: GenerateConfig) -> tuple[int, int, int]:
+    """(window, given, overlap) in frames for `cfg` (see WindowCodes); GenerateError when they do not fit."""
     fr = model.frame_rate
     window = max(1, int(round(model.params.base.clip_seconds * fr)))
     prompt = max(0, int(round(cfg.prompt_seconds * fr)))
+    if window - prompt < fr:
+        raise GenerateError(f"generate.prompt_seconds {cfg.prompt_seconds:g} must leave at least 1 s of the model's "
+                            f"{window / fr:g} s window")
+    if not prompt:
+        return window, 0, 0  # windows one after the other: nothing to continue, nothing to crossfade
+    overlap = max(1, int(round(cfg.crossfade_seconds * fr)))
+    if overlap >= prompt:
+        raise GenerateError(f"generate.crossfade_seconds {cfg.crossfade_seconds:g} must be shorter than "
+                            f"generate.prompt_seconds {cfg.prompt_seconds:g}: a window continues the music before its "
+                            "crossfade")
+    return window, prompt - overlap, overlap
+
+
+def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig, seed: int,
+                   text: np.ndarray | None = None, progress: bool = True, timbre: int | None = None) -> WindowCodes:
+    """The music [K, n_frames] of the whole video as tokens, window by window (`WindowCodes`). `text`: the prompt's
+    embedding (`text_embedding`); `timbre`: the instrument it names (`prompt_timbre`), whose token chroma table the
+    harmony bias then uses. Each window keeps the best of `cfg.candidates` draws by the retrieved key (`pick_draw`;
+    models with a harmony bank, and not when the prompt names an instrument: one draw there)."""
+    fr = model.frame_rate
+    window, given, overlap = window_plan(model, cfg)
     sampling = cfg.sampling
     if sampling.problem("generate.sampling"):
         raise GenerateError(sampling.problem("generate.sampling"))
@@ -371,9 +408,6 @@ def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig
         _warn_once(f"generate.sampling.harmony_bias {sampling.harmony_bias:g} and mode_guard "
                    f"{sampling.mode_guard:g} not applied: the model has no token "
                    "chroma table (trained without harmony_track, or before the table existed: retrain to use it)")
-    if window - prompt < fr:
-        raise GenerateError(f"generate.prompt_seconds {cfg.prompt_seconds:g} must leave at least 1 s of the model's "
-                            f"{window / fr:g} s window")
     if cfg.candidates < 1:
         raise GenerateError(f"generate.candidates {cfg.candidates} must be >= 1 (1 = a single draw)")
     # a prompt that names an instrument asks for a timbre the scene does not show: the draws are not chosen by the
@@ -382,20 +416,25 @@ def generate_codes(model: Model, feats: dict, n_frames: int, cfg: GenerateConfig
     if cfg.candidates > 1 and model.net.harmony is None:
         _warn_once(f"generate.candidates {cfg.candidates} not applied: the model has no harmony bank to rank the "
                    "draws by (trained with harmony_knn: 0); one draw per window")
-    starts = plan_windows(n_frames, window, prompt)
+    starts = plan_windows(n_frames, window, given + overlap)
     gen = torch.Generator(device=model.device).manual_seed(seed)
     codes = torch.zeros(model.net.cfg.decoder.num_codebooks, 0, dtype=torch.long, device=model.device)
+    tails = []
     for i, start in enumerate(tqdm(starts, desc="windows", unit="win", leave=False, disable=not progress or None)):
         n = min(window, n_frames - start)
         batch = window_batch(feats, start / fr, n / fr, text, model.device, timbre)
-        given = codes[None, :, start : start + prompt] if i else None
+        prompt = codes[None, :, start : start + given] if i else None
         if draws > 1:  # the window's draws side by side, one batch
             batch = {k: v.repeat(draws, *[1] * (v.dim() - 1)) for k, v in batch.items()}
-            given = None if given is None else given.repeat(draws, 1, 1)
+            prompt = None if prompt is None else prompt.repeat(draws, 1, 1)
         out = model.net.generate(batch, n, sampling.guidance, sampling.temperature, sampling.top_k, gen, cfg.use_cache,
-                                 given, sampling.plausibility, bias, guard)
+                                 prompt, sampling.plausibility, bias, guard)
+        if i and overlap:  # window i-1's own last frames, which window i writes again
+            tails.append(codes[:, start + given : start + given + overlap].cpu().numpy())
         codes = torch.cat([codes[:, :start], out[pick_draw(model, batch, out) if draws > 1 else 0]], dim=1)
-    return codes.cpu().numpy(), starts, prompt if len(starts) > 1 else 0
+    if len(starts) == 1:
+        given = overlap = 0
+    return WindowCodes(codes.cpu().numpy(), starts, given, overlap, tuple(tails))
 
 
 def pick_draw(model: Model, batch: dict, draws: torch.Tensor) -> int:
@@ -470,35 +509,33 @@ def _decode_key(codec, codes: np.ndarray) -> tuple:
     return id(codec), codes.shape, np.ascontiguousarray(codes, dtype=np.int64).tobytes()
 
 
-def decode_windows(codec, codes: np.ndarray, starts: list[int], prompt: int, n_samples: int,
-                   crossfade_s: float) -> np.ndarray:
-    """Audio [n_samples] of codes [K, T], decoded in chunks of whole windows (>= DECODE_CHUNK_S): a chunk ends in the
-    middle of a window overlap, where both sides hold the same (prompt) tokens, and consecutive chunks are crossfaded
-    there over `crossfade_s`. The token stream itself is continuous, so a seam blends two renderings of one music."""
-    T, hop, fr = codes.shape[1], codec.hop_length, codec.frame_rate
-    if len(starts) == 1 or prompt == 0 or T < 1.5 * DECODE_CHUNK_S * fr:
+def decode_windows(codec, windows: WindowCodes, n_samples: int) -> np.ndarray:
+    """Audio [n_samples] of `windows` (`generate_codes`): each window's tokens decoded on their own, from a little
+    before its crossfade (DECODE_MARGIN_S, so the decoder's edge effects never reach the mix) to its end, and
+    consecutive windows crossfaded (raised cosine) over the frames both wrote. One window, or windows that do not
+    overlap, are decoded as one stream."""
+    codes, hop, fr = windows.codes, codec.hop_length, codec.frame_rate
+    T = codes.shape[1]
+    if len(windows.starts) == 1 or not windows.overlap:
         wav = _DECODED.pop(_decode_key(codec, codes), None)  # the kept draw, already decoded to choose it
         wav = codec.decode(codes) if wav is None else wav
     else:
-        half = max(1, min(prompt, int(round(crossfade_s * fr)))) / 2  # frames each side of the seam
-        margin = int(math.ceil(DECODE_MARGIN_S * fr))
-        chunk = DECODE_CHUNK_S * fr
-        bounds = [0.0]
-        for seam in (s + prompt / 2 for s in starts[1:]):  # frames (may be x.5), in the middle of shared tokens
-            if seam - bounds[-1] >= chunk and T - seam >= chunk / 2:
-                bounds.append(seam)
-        bounds.append(float(T))
+        margin, m = int(math.ceil(DECODE_MARGIN_S * fr)), windows.overlap
+        seams = windows.seams()
         wav = np.zeros(T * hop, np.float32)
-        for i in range(len(bounds) - 1):
-            lo = max(0, int(math.floor(bounds[i] - half)) - margin) if i else 0
-            hi = min(T, int(math.ceil(bounds[i + 1] + half)) + margin) if i < len(bounds) - 2 else T
-            part = codec.decode(codes[:, lo:hi]).astype(np.float32)
-            t = (lo * hop + np.arange(len(part))) / hop  # in frames
+        for i, start in enumerate(windows.starts):
+            lo = max(start, seams[i - 1][0] - margin) if i else 0
+            end = seams[i][1] if i < len(seams) else T
+            tokens = codes[:, lo:end]
+            if i < len(seams):  # its own last frames, which the next window wrote again in `codes`
+                tokens = np.concatenate([codes[:, lo : seams[i][0]], windows.tails[i]], axis=1)
+            part = codec.decode(tokens).astype(np.float32)[: (end - lo) * hop]
+            t = lo + (np.arange(len(part)) + 0.5) / hop  # in frames
             gain = np.ones(len(part), np.float32)
             if i:
-                gain *= _ramp((t - (bounds[i] - half)) / (2 * half))
-            if i < len(bounds) - 2:
-                gain *= 1 - _ramp((t - (bounds[i + 1] - half)) / (2 * half))
+                gain *= _ramp((t - seams[i - 1][0]) / m)
+            if i < len(seams):
+                gain *= 1 - _ramp((t - seams[i][0]) / m)
             wav[lo * hop : lo * hop + len(part)] += gain * part
     wav = np.asarray(wav, np.float32)[:n_samples]
     return np.pad(wav, (0, n_samples - len(wav)))
@@ -581,8 +618,8 @@ def generate_one(model: Model, src: Path, dest: Path, cfg: GenerateConfig, seed:
         sr = model.codec.sample_rate
         n_samples = int(round(feats["duration_s"] * sr))
         n_frames = model.codec.num_frames(n_samples)
-        codes, starts, prompt = generate_codes(model, feats, n_frames, cfg, seed, text, progress, timbre)
-        music = decode_windows(model.codec, codes, starts, prompt, n_samples, cfg.crossfade_seconds)
+        windows = generate_codes(model, feats, n_frames, cfg, seed, text, progress, timbre)
+        music = decode_windows(model.codec, windows, n_samples)
         audio = music[None]
         if keep_audio and feats["info"].has_audio:
             original, _ = load_audio(src, sr, mono=False)
@@ -597,5 +634,6 @@ def generate_one(model: Model, src: Path, dest: Path, cfg: GenerateConfig, seed:
         else:
             mode = mux(src, audio, sr, tmp, name=dest)
     return {"input": str(src), "output": str(dest), "duration_in_s": feats["duration_s"],
-            "windows": len(starts), "prompt_s": prompt / model.frame_rate, "video": mode, "codes": codes,
+            "windows": len(windows.starts), "prompt_s": windows.given / model.frame_rate,
+            "crossfade_s": windows.overlap / model.frame_rate, "video": mode, "codes": windows.codes,
             "seconds": time.perf_counter() - t0}

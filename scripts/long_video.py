@@ -2,7 +2,8 @@
 
     python scripts/long_video.py [--model models/full/v2m.pt] [--segments 3] [--segment-seconds 60]
                                  [--span-seconds 10] [--seed 0] [--json metrics/long_video.json]
-                                 [--report reports/long_video.md]
+                                 [--report reports/long_video.md] [--compare-crossfade 0.04]
+                                 [--also-models models/seeds/1/full/v2m.pt ...]
 
 The video is `--segments` SynthV2M scores of `--segment-seconds` each, played one after the other (each drawn with
 `synth.make_spec`, the next one taken only when its tempo differs by >= 15 % and its key by tonic or mode from the one
@@ -14,9 +15,15 @@ its music as `v2m generate` does for any video (`inference.video_features`, wind
   (`rhythm.estimate_beats` + `tempo_accuracy`, 4 %) against that segment's labels, beat F1 against its beats, and
   the instrument the evaluate stage's tagger hears against the one the segment's scene shows (when the tagger is
   there);
-- seams: at each window seam (where a window's own tokens start) and at the middle of each window (the control),
-  the spectral jump = 1 - cosine of the mean log-mel spectra of the 150 ms before and after, and the onset strength
-  there relative to the clip's median. A seam is audible if these stand out from the in-window values.
+- seams: at each crossfade's start (where a window's own tokens start), middle and end, and at every 0.1 s inside
+  the windows at least 0.5 s from a crossfade (the control), the spectral jump = 1 - cosine of the mean log-mel
+  spectra of the 150 ms before and after, and the onset strength there relative to the clip's median. A seam is
+  audible if these stand out from the in-window values: the share of seams above the control's 90th percentile
+  (0.10 by chance) and its binomial tail probability.
+
+`--compare-crossfade S` generates the video's music again with `generate.crossfade_seconds` = S (0.04 = one frame,
+what the seams were before the crossfade existed) and scores its seams the same way; `--also-models` runs everything
+for more checkpoints (the other training seeds' models) and adds a row for each.
 
 Writes the JSON and a Markdown report (table, per-span rows, a plot beside it). No stage depends on it; the numbers of
 the demo's model are in the report it writes.
@@ -25,6 +32,7 @@ the demo's model are in the report it writes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -43,6 +51,7 @@ from pipeline.shards import atomic_path, atomic_write_json, atomic_write_text  #
 from pipeline.synth import ClipSpec, make_spec, render_audio, render_frames  # noqa: E402
 
 JUMP_S = 0.15  # spectra compared each side of a point
+CONTROL_STEP_S, CONTROL_GAP_S = 0.1, 0.5  # the control points: every 0.1 s, at least 0.5 s from any crossfade
 FPS, SIZE = 24, 256
 
 
@@ -81,8 +90,11 @@ def spectral_jump(mel_db: np.ndarray, hop_s: float, t: float) -> float:
     return float(1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
-def seam_scores(wav: np.ndarray, sr: int, seams: list[float], mids: list[float]) -> dict:
+def seam_scores(wav: np.ndarray, sr: int, crossfades: list[tuple[float, float]], total_s: float) -> dict:
+    """Spectral jump and onset strength at each crossfade's start ("seams"), middle and end, and at the control points
+    inside the windows ("inside"); their means and the share of seams above the control's 90th percentile."""
     import librosa
+    from scipy.stats import binom
 
     hop = 512
     mel = librosa.feature.melspectrogram(y=wav.astype(np.float32), sr=sr, hop_length=hop, n_mels=64)
@@ -90,6 +102,10 @@ def seam_scores(wav: np.ndarray, sr: int, seams: list[float], mids: list[float])
     onset = librosa.onset.onset_strength(S=librosa.power_to_db(mel), sr=sr, hop_length=hop)
     median = float(np.median(onset)) + 1e-9
     hop_s = hop / sr
+    edge = JUMP_S + 0.05
+    crossfades = [(a, b) for a, b in crossfades if edge <= a and b <= total_s - edge]
+    control = [float(t) for t in np.arange(1.0, total_s - 1.0, CONTROL_STEP_S)
+               if all(t < a - CONTROL_GAP_S or t > b + CONTROL_GAP_S for a, b in crossfades)]
 
     def at(points: list[float]) -> dict:
         jumps = [spectral_jump(mel_db, hop_s, t) for t in points]
@@ -97,18 +113,29 @@ def seam_scores(wav: np.ndarray, sr: int, seams: list[float], mids: list[float])
         return {"n": len(points), "spectral_jump": [round(v, 5) for v in jumps],
                 "onset_rel": [round(v, 4) for v in onsets]}
 
-    out = {"seams": at(seams), "inside": at(mids)}
+    out = {"seams": at([a for a, _ in crossfades]), "middle": at([(a + b) / 2 for a, b in crossfades]),
+           "end": at([b for _, b in crossfades]), "inside": at(control),
+           "crossfade_s": round(float(np.mean([b - a for a, b in crossfades])), 4) if crossfades else 0.0}
     for key in ("spectral_jump", "onset_rel"):
         inside = np.asarray(out["inside"][key]) if out["inside"][key] else np.zeros(1)
-        seam = np.asarray(out["seams"][key]) if out["seams"][key] else np.zeros(1)
-        out[f"{key}_mean"] = {"seams": round(float(seam.mean()), 4), "inside": round(float(inside.mean()), 4)}
-        # how many seams stand out: above the 90th percentile of the in-window points (10 % expected by chance)
-        out[f"{key}_above_inside_p90"] = round(float(np.mean(seam > np.percentile(inside, 90))), 4)
+        p90 = np.percentile(inside, 90)
+        out[f"{key}_mean"] = {"inside": round(float(inside.mean()), 4)}
+        for where in ("seams", "middle", "end"):
+            values = np.asarray(out[where][key]) if out[where][key] else np.zeros(1)
+            out[f"{key}_mean"][where] = round(float(values.mean()), 4)
+            above = int(np.sum(values > p90))
+            # how many seams stand out: above the 90th percentile of the in-window points (10 % expected by chance)
+            suffix = "" if where == "seams" else f"_{where}"
+            out[f"{key}_above_inside_p90{suffix}"] = round(above / len(values), 4)
+            out[f"{key}_p_chance{suffix}"] = round(float(binom.sf(above - 1, len(values), 0.1)), 4)
+        out["inside"][f"{key}_p90"] = round(float(p90), 5)
+    for key in ("spectral_jump", "onset_rel"):  # the control's ~1000 values are summed up by their mean and p90
+        del out["inside"][key]
     return out
 
 
 def run(model_path: Path, params_path: Path, segments: int, segment_s: float, span_s: float, seed: int,
-        size: int = SIZE) -> dict:
+        size: int = SIZE, compare_crossfade: float | None = None) -> dict:
     params = load_params(params_path)
     model = inference.load_model(model_path, params)
     sr, fr = model.codec.sample_rate, model.frame_rate
@@ -120,16 +147,16 @@ def run(model_path: Path, params_path: Path, segments: int, segment_s: float, sp
     total_s = segments * segment_s
     n = model.codec.num_frames(int(round(total_s * sr)))
     cfg = model.params.generate
-    codes, starts, prompt = inference.generate_codes(model, feats, n, cfg, seed, None, progress=False)
-    wav = inference.decode_windows(model.codec, codes, starts, prompt, int(round(total_s * sr)),
-                                   cfg.crossfade_seconds)
-    window = int(round(model.params.base.clip_seconds * fr))
-    seams = [(s + prompt) / fr for s in starts[1:]]  # where each window's own tokens start
-    own = [s + (prompt if i else 0) for i, s in enumerate(starts)]
-    mids = [(o + min(s + window, n)) / 2 / fr for o, s in zip(own, starts, strict=True)]  # middles of those tokens
-    edge = JUMP_S + 0.05
-    seams = [t for t in seams if edge <= t <= total_s - edge]
-    mids = [t for t in mids if edge <= t <= total_s - edge]
+    windows = inference.generate_codes(model, feats, n, cfg, seed, None, progress=False)
+    wav = inference.decode_windows(model.codec, windows, int(round(total_s * sr)))
+    seams = seam_scores(wav, sr, [(a / fr, b / fr) for a, b in windows.seams()], total_s)
+    compare = None
+    if compare_crossfade is not None:  # the same video and seed with another crossfade
+        other = dataclasses.replace(cfg, crossfade_seconds=compare_crossfade)
+        again = inference.generate_codes(model, feats, n, other, seed, None, progress=False)
+        compare = {"crossfade_seconds": compare_crossfade,
+                   "seams": seam_scores(inference.decode_windows(model.codec, again, int(round(total_s * sr))), sr,
+                                        [(a / fr, b / fr) for a, b in again.seams()], total_s)}
 
     tagger_path = Path(params.evaluate.tagger.out_dir) / "tagger.pt"
     tagger = load_tagger(tagger_path) if tagger_path.is_file() else None  # the evaluate stage's (SynthV2M tagger)
@@ -159,7 +186,7 @@ def run(model_path: Path, params_path: Path, segments: int, segment_s: float, sp
     f1s = [s["beat_f1"] for s in spans if s["beat_f1"] is not None]
     named = [s["instrument_ok"] for s in spans if "instrument_ok" in s]
     return {"model": str(model_path), "seed": seed, "seconds": total_s, "window_s": model.params.base.clip_seconds,
-            "prompt_s": cfg.prompt_seconds, "span_s": span_s,
+            "prompt_s": cfg.prompt_seconds, "crossfade_s": cfg.crossfade_seconds, "span_s": span_s,
             "segments": [{"start_s": j * segment_s, "id": s.id, "key": f"{s.key} {s.mode}", "bpm": s.tempo_bpm,
                           "instrument": s.instrument} for j, s in enumerate(specs)],
             "summary": {"key_acc": round(float(np.mean([s["key_ok"] for s in spans])), 4),
@@ -168,7 +195,22 @@ def run(model_path: Path, params_path: Path, segments: int, segment_s: float, sp
                         "tempo_acc": round(float(np.mean([s["tempo_ok"] for s in spans])), 4),
                         "beat_f1": round(float(np.mean(f1s)), 4) if f1s else None, "spans": len(spans),
                         "instrument_acc": round(float(np.mean(named)), 4) if named else None},
-            "spans": spans, "seams": seam_scores(wav, sr, seams, mids), "_wav": wav, "_sr": sr}
+            "spans": spans, "seams": seams, "compare": compare, "_wav": wav, "_sr": sr}
+
+
+def seam_table(seams: dict, title: str) -> list[str]:
+    """The seam scores as Markdown rows: each measure's mean at the crossfade's start, middle and end and inside, and
+    the share of seams above the control's 90th percentile."""
+    lines = ["| measure | crossfade start | middle | end | inside windows (control) | above the control's p90: "
+             "start / middle / end (0.10 by chance) |", "|---|---|---|---|---|---|"]
+    for key, name in (("spectral_jump", "spectral jump (1 - cosine, 150 ms each side)"),
+                      ("onset_rel", "onset strength / clip median")):
+        m = seams[f"{key}_mean"]
+        share = " / ".join(f"{seams[f'{key}_above_inside_p90{x}']:.2f} (p {seams[f'{key}_p_chance{x}']:.2f})"
+                           for x in ("", "_middle", "_end"))
+        lines.append(f"| {name} | {m['seams']:.4f} (n={seams['seams']['n']}) | {m['middle']:.4f} | {m['end']:.4f} | "
+                     f"{m['inside']:.4f} (n={seams['inside']['n']}) | {share} |")
+    return lines
 
 
 def write_report(result: dict, path: Path, command: str) -> None:
@@ -209,13 +251,27 @@ def write_report(result: dict, path: Path, command: str) -> None:
              f"| the generated music, against its segment's labels | {s['key_acc']:.3f} | {s['tonic_acc']:.3f} | "
              f"{s['tempo_acc']:.3f} | {s['beat_f1']} | {s.get('instrument_acc')} |",
              f"| the true music of the video (the estimator's ceiling) | {s['truth_key_acc']:.3f} | | | | |", "",
-             "| seams | at window seams | inside windows (control) | seams above the control's 90th percentile |",
-             "|---|---|---|---|"]
-    for key, name in (("spectral_jump", "spectral jump (1 - cosine, 150 ms each side)"),
-                      ("onset_rel", "onset strength / clip median")):
-        m = seams[f"{key}_mean"]
-        lines.append(f"| {name} | {m['seams']:.4f} (n={seams['seams']['n']}) | {m['inside']:.4f} "
-                     f"(n={seams['inside']['n']}) | {seams[f'{key}_above_inside_p90']:.2f} (0.10 by chance) |")
+             f"Seams: each window's last {result['crossfade_s']:g} s are written again by the next window and the two "
+             "windows' audio is crossfaded there. Measured at the crossfade's start (where the next window's own "
+             "tokens start), middle and end, against points every 0.1 s inside the windows; a seam stands out when "
+             "it is above the control's 90th percentile (0.10 of them by chance; p = the binomial chance of that many "
+             "or more).", "",
+             *seam_table(seams, "")]
+    if result.get("compare"):
+        lines += ["", f"The same video and seed with a crossfade of {result['compare']['crossfade_seconds']:g} s "
+                  "(one frame: the windows meet almost without one, as before the crossfade existed):", "",
+                  *seam_table(result["compare"]["seams"], "")]
+    if result.get("also"):
+        lines += ["", "Every checkpoint on the same video (seams: the share above the control's 90th percentile, "
+                  "start / middle / end):", "",
+                  "| model | key acc | tempo acc | beat F1 | instrument acc | spectral jump | onset strength |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in [{"model": result["model"], "summary": s, "seams": seams}, *result["also"]]:
+            m, q = row["summary"], row["seams"]
+            jump, onset = (" / ".join(f"{q[f'{k}_above_inside_p90{x}']:.2f}" for x in ("", "_middle", "_end"))
+                           for k in ("spectral_jump", "onset_rel"))
+            lines.append(f"| `{row['model']}` | {m['key_acc']:.3f} | {m['tempo_acc']:.3f} | {m['beat_f1']} | "
+                         f"{m.get('instrument_acc')} | {jump} | {onset} |")
     lines += ["", f"![tempo and waveform]({png.name})", "",
               "| span | label | key (true music's key read right) | tempo (BPM) | beat F1 | instrument |",
               "|---|---|---|---|---|---|"]
@@ -240,18 +296,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=SIZE, help="rendered frame size (px, square)")
     parser.add_argument("--json", type=Path, default=Path("metrics/long_video.json"))
     parser.add_argument("--report", type=Path, default=Path("reports/long_video.md"))
+    parser.add_argument("--compare-crossfade", type=float, metavar="S",
+                        help="also generate with generate.crossfade_seconds S and score its seams (0.04: one frame)")
+    parser.add_argument("--also-models", type=Path, nargs="*", default=[], metavar="PT",
+                        help="more checkpoints (e.g. the other training seeds'), each run on the same video")
     args = parser.parse_args(argv)
     if args.segments < 2 or args.segment_seconds < args.span_seconds:
         parser.error("need --segments >= 2 and --segment-seconds >= --span-seconds")
-    if not args.model.exists():
-        parser.error(f"{args.model}: no such checkpoint (run `make demo`, or pass --model)")
+    for model in [args.model, *args.also_models]:
+        if not model.exists():
+            parser.error(f"{model}: no such checkpoint (run `make demo`, or pass --model)")
     result = run(args.model, args.params, args.segments, args.segment_seconds, args.span_seconds, args.seed,
-                 args.size)
+                 args.size, args.compare_crossfade)
+    result["also"] = []
+    for model in args.also_models:
+        other = run(model, args.params, args.segments, args.segment_seconds, args.span_seconds, args.seed, args.size)
+        result["also"].append({"model": str(model), "summary": other["summary"],
+                               "seams": {k: v for k, v in other["seams"].items()
+                                         if k not in ("seams", "middle", "end", "inside")}})
     command = "python scripts/long_video.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_report(result, args.report, command.strip())
     atomic_write_json(args.json, {k: v for k, v in result.items() if not k.startswith("_")})
     print(json.dumps({"summary": result["summary"],
-                      **{k: result["seams"][k] for k in result["seams"] if k.endswith(("_mean", "_p90"))}}))
+                      **{k: result["seams"][k] for k in result["seams"] if "_mean" in k or "_p90" in k}}))
     return 0
 
 

@@ -170,9 +170,9 @@ def prior(params, model_path: Path, weights: list[float], plausibility: float | 
                 for target_of in ("own", "other"):
                     target = r["instrument"] if target_of == "own" else other_instrument(r["id"], r["instrument"])
                     state.update(weight=weight, target=INSTRUMENTS.index(target))
-                    codes, starts, p = generate_codes(model, feats, model.codec.num_frames(n), gen, params.base.seed,
-                                                      None, progress=False)
-                    wav = decode_windows(model.codec, codes, starts, p, n, gen.crossfade_seconds)
+                    windows = generate_codes(model, feats, model.codec.num_frames(n), gen, params.base.seed, None,
+                                             progress=False)
+                    wav = decode_windows(model.codec, windows, n)
                     rows.append({"target": target_of,
                                  "ok": tagger.predict(wav, model.codec.sample_rate)["instrument"] == target,
                                  "beat_f1": rhythm.beat_f1(rhythm.estimate_beats(wav, model.codec.sample_rate)[1],
@@ -228,9 +228,9 @@ def steer(params, params_path: Path, out: Path, template: str, bias: float | Non
         for prompt in ("none", "own", "other"):
             target = other_instrument(r["id"], r["instrument"]) if prompt == "other" else r["instrument"]
             text = None if prompt == "none" else text_embedding(model, template.format(instrument=target))
-            codes, starts, p = generate_codes(model, feats, model.codec.num_frames(n), gen, params.base.seed, text,
-                                              progress=False)
-            wav = decode_windows(model.codec, codes, starts, p, n, gen.crossfade_seconds)
+            windows = generate_codes(model, feats, model.codec.num_frames(n), gen, params.base.seed, text,
+                                     progress=False)
+            wav = decode_windows(model.codec, windows, n)
             predicted = tagger.predict(wav, model.codec.sample_rate)["instrument"]
             f1 = rhythm.beat_f1(rhythm.estimate_beats(wav, model.codec.sample_rate)[1], beats)  # the evaluate stage's
             rows.append({"id": r["id"], "prompt": prompt, "target": target, "predicted": predicted,

@@ -129,12 +129,13 @@ def test_candidates_keep_the_picked_one_of_the_windows_draws_and_one_candidate_i
             return model.net.generate(batch, n, s.guidance, s.temperature, s.top_k, torch.Generator().manual_seed(5),
                                       True, None, s.plausibility, s.harmony_bias, s.mode_guard), batch
 
-    one = generate_codes(model, feats, n, cfg, 5, progress=False)[0]
+    one = generate_codes(model, feats, n, cfg, 5, progress=False).codes
     assert np.array_equal(one, sample(1)[0][0].numpy())
     draws, batch = sample(6)
     picked = pick_draw(model, batch, draws)
-    four, starts, prompt = generate_codes(model, feats, n, dataclasses.replace(cfg, candidates=6), 5, progress=False)
-    assert np.array_equal(four, draws[picked].numpy()) and starts == [0] and prompt == 0
+    four = generate_codes(model, feats, n, dataclasses.replace(cfg, candidates=6), 5, progress=False)
+    assert np.array_equal(four.codes, draws[picked].numpy()) and four.starts == [0]
+    assert (four.given, four.overlap, four.tails, four.seams()) == (0, 0, (), [])  # one window: no seam
     assert len({tuple(d.flatten().tolist()) for d in draws}) > 1  # the draws differ: there was a choice
 
 
@@ -145,9 +146,9 @@ def test_bad_candidates_are_refused_and_a_model_without_a_bank_draws_once(caplog
     plain = harmony_model(harmony=False)
     inference._WARNED.clear()
     with caplog.at_level(logging.WARNING, logger="pipeline.inference"):
-        many = generate_codes(plain, features("minor"), 12, config(4), 3, progress=False)[0]
+        many = generate_codes(plain, features("minor"), 12, config(4), 3, progress=False).codes
         generate_codes(plain, features("minor"), 12, config(4), 3, progress=False)
-    once = generate_codes(plain, features("minor"), 12, config(1), 3, progress=False)[0]
+    once = generate_codes(plain, features("minor"), 12, config(1), 3, progress=False).codes
     assert np.array_equal(many, once)
     said = [r.getMessage() for r in caplog.records if "generate.candidates" in r.getMessage()]
     assert len(said) == 1 and "no harmony bank" in said[0]
@@ -155,32 +156,100 @@ def test_bad_candidates_are_refused_and_a_model_without_a_bank_draws_once(caplog
 
 def test_a_long_videos_windows_each_keep_a_draw_and_continue_the_music_before_them():
     """Past one window (2 s here) each window's candidates are drawn after the same prompt (the previous window's
-    last second) and one is kept: the tokens cover the video in the planned windows, the result is the same twice
-    (the seed fixes every draw and every pick), and it is not the single draw's."""
+    second to last half second: of the 1 s overlap, the last 0.5 s is written again, the crossfade) and one is kept:
+    the tokens cover the video in the planned windows, the result is the same twice (the seed fixes every draw and
+    every pick), and it is not the single draw's."""
     model = harmony_model()
     feats = features("minor")
     feats["clip"] = np.repeat(feats["clip"], 3, axis=0)  # 6 s
     feats["flow"] = np.repeat(feats["flow"], 3, axis=0)
-    codes, starts, prompt = generate_codes(model, feats, 36, config(3), 1, progress=False)
-    assert codes.shape == (K, 36) and starts == [0, 6, 12, 18, 24] and prompt == 6
-    again = generate_codes(model, feats, 36, config(3), 1, progress=False)[0]
-    assert np.array_equal(codes, again)
-    assert not np.array_equal(codes, generate_codes(model, feats, 36, config(1), 1, progress=False)[0])
+    windows = generate_codes(model, feats, 36, config(3), 1, progress=False)
+    assert windows.codes.shape == (K, 36) and windows.starts == [0, 6, 12, 18, 24]
+    assert (windows.given, windows.overlap) == (3, 3) and windows.seams() == [(9, 12), (15, 18), (21, 24), (27, 30)]
+    assert [t.shape for t in windows.tails] == [(K, 3)] * 4
+    again = generate_codes(model, feats, 36, config(3), 1, progress=False)
+    assert np.array_equal(windows.codes, again.codes)
+    assert all(np.array_equal(a, b) for a, b in zip(windows.tails, again.tails, strict=True))
+    assert not np.array_equal(windows.codes, generate_codes(model, feats, 36, config(1), 1, progress=False).codes)
+
+
+def test_each_window_is_prompted_with_the_music_before_its_crossfade_and_writes_the_crossfade_again():
+    """Window i's prompt is the kept tokens of window i-1 from its start to the crossfade (given frames); the
+    crossfade's frames are window i's own in `codes` and window i-1's in its tail, each what that window wrote."""
+    model = harmony_model()
+    feats = features("minor")
+    feats["clip"], feats["flow"] = np.repeat(feats["clip"], 2, axis=0), np.repeat(feats["flow"], 2, axis=0)  # 4 s
+    seen, real = [], model.net.generate
+
+    def recording(batch, n, *args):
+        out = real(batch, n, *args)
+        seen.append((args[5], out))  # the prompt it was given, and its draws
+        return out
+
+    model.net.generate = recording
+    windows = generate_codes(model, feats, 24, config(1), 4, progress=False)
+    assert windows.starts == [0, 6, 12] and [p is None for p, _ in seen] == [True, False, False]
+    for i, (start, (a, b)) in enumerate(zip(windows.starts[1:], windows.seams(), strict=True)):
+        prompt, out = seen[i + 1]
+        assert prompt.shape[-1] == windows.given == a - start
+        assert np.array_equal(prompt[0].numpy(), seen[i][1][0, :, start - windows.starts[i]:][:, : windows.given])
+        assert np.array_equal(windows.tails[i], seen[i][1][0, :, a - windows.starts[i] : b - windows.starts[i]])
+        assert np.array_equal(out[0, :, a - start : b - start].numpy(), windows.codes[:, a:b])
+
+
+def test_decode_windows_crossfades_the_two_windows_renderings_over_the_frames_both_wrote():
+    """Two windows (frames 0-12 and 6-18, crossfade 9-12): before it the first window's audio, after it the second's,
+    between them the raised-cosine mix of both renderings; with equal tokens there the seam cannot be heard at all
+    (the gains sum to one). Each window is decoded once."""
+    model = harmony_model()
+    hop = model.codec.hop_length
+    codes = np.full((K, 18), C_MAJOR)
+    codes[:, :9] = C_MINOR
+    tail = np.full((K, 3), C_AND_G)
+    windows = inference.WindowCodes(codes, [0, 6], given=3, overlap=3, tails=(tail,))
+    assert windows.seams() == [(9, 12)]
+    before = model.codec.decoded
+    wav = inference.decode_windows(model.codec, windows, 18 * hop)
+    assert model.codec.decoded - before == 2
+    first = model.codec.decode(np.concatenate([codes[:, :9], tail], axis=1))
+    second = model.codec.decode(codes)
+    assert np.allclose(wav[: 9 * hop], first[: 9 * hop], atol=1e-6)
+    assert np.allclose(wav[12 * hop :], second[12 * hop :], atol=1e-6)
+    t = (np.arange(9 * hop, 12 * hop) + 0.5) / hop
+    up = inference._ramp((t - 9) / 3)
+    assert np.allclose(wav[9 * hop : 12 * hop], (1 - up) * first[9 * hop :] + up * second[9 * hop : 12 * hop],
+                       atol=1e-6)
+    assert up[0] < 0.01 and up[-1] > 0.99  # window 2 comes in from silence, window 1 goes out to it
+    same = inference.WindowCodes(codes, [0, 6], given=3, overlap=3, tails=(codes[:, 9:12],))
+    assert np.allclose(inference.decode_windows(model.codec, same, 18 * hop), second, atol=1e-6)
+
+
+def test_the_window_plan_needs_a_crossfade_shorter_than_the_prompt():
+    """(window, given, overlap) frames: at 6 frames a second a 2 s window, 1 s prompt, 0.5 s crossfade -> (12, 3, 3);
+    a crossfade of the whole prompt is refused with both settings named; at least one frame; no prompt, no crossfade."""
+    model = harmony_model()
+    assert inference.window_plan(model, config(1)) == (12, 3, 3)
+    with pytest.raises(GenerateError, match=r"crossfade_seconds 1 must be shorter than generate.prompt_seconds 1"):
+        inference.window_plan(model, dataclasses.replace(config(1), crossfade_seconds=1.0))
+    assert inference.window_plan(model, dataclasses.replace(config(1), crossfade_seconds=0.0)) == (12, 5, 1)
+    assert inference.window_plan(model, dataclasses.replace(config(1), prompt_seconds=0.0)) == (12, 0, 0)
+    with pytest.raises(GenerateError, match="must leave at least 1 s"):
+        inference.window_plan(model, dataclasses.replace(config(1), prompt_seconds=1.5))
 
 
 def test_a_one_window_video_decodes_each_draw_once_and_the_kept_one_is_not_decoded_again():
     """Choosing decodes every draw; decode_windows then takes the kept draw's audio instead of decoding it again (the
     same samples as a fresh decode). A single draw is decoded once, by decode_windows."""
     model = harmony_model()
-    codes, starts, prompt = generate_codes(model, features("minor"), 12, config(3), 2, progress=False)
+    windows = generate_codes(model, features("minor"), 12, config(3), 2, progress=False)
     assert model.codec.decoded == 3
-    wav = inference.decode_windows(model.codec, codes, starts, prompt, 12 * model.codec.hop_length, 0.5)
-    assert model.codec.decoded == 3 and np.array_equal(wav, model.codec.decode(codes))
-    assert np.array_equal(inference.decode_windows(model.codec, codes, starts, prompt, len(wav), 0.5), wav)
+    wav = inference.decode_windows(model.codec, windows, 12 * model.codec.hop_length)
+    assert model.codec.decoded == 3 and np.array_equal(wav, model.codec.decode(windows.codes))
+    assert np.array_equal(inference.decode_windows(model.codec, windows, len(wav)), wav)
     assert model.codec.decoded == 5  # remembered once: the second call decodes
-    single = generate_codes(model, features("minor"), 12, config(1), 2, progress=False)[0]
+    single = generate_codes(model, features("minor"), 12, config(1), 2, progress=False)
     assert model.codec.decoded == 5
-    inference.decode_windows(model.codec, single, [0], 0, len(wav), 0.5)
+    inference.decode_windows(model.codec, single, len(wav))
     assert model.codec.decoded == 6
 
 
@@ -188,11 +257,12 @@ def test_a_prompt_that_names_an_instrument_draws_once():
     """With `timbre` (the instrument a text prompt names) the window is one draw, whatever generate.candidates says:
     the same tokens as candidates 1, and nothing is decoded to choose."""
     model = harmony_model()
-    named = generate_codes(model, features("minor"), 12, config(4), 7, progress=False, timbre=0)[0]
+    named = generate_codes(model, features("minor"), 12, config(4), 7, progress=False, timbre=0).codes
     assert model.codec.decoded == 0
     assert np.array_equal(named, generate_codes(model, features("minor"), 12, config(1), 7, progress=False,
-                                                timbre=0)[0])
-    assert not np.array_equal(named, generate_codes(model, features("minor"), 12, config(4), 7, progress=False)[0])
+                                                timbre=0).codes)
+    assert not np.array_equal(named, generate_codes(model, features("minor"), 12, config(4), 7,
+                                                    progress=False).codes)
 
 
 def beat_draw(period: int, n: int = 24) -> torch.Tensor:

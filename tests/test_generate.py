@@ -115,14 +115,16 @@ def test_short_and_long_clips_keep_their_length_and_video_stream(project, tmp_pa
 
 
 def test_long_video_windows_continue_the_previous_tokens(project, tmp_path):
-    """Past the window: overlapping windows (prompt_seconds each), the music exactly as long as the video."""
+    """Past the window: overlapping windows (prompt_seconds each, of which the last crossfade_seconds both write),
+    the music exactly as long as the video."""
     model = inference.load_model(project["model"], load_params(project["params"]))
     src = make_video(tmp_path / "v.mp4", seconds=13.0, size="128x96", rate="24", audio=None)
     result = inference.generate_one(model, src, tmp_path / "v.wav", model.params.generate, 0, None, wav_only=True)
     fr, window = model.frame_rate, int(SECONDS * model.frame_rate)
     prompt = int(model.params.generate.prompt_seconds * fr)
     assert result["windows"] == len(inference.plan_windows(result["codes"].shape[1], window, prompt)) >= 5
-    assert result["prompt_s"] == model.params.generate.prompt_seconds
+    assert result["prompt_s"] + result["crossfade_s"] == model.params.generate.prompt_seconds
+    assert result["crossfade_s"] == round(model.params.generate.crossfade_seconds * fr) / fr > 0
     wav, sr = sf.read(tmp_path / "v.wav")
     assert sr == model.codec.sample_rate and abs(len(wav) / sr - 13.0) < 1 / 24
 
@@ -235,8 +237,8 @@ def test_bad_inputs_one_line_each_and_the_batch_goes_on(project, tmp_path, capsy
 
 
 def test_sampling_options_override_generate_sampling(project, tmp_path, monkeypatch):
-    """--cfg, --top-k, --temperature, --plausibility, --harmony-bias and --mode-guard set generate.sampling; the rest
-    is params'."""
+    """--cfg, --top-k, --temperature, --plausibility, --harmony-bias and --mode-guard set generate.sampling,
+    --prompt-seconds and --crossfade-seconds the windows; the rest is params'."""
     seen = {}
 
     def run_files(inputs, out, model, cfg, *rest):
@@ -246,11 +248,12 @@ def test_sampling_options_override_generate_sampling(project, tmp_path, monkeypa
     monkeypatch.setattr(generate, "run_files", run_files)
     assert run(project, "in.mp4", "-o", str(tmp_path / "o.mp4"), "--cfg", "1.5", "--top-k", "4", "--temperature",
                "0.5", "--plausibility", "0.1", "--harmony-bias", "2", "--mode-guard", "3", "--prompt-seconds",
-               "1") == 0
+               "1", "--crossfade-seconds", "0.25") == 0
     sampling = seen["cfg"].sampling
     assert (sampling.guidance, sampling.top_k, sampling.temperature, sampling.plausibility, sampling.harmony_bias,
             sampling.mode_guard) == (1.5, 4, 0.5, 0.1, 2.0, 3.0)
-    assert seen["cfg"].prompt_seconds == 1.0 and seen["cfg"].use_cache is True
+    assert seen["cfg"].prompt_seconds == 1.0 and seen["cfg"].crossfade_seconds == 0.25
+    assert seen["cfg"].use_cache is True
 
 
 def test_harmony_bias_on_a_model_without_the_table_is_a_logged_skip(project, tmp_path, caplog):

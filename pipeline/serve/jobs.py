@@ -212,10 +212,10 @@ class JobQueue:
             n_samples = int(round(feats["duration_s"] * sr))
             n_frames = model.codec.num_frames(n_samples)
             self._progress(token, "writing the music", 0.4)
-            codes, starts, prompt = inference.generate_codes(model, feats, n_frames, cfg, job["seed"], text,
-                                                             progress=False, timbre=timbre)
+            windows = inference.generate_codes(model, feats, n_frames, cfg, job["seed"], text, progress=False,
+                                               timbre=timbre)
             self._progress(token, "rendering the audio", 0.85)
-            music = inference.decode_windows(model.codec, codes, starts, prompt, n_samples, cfg.crossfade_seconds)
+            music = inference.decode_windows(model.codec, windows, n_samples)
             self._progress(token, "putting the music under the video", 0.95)
             video = src
             if feats["info"].video_codec not in WEB_VIDEO_CODECS | {"vp8"}:  # vp8: mux re-encodes it for mp4
